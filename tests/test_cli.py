@@ -1,0 +1,45 @@
+"""The command line contract: every stage listed, unbuilt stages honest, `python -m` identical."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO, run_cli
+
+STAGES = ["shards", "teacher", "distill", "vq", "adapter", "synth", "dream", "prune", "eval", "bench",
+          "report", "demo"]
+
+
+def test_help_lists_every_stage():
+    out = run_cli("--help").stdout
+    for stage in STAGES:
+        assert f"    {stage}" in out, stage
+    console = Path(sys.executable).parent / "weatherkd"
+    same = subprocess.run([str(console), "--help"], capture_output=True, text=True, check=True).stdout
+    assert same.replace("weatherkd", "") == out.replace("weatherkd", "")
+
+
+def test_unbuilt_stage_says_so_and_exits_2():
+    from weatherkd.cli import _stage_module, NotBuilt
+
+    for stage in ["teacher", "distill", "vq", "adapter", "synth", "dream", "prune"]:
+        try:
+            _stage_module(stage)
+        except NotBuilt:
+            proc = run_cli(stage, "--config", "x.yaml", check=False)
+            assert proc.returncode == 2 and "not built yet" in proc.stderr
+    proc = run_cli("bench", "no-such-bench", check=False)
+    assert proc.returncode == 2 and "not built yet" in proc.stderr
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    proc = run_cli("shards", "inspect", tmp_path / "missing", check=False)
+    assert proc.returncode == 1
+    assert "shard set not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    ci = (REPO / ".ci" / "run").read_text()
+    readme = (REPO / "README.md").read_text()
+    command = next(line for line in ci.splitlines() if "pytest" in line and not line.startswith("#"))
+    assert command.strip() in readme

@@ -1,0 +1,63 @@
+"""Typed configs: strict YAML loading, overrides and the resolved file."""
+
+import dataclasses
+
+import pytest
+import yaml
+
+from weatherkd import config as C
+
+
+def test_yaml_and_overrides_build_typed_sections(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("out_dir: runs/x\ntrain:\n  max_steps: 20\n  lr: 1e-3\ndata:\n  weathers: [snow]\n")
+    cfg = C.load(C.StageConfig, path, ["train.lr=0.5", "tracker.kind=none", "model.kwargs={depth: 2}"])
+    assert isinstance(cfg.train, C.TrainConfig) and cfg.train.max_steps == 20
+    assert cfg.train.lr == 0.5 and isinstance(cfg.train.lr, float)
+    assert cfg.data.weathers == ["snow"] and cfg.tracker.kind == "none"
+    assert cfg.model.kwargs == {"depth": 2}
+    C.save(cfg, tmp_path / "out" / "config.yaml")
+    again = C.load(C.StageConfig, tmp_path / "out" / "config.yaml")
+    assert again == cfg
+
+
+def test_unknown_key_names_file_and_suggests(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  max_step: 10\n")
+    with pytest.raises(C.ConfigError) as e:
+        C.load(C.StageConfig, path)
+    msg = str(e.value)
+    assert str(path) in msg and "'train.max_step'" in msg and "did you mean 'train.max_steps'" in msg
+
+
+def test_wrong_type_and_bad_choice_are_errors(tmp_path):
+    with pytest.raises(C.ConfigError, match=r"'train.max_steps' = 'many' must be an integer"):
+        C.load(C.StageConfig, None, ["train.max_steps=many"])
+    with pytest.raises(C.ConfigError, match=r"must be one of 'no', 'bf16', 'fp16'"):
+        C.load(C.StageConfig, None, ["train.mixed_precision=fp8"])
+    with pytest.raises(C.ConfigError, match=r"override 'trian.lr=1'.*did you mean 'train'"):
+        C.load(C.StageConfig, None, ["trian.lr=1"])
+    with pytest.raises(C.ConfigError, match="must look like dotted.key=value"):
+        C.load(C.StageConfig, None, ["train.lr"])
+    with pytest.raises(C.ConfigError, match="config file not found"):
+        C.load(C.StageConfig, "nope.yaml")
+
+
+def test_every_stage_config_has_the_common_fields():
+    names = {f.name for f in dataclasses.fields(C.StageConfig)}
+    assert {"out_dir", "seed", "resume", "data", "train", "ckpt", "tracker", "model"} <= names
+    assert C.StageConfig().train.max_steps > 0
+    for cls in C.STAGE_CONFIGS.values():
+        assert issubclass(cls, C.StageConfig)
+
+
+def test_shipped_configs_load(tmp_path):
+    from pathlib import Path
+
+    from weatherkd.cli import _stage_module
+
+    for path in sorted(Path(__file__).resolve().parents[1].glob("configs/*/*.yaml")):
+        stage = path.parent.name
+        module = _stage_module(stage)
+        assert C.load(module.Config, path) is not None, path
+        assert yaml.safe_load(path.read_text())

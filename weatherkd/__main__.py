@@ -1,0 +1,5 @@
+import sys
+
+from weatherkd.cli import main
+
+sys.exit(main())

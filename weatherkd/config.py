@@ -1,0 +1,258 @@
+"""Typed stage configs: dataclasses loaded from YAML plus ``dotted.key=value`` overrides.
+
+Validation is strict on purpose. A typo in a 1000-GPU job's config should fail
+on the login node, naming the key, the file and the closest valid key, rather
+than silently training with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from weatherkd.errors import UserError
+
+CANONICAL_WEATHERS = ["rain_haze", "raindrop", "snow"]
+
+
+class ConfigError(UserError):
+    """A config file or override is invalid; the message names the key and its source."""
+
+
+# ---------------------------------------------------------------------------
+# Shared sections: defined once, used by every stage.
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = "shards/demo"  # shard-set directory (or a list file of tar paths)
+    eval_shards: Optional[str] = None  # defaults to train_shards' test split
+    train_split: str = "train"
+    eval_split: str = "test"
+    weathers: list[str] = field(default_factory=lambda: list(CANONICAL_WEATHERS))
+    crop: int = 64
+    batch_size: int = 8
+    eval_batch_size: int = 1
+    num_workers: int = 2
+    shuffle_buffer: int = 256
+    flip: bool = True
+    cutmix_prob: float = 0.0  # papers/003 §III-D: mix patches across weathers
+    cutmix_max_frac: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_accum: int = 1
+    grad_clip: float = 0.0  # 0 disables clipping
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    channels_last: bool = False
+    compile: bool = False
+    ema_decay: float = 0.0  # 0 disables the EMA of trained weights
+    eval_every: int = 0  # 0: only at the end
+    eval_max_samples: int = 0  # 0: the whole eval split
+    log_every: int = 10
+
+
+@dataclass
+class CkptConfig:
+    every: int = 500
+    keep: int = 2
+
+
+@dataclass
+class TrackerConfig:
+    kind: Literal["wandb", "none"] = "wandb"
+    project: str = "weatherkd"
+    name: Optional[str] = None
+    # auto: online when a W&B API key is configured, offline (under out_dir) otherwise.
+    mode: Literal["auto", "online", "offline"] = "auto"
+    tags: list[str] = field(default_factory=list)
+    images_every_eval: bool = True
+
+
+@dataclass
+class ModelConfig:
+    arch: str = ""
+    size: str = "tiny"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    allow_random_init: bool = False  # build random pretrained towers (tests/demo) instead of failing
+
+
+@dataclass
+class StageConfig:
+    """Fields every stage has. Stage configs subclass this and add their own sections."""
+
+    out_dir: str = "runs/unnamed"
+    seed: int = 0
+    resume: str = "auto"  # auto | none | path to a checkpoint directory
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+# Stage name -> config class. Stages register their own subclass when they are built.
+STAGE_CONFIGS: dict[str, type] = {}
+
+
+def register_stage_config(name: str):
+    def wrap(cls):
+        STAGE_CONFIGS[name] = cls
+        return cls
+
+    return wrap
+
+
+# ---------------------------------------------------------------------------
+# Building a dataclass from plain data, with strict checking.
+# ---------------------------------------------------------------------------
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str, source: str):
+    """Check ``value`` against annotation ``tp``; return it converted (dataclasses built)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{source}: '{key}' = {value!r} is not a {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{source}: '{key}' = {value!r} must be one of {choices}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return build(tp, value, source, prefix=f"{key}.")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        (item,) = args or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' = {value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: '{key}' = {value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: '{key}' = {value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: '{key}' = {value!r} must be a string")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for '{key}'")
+
+
+def build(cls, data: dict, source: str = "<dict>", prefix: str = ""):
+    """Instantiate dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}", source)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------
+# YAML + overrides.
+# ---------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like dotted.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    return key.strip().split("."), value
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{'.'.join(path)}': '{part}' is not a section")
+    node[path[-1]] = value
+
+
+def load(cls, path: str | os.PathLike | None = None, overrides: list[str] = ()):  # noqa: B006
+    """Load ``cls`` from a YAML file and command-line overrides; errors name key and origin."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        source = str(path)
+    cfg = build(cls, data, source)
+    # Overrides are checked one by one so the error names the command-line item.
+    for item in overrides:
+        keys, value = parse_override(item)
+        merged = to_dict(cfg)
+        apply_override(merged, keys, value)
+        cfg = build(cls, merged, f"override '{item}'")
+    return cfg
+
+
+def save(cfg, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically (temp + rename)."""
+    from weatherkd.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,59 @@
+"""`weatherkd shards ...`: glue from parsed arguments to the data modules."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from weatherkd.logs import get_logger
+
+log = get_logger(__name__)
+
+
+def run(args) -> int:
+    return {"synth": _synth, "ingest": _ingest, "inspect": _inspect, "leakage": _leakage}[args.shards_cmd](args)
+
+
+def _synth(args) -> int:
+    from weatherkd.data.synth import SynthSpec, build
+
+    spec = SynthSpec(seed=args.seed)
+    for name in ("weathers", "train", "test", "size", "test_size", "shard_size"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(spec, name, value)
+    manifest = build(args.out, args.source, spec, overwrite=args.overwrite)
+    log.info("wrote %s: %s", args.out, json.dumps(manifest["splits"]))
+    return 0
+
+
+def _ingest(args) -> int:
+    from weatherkd.data.ingest import ingest
+
+    manifest = ingest(args.layout, args.root, args.out, split=args.split, list_file=args.list_file,
+                      target_root=args.target_root, weather=args.weather, skip_missing=args.skip_missing,
+                      shard_size=args.shard_size or 256, overwrite=args.overwrite)
+    skipped = manifest["created_by"].get("skipped_missing", 0)
+    log.info("wrote %s: %s (skipped %d pairs with a missing file)", args.out, json.dumps(manifest["splits"]), skipped)
+    return 0
+
+
+def _inspect(args) -> int:
+    from weatherkd.data.check import inspect
+
+    report, problems = inspect(args.dir)
+    print(json.dumps(report, indent=2))
+    for p in problems:
+        print(f"CORRUPT {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _leakage(args) -> int:
+    from weatherkd.data.check import leakage
+
+    kwargs = {} if args.max_distance is None else {"max_distance": args.max_distance}
+    pairs = leakage(args.train, args.test, **kwargs)
+    print(json.dumps({"leaks": len(pairs), "pairs": pairs}, indent=2))
+    if pairs:
+        print(f"LEAKAGE: {len(pairs)} near-duplicate pairs between {args.train} and {args.test}", file=sys.stderr)
+    return 1 if pairs else 0

@@ -1,0 +1,301 @@
+"""WebDataset pipelines that stay correct under DDP.
+
+Train: shards are resampled with a generator seeded from (seed, epoch, rank,
+worker), so a run is reproducible and a resume replays the same stream. Each
+rank yields exactly ``batches_per_epoch`` batches whatever the shard count, so
+no rank waits on a collective its peers never reach.
+
+Eval: the manifest's sample counts cut the split into equal contiguous slices,
+one per (rank, worker). Short slices wrap around and mark the extra samples
+``valid=False``. Every sample is seen exactly once across ranks and workers
+with any shard count, and every rank runs the same number of forwards, which
+ZeRO-3's parameter gathering needs.
+
+Neither loader goes through ``accelerator.prepare``: it would re-shard or
+broadcast what these pipelines already split.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset
+
+from weatherkd.data.augment import cutmix_weathers, paired_crop_flip
+from weatherkd.data.samples import IMAGE_FIELDS, CorruptSample, decode_sample
+from weatherkd.data.shards import ShardSet, ShardSetError, open_set
+from weatherkd.logs import get_logger
+
+log = get_logger(__name__)
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+def _to_tensor(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+
+
+class _Corrupt:
+    """Counts undecodable samples in one worker; the count rides along with each batch."""
+
+    def __init__(self):
+        self.count = 0
+
+    def skip(self, error: Exception) -> None:
+        self.count += 1
+        log.warning("skipping corrupt sample (%d so far in this worker): %s", self.count, error,
+                    extra={"all_ranks": True})
+
+
+def _raw_samples(urls, corrupt: _Corrupt):
+    """Raw tar samples from a sequence of shard urls, via webdataset's streaming tar reader."""
+
+    def on_tar_error(exn):  # an unreadable tar member: count it, keep streaming
+        corrupt.skip(exn)
+        return True
+
+    return wds.tarfile_to_samples(handler=on_tar_error)({"url": u} for u in urls)
+
+
+def _decoded(raw_iter, corrupt: _Corrupt):
+    for raw in raw_iter:
+        try:
+            yield decode_sample(raw)
+        except CorruptSample as e:
+            corrupt.skip(e)
+
+
+def _shuffled(items, size: int, rng: np.random.Generator):
+    buf = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = int(rng.integers(len(buf)))
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _collate(samples: list[dict], n_weathers: int) -> dict:
+    batch = {f: torch.stack([s[f] for s in samples]) for f in IMAGE_FIELDS if f in samples[0]}
+    batch["weather"] = torch.tensor([s["weather"] for s in samples], dtype=torch.long)
+    batch["weather_soft"] = torch.nn.functional.one_hot(batch["weather"], n_weathers).float()
+    batch["key"] = [s["__key__"] for s in samples]
+    return batch
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class TrainSpec:
+    crop: int = 64
+    batch_size: int = 8
+    shuffle_buffer: int = 256
+    flip: bool = True
+    cutmix_prob: float = 0.0
+    cutmix_max_frac: float = 0.5
+
+
+class TrainStream(IterableDataset):
+    """Infinite resampled stream cut into epochs of a fixed number of batches per rank."""
+
+    def __init__(self, shard_set: ShardSet, split: str, weathers: list[str] | None, spec: TrainSpec,
+                 seed: int, rank: int, world_size: int, batches_per_epoch: int):
+        self.urls = shard_set.urls(split, weathers)
+        if not self.urls:
+            raise ShardSetError(f"{shard_set.dir}: no '{split}' shards for weathers {weathers}")
+        self.n_weathers = len(shard_set.weathers)
+        self.spec, self.seed, self.rank, self.world_size = spec, seed, rank, world_size
+        self.batches_per_epoch = batches_per_epoch
+        self.epoch = 0
+        self.skip = 0  # global batches of this epoch already consumed (a mid-epoch resume)
+
+    def _worker_batches(self, worker: int, n_workers: int, total: int) -> int:
+        # DataLoader interleaves workers round-robin, so global batch g comes from worker g % n_workers.
+        return total // n_workers + (worker < total % n_workers)
+
+    def __iter__(self):
+        physical, n_workers = _worker()
+        # DataLoader always starts its round-robin at worker 0. After skipping `skip` batches the
+        # next batch belongs to worker skip % n, so each process takes over that logical role.
+        worker = (physical + self.skip) % n_workers
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        corrupt = _Corrupt()
+        urls = (self.urls[i] for i in iter(lambda: int(rng.integers(len(self.urls))), None))
+        samples = _shuffled(_decoded(_raw_samples(urls, corrupt), corrupt), self.spec.shuffle_buffer, rng)
+        n = self._worker_batches(worker, n_workers, self.batches_per_epoch)
+        skip = self._worker_batches(worker, n_workers, self.skip)
+        for b in range(n):
+            items = []
+            for s in samples:
+                s = paired_crop_flip(s, self.spec.crop, rng, self.spec.flip)
+                for f in IMAGE_FIELDS:
+                    if f in s:
+                        s[f] = _to_tensor(s[f])
+                items.append(s)
+                if len(items) == self.spec.batch_size:
+                    break
+            batch = cutmix_weathers(_collate(items, self.n_weathers), rng, self.spec.cutmix_prob,
+                                    self.spec.cutmix_max_frac)
+            if b < skip:  # replayed only to advance the generator exactly as the first run did
+                continue
+            batch["__worker__"], batch["__corrupt__"] = physical, corrupt.count
+            yield batch
+
+
+class _CorruptTally:
+    def __init__(self):
+        self.per_worker: dict[int, int] = {}
+
+    def update(self, batch: dict) -> None:
+        self.per_worker[batch.pop("__worker__")] = batch.pop("__corrupt__")
+
+    @property
+    def total(self) -> int:
+        return sum(self.per_worker.values())
+
+
+class TrainLoader:
+    """Yields epochs of exactly ``batches_per_epoch`` batches; ``corrupt`` counts skipped samples."""
+
+    def __init__(self, stream: TrainStream, num_workers: int):
+        self.stream = stream
+        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                 prefetch_factor=4 if num_workers else None, pin_memory=torch.cuda.is_available())
+        self.corrupt_by_epoch: dict[int, _CorruptTally] = {}
+
+    @property
+    def corrupt(self) -> int:
+        return sum(t.total for t in self.corrupt_by_epoch.values())
+
+    def epoch(self, epoch: int, skip: int = 0):
+        self.stream.epoch, self.stream.skip = epoch, skip
+        tally = self.corrupt_by_epoch.setdefault(epoch, _CorruptTally())
+        for batch in self.loader:
+            tally.update(batch)
+            yield batch
+
+    def __iter__(self):
+        """All epochs back to back: an infinite iterator for step-counted training."""
+        epoch = 0
+        while True:
+            yield from self.epoch(epoch)
+            epoch += 1
+
+
+def train_loader(path, split: str, weathers, spec: TrainSpec, seed: int, rank: int, world_size: int,
+                 batches_per_epoch: int, num_workers: int) -> TrainLoader:
+    shard_set = open_set(path, split)
+    stream = TrainStream(shard_set, split, weathers, spec, seed, rank, world_size, batches_per_epoch)
+    return TrainLoader(stream, num_workers)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
+
+
+class EvalStream(IterableDataset):
+    """Every sample exactly once across all (rank, worker) slots; one sample per batch, full size."""
+
+    def __init__(self, shard_set: ShardSet, split: str, weathers: list[str] | None, rank: int, world_size: int,
+                 num_workers: int, max_samples: int = 0):
+        self.shards = shard_set.shards(split, weathers)
+        self.dir = shard_set.dir
+        self.total = sum(s["count"] for s in self.shards)
+        if max_samples:
+            self.total = min(self.total, max_samples)
+        if self.total == 0:
+            raise ShardSetError(f"{shard_set.dir}: the '{split}' split is empty")
+        self.n_weathers = len(shard_set.weathers)
+        self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
+        self.per_slot = math.ceil(self.total / (world_size * self.num_workers))
+
+    def __len__(self) -> int:
+        """Batches this rank yields (the same on every rank)."""
+        return self.per_slot * self.num_workers
+
+    def _read_range(self, start: int, stop: int, corrupt: _Corrupt):
+        """Global sample indices [start, stop) in manifest order; corrupt ones come back as None."""
+        offset = 0
+        for s in self.shards:
+            lo, hi = offset, offset + s["count"]
+            offset = hi
+            if hi <= start or lo >= stop:
+                continue
+            for i, raw in enumerate(_raw_samples([str(self.dir / s["file"])], corrupt)):
+                if lo + i >= stop:
+                    break
+                if lo + i < start:
+                    continue
+                try:
+                    yield decode_sample(raw)
+                except CorruptSample as e:
+                    corrupt.skip(e)
+                    yield None
+
+    def __iter__(self):
+        worker, _ = _worker()
+        slot = self.rank * self.num_workers + worker
+        first = slot * self.per_slot
+        wanted = [(g, g % self.total) for g in range(first, first + self.per_slot)]
+        corrupt = _Corrupt()
+        valid_run = [g for g, _ in wanted if g < self.total]
+        ranges = []
+        if valid_run:
+            ranges.append((valid_run[0], valid_run[-1] + 1, True))
+        padding = len(wanted) - len(valid_run)
+        if padding:
+            ranges.append((0, padding, False))  # wrap-around padding keeps forward counts equal
+        for start, stop, valid in ranges:
+            for sample in self._read_range(start, stop, corrupt):
+                yield self._as_batch(sample, valid and sample is not None, worker, corrupt.count)
+
+    def _as_batch(self, s: dict | None, valid: bool, worker: int, corrupt: int) -> dict:
+        if s is None:  # a corrupt sample still occupies its slot, so every rank runs the same forwards
+            s = {"input": np.zeros((8, 8, 3), np.uint8), "weather": 0, "__key__": ""}
+        batch = {f: _to_tensor(s[f])[None] for f in IMAGE_FIELDS if f in s}
+        batch["weather"] = torch.tensor([s["weather"]], dtype=torch.long)
+        batch["key"] = [s["__key__"]]
+        batch["valid"] = torch.tensor([valid])
+        batch["__worker__"], batch["__corrupt__"] = worker, corrupt
+        return batch
+
+
+class EvalLoader:
+    def __init__(self, stream: EvalStream, num_workers: int):
+        self.stream = stream
+        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
+        self.tally = _CorruptTally()
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    @property
+    def corrupt(self) -> int:
+        return self.tally.total
+
+    def __iter__(self):
+        self.tally = _CorruptTally()
+        for batch in self.loader:
+            self.tally.update(batch)
+            yield batch
+
+
+def eval_loader(path, split: str, weathers, rank: int, world_size: int, num_workers: int,
+                max_samples: int = 0) -> EvalLoader:
+    shard_set = open_set(path, split)
+    stream = EvalStream(shard_set, split, weathers, rank, world_size, num_workers, max_samples)
+    return EvalLoader(stream, num_workers)

@@ -1,0 +1,143 @@
+"""`weatherkd shards synth`: degrade clean photos into a paired train/test shard set.
+
+The embedded default (``--source builtin``) is the real colour photographs that
+ship inside scikit-image's wheel, so a fresh machine has real data offline.
+Photos are split before anything is cropped: no photo feeds both splits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from weatherkd.config import CANONICAL_WEATHERS
+from weatherkd.data import weather as weather_models
+from weatherkd.data.samples import IMAGE_EXTS, encode_sample, to_uint8
+from weatherkd.data.shards import ShardSetError, ShardSetWriter
+from weatherkd.logs import get_logger, progress
+
+log = get_logger(__name__)
+
+# Colour photographs bundled in skimage/data (no download needed).
+# The stereo pair contributes only its left view: the right one is a near-duplicate, which would
+# leak across splits.
+BUILTIN_PHOTOS = {
+    "astronaut": lambda d: d.astronaut(),
+    "chelsea": lambda d: d.chelsea(),
+    "coffee": lambda d: d.coffee(),
+    "motorcycle": lambda d: d.stereo_motorcycle()[0],
+    "rocket": lambda d: d.rocket(),
+    "hubble_deep_field": lambda d: d.hubble_deep_field(),
+    "immunohistochemistry": lambda d: d.immunohistochemistry(),
+    "retina": lambda d: d.retina(),
+}
+
+
+@dataclass
+class SynthSpec:
+    weathers: list[str] = field(default_factory=lambda: list(CANONICAL_WEATHERS))
+    train: int = 240  # crops per weather
+    test: int = 6  # test samples per weather (whole held-out photos, each with its own degradation)
+    test_photos: int = 2
+    size: int = 96  # training crop side
+    test_size: int = 192  # longest side of a test photo
+    seed: int = 0
+    shard_size: int = 128
+    params: weather_models.WeatherParams = field(default_factory=weather_models.WeatherParams)
+
+
+def load_photos(source: str) -> list[tuple[str, np.ndarray]]:
+    """(name, float32 H×W×3 in [0, 1]) for every photo in the source."""
+    if source == "builtin":
+        import skimage.data
+
+        photos = []
+        for name, read in BUILTIN_PHOTOS.items():
+            photos.append((name, read(skimage.data)[..., :3].astype(np.float32) / 255.0))
+        return photos
+    root = Path(source)
+    if not root.is_dir():
+        raise ShardSetError(f"--source must be 'builtin' or a folder of images; {root} is not a folder")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTS)
+    if not files:
+        raise ShardSetError(f"no images ({', '.join(IMAGE_EXTS)}) found under {root}")
+    return [(str(p.relative_to(root)), np.asarray(Image.open(p).convert("RGB"), np.float32) / 255.0) for p in files]
+
+
+def _resize(img: np.ndarray, scale: float) -> np.ndarray:
+    h, w = img.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(to_uint8(img)).resize(size, Image.BICUBIC), np.float32) / 255.0
+
+
+def _random_crop(rng: np.random.Generator, img: np.ndarray, size: int) -> tuple[np.ndarray, list[int]]:
+    # A random zoom first, so crops cover scales from detail to most of the photo.
+    h, w = img.shape[:2]
+    lo = size / min(h, w)
+    scale = float(rng.uniform(max(lo, 0.25), max(lo, 0.75)))
+    img = _resize(img, scale)
+    h, w = img.shape[:2]
+    y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    return img[y:y + size, x:x + size], [y, x, round(scale, 4)]
+
+
+def _test_image(img: np.ndarray, longest: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    scale = min(1.0, longest / max(h, w))
+    img = _resize(img, scale) if scale < 1 else img
+    h, w = img.shape[:2]
+    return img[: h - h % 8, : w - w % 8]  # multiples of 8 keep every model's down/upsampling exact
+
+
+def build(out: str, source: str, spec: SynthSpec, overwrite: bool = False, creator: dict | None = None) -> dict:
+    for w in spec.weathers:
+        if w not in weather_models.MODELS:
+            raise ShardSetError(f"unknown weather '{w}'; known: {', '.join(weather_models.MODELS)}")
+    photos = load_photos(source)
+    if len(photos) <= spec.test_photos:
+        raise ShardSetError(f"{len(photos)} photos cannot hold out {spec.test_photos} for testing")
+    order = np.random.default_rng(spec.seed).permutation(len(photos))
+    test_photos = [photos[i] for i in order[: spec.test_photos]]
+    train_photos = [photos[i] for i in order[spec.test_photos:]]
+    log.info("train photos: %s; held-out test photos: %s",
+             [n for n, _ in train_photos], [n for n, _ in test_photos])
+
+    writer = ShardSetWriter(out, spec.weathers, spec.shard_size, overwrite,
+                            creator={"source": source, "spec": _spec_dict(spec),
+                                     "train_photos": [n for n, _ in train_photos],
+                                     "test_photos": [n for n, _ in test_photos]})
+    total = spec.train * len(spec.weathers) + spec.test * len(spec.weathers)
+    bar = progress(total=total, desc="shards synth", unit="img")
+    for i in range(spec.train):
+        rng = np.random.default_rng([spec.seed, 0, i])
+        name, photo = train_photos[int(rng.integers(len(train_photos)))]
+        clean, crop = _random_crop(rng, photo, spec.size)
+        for wi, w in enumerate(spec.weathers):
+            _add(writer, "train", i, w, wi, clean, name, crop, rng, spec)
+            bar.update()
+    for i in range(spec.test):
+        name, photo = test_photos[i % len(test_photos)]
+        clean = _test_image(photo, spec.test_size)
+        for wi, w in enumerate(spec.weathers):
+            rng = np.random.default_rng([spec.seed, 1, i, wi])
+            _add(writer, "test", i, w, wi, clean, name, None, rng, spec)
+            bar.update()
+    bar.close()
+    return writer.close()
+
+
+def _add(writer, split, i, w, wi, clean, name, crop, rng, spec):
+    degraded, params = weather_models.degrade(clean, w, rng, spec.params)
+    meta = {"source": "builtin-skimage" if name in BUILTIN_PHOTOS else "folder", "weather": w,
+            "params": params, "origin": name, "crop": crop, "seed": spec.seed}
+    sample = encode_sample(f"{split}_{w}_{i:06d}", to_uint8(degraded), wi, meta, target=to_uint8(clean))
+    writer.add(split, w, sample)
+
+
+def _spec_dict(spec: SynthSpec) -> dict:
+    from dataclasses import asdict
+
+    return asdict(spec)

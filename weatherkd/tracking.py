@@ -1,0 +1,89 @@
+"""Experiment tracking through Accelerate's W&B tracker, on the main process only.
+
+- ``tracker.kind: none`` logs nowhere.
+- With no W&B API key configured, W&B runs offline and writes under
+  ``out_dir/wandb`` (sync later with ``wandb sync``).
+- The run id is kept in ``out_dir/wandb_run_id``, so a resumed run appends
+  to the same W&B run instead of starting a new one.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from weatherkd.config import TrackerConfig
+from weatherkd.io import atomic_write_text
+from weatherkd.logs import get_logger
+
+log = get_logger(__name__)
+
+RUN_ID_FILE = "wandb_run_id"
+
+
+def log_with(cfg: TrackerConfig) -> list[str]:
+    """The ``log_with`` argument for ``Accelerator(...)``."""
+    return ["wandb"] if cfg.kind == "wandb" else []
+
+
+def has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1]
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(cfg: TrackerConfig) -> str:
+    if cfg.mode != "auto":
+        return cfg.mode
+    return "online" if has_wandb_key() else "offline"
+
+
+def _run_id(out_dir: Path) -> str:
+    path = out_dir / RUN_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    atomic_write_text(path, run_id)
+    return run_id
+
+
+class Tracker:
+    """Logs scalars and images for one run; a no-op on non-main ranks and with ``kind: none``."""
+
+    def __init__(self, accelerator, cfg: TrackerConfig, out_dir, run_config: dict):
+        self.accelerator = accelerator
+        self.enabled = cfg.kind == "wandb"
+        self.run_dir: Path | None = None
+        if not self.enabled:
+            return
+        out_dir = Path(out_dir)
+        mode = resolve_mode(cfg)
+        run_id = _run_id(out_dir) if accelerator.is_main_process else None
+        init = {"dir": str(out_dir), "id": run_id, "resume": "allow", "mode": mode,
+                "name": cfg.name or out_dir.name, "tags": cfg.tags}
+        accelerator.init_trackers(cfg.project, config=run_config, init_kwargs={"wandb": init})
+        if accelerator.is_main_process:
+            run = accelerator.get_tracker("wandb", unwrap=True)
+            self.run_dir = Path(run.dir).parent  # .../wandb/{offline-,}run-<time>-<id>
+            log.info("W&B %s run %s in %s", mode, run_id, self.run_dir)
+
+    def log(self, scalars: dict, step: int) -> None:
+        if self.enabled:
+            self.accelerator.log({k: float(v) for k, v in scalars.items()}, step=step)
+
+    def log_images(self, images: dict[str, list[np.ndarray]], step: int) -> None:
+        """``images``: name -> list of uint8 H×W×3 arrays."""
+        if self.enabled and self.accelerator.is_main_process:
+            self.accelerator.get_tracker("wandb").log_images(images, step=step)
+
+    def finish(self) -> None:
+        if self.enabled:
+            self.accelerator.end_training()
