@@ -45,14 +45,20 @@ def run_cli(*args, cwd=None, check=True, timeout=600, env=None) -> subprocess.Co
 
 
 def accelerate_launch(script_args: list, nproc: int = 2, config: str = "launch/cpu-ddp.yaml",
-                      timeout: int = 600, module: bool = False, env=None) -> subprocess.CompletedProcess:
+                      timeout: int = 180, module: bool = False, env=None) -> subprocess.CompletedProcess:
     """A real `accelerate launch` with ``nproc`` CPU processes over gloo."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config),
            "--num_processes", str(nproc), "--main_process_port", str(free_port())]
     if module:
         cmd.append("-m")
     cmd += [str(a) for a in script_args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env or cli_env())
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env or cli_env())
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        raise AssertionError(f"accelerate launch timed out after {timeout}s: {' '.join(cmd)}\n"
+                             f"stdout:\n{out[-3000:]}\nstderr:\n{err[-6000:]}") from None
     if proc.returncode != 0:
         raise AssertionError(f"accelerate launch exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
                              f"stderr:\n{proc.stderr[-6000:]}")

@@ -41,7 +41,7 @@ class DataConfig:
     weathers: list[str] = field(default_factory=lambda: list(CANONICAL_WEATHERS))
     crop: int = 64
     batch_size: int = 8
-    eval_batch_size: int = 1
+    eval_max_samples: int = 0  # 0: the whole eval split (evaluated one full-size image at a time)
     num_workers: int = 2
     shuffle_buffer: int = 256
     flip: bool = True
@@ -65,7 +65,6 @@ class TrainConfig:
     compile: bool = False
     ema_decay: float = 0.0  # 0 disables the EMA of trained weights
     eval_every: int = 0  # 0: only at the end
-    eval_max_samples: int = 0  # 0: the whole eval split
     log_every: int = 10
 
 

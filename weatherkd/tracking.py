@@ -25,9 +25,9 @@ log = get_logger(__name__)
 RUN_ID_FILE = "wandb_run_id"
 
 
-def log_with(cfg: TrackerConfig) -> list[str]:
+def log_with(cfg: TrackerConfig) -> list[str] | None:
     """The ``log_with`` argument for ``Accelerator(...)``."""
-    return ["wandb"] if cfg.kind == "wandb" else []
+    return ["wandb"] if cfg.kind == "wandb" else None
 
 
 def has_wandb_key() -> bool:

@@ -18,6 +18,7 @@ broadcast what these pipelines already split.
 from __future__ import annotations
 
 import math
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,22 @@ from weatherkd.data.shards import ShardSet, ShardSetError, open_set
 from weatherkd.logs import get_logger
 
 log = get_logger(__name__)
+
+
+def _worker_init(_: int) -> None:
+    # torchrun and SLURM signal the whole process group. Workers leave preemption to their
+    # trainer, which checkpoints and then shuts them down; a worker killed by SIGTERM would
+    # crash the trainer before it can save. (Orphaned workers still exit: DataLoader's
+    # watchdog ends them when their parent is gone.)
+    for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _loader(dataset: IterableDataset, num_workers: int, **kwargs) -> DataLoader:
+    # Its own generator: creating an iterator must not draw from the global torch RNG, or a
+    # resumed run's model-side randomness would drift from the uninterrupted run's.
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, generator=torch.Generator(),
+                      worker_init_fn=_worker_init if num_workers else None, **kwargs)
 
 
 def _worker() -> tuple[int, int]:
@@ -116,7 +133,8 @@ class TrainStream(IterableDataset):
         self.urls = shard_set.urls(split, weathers)
         if not self.urls:
             raise ShardSetError(f"{shard_set.dir}: no '{split}' shards for weathers {weathers}")
-        self.n_weathers = len(shard_set.weathers)
+        self.weathers = list(shard_set.weathers)
+        self.n_weathers = len(self.weathers)
         self.spec, self.seed, self.rank, self.world_size = spec, seed, rank, world_size
         self.batches_per_epoch = batches_per_epoch
         self.epoch = 0
@@ -172,8 +190,8 @@ class TrainLoader:
 
     def __init__(self, stream: TrainStream, num_workers: int):
         self.stream = stream
-        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
-                                 prefetch_factor=4 if num_workers else None, pin_memory=torch.cuda.is_available())
+        self.loader = _loader(stream, num_workers, prefetch_factor=4 if num_workers else None,
+                              pin_memory=torch.cuda.is_available())
         self.corrupt_by_epoch: dict[int, _CorruptTally] = {}
 
     @property
@@ -277,7 +295,7 @@ class EvalStream(IterableDataset):
 class EvalLoader:
     def __init__(self, stream: EvalStream, num_workers: int):
         self.stream = stream
-        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
+        self.loader = _loader(stream, num_workers)
         self.tally = _CorruptTally()
 
     def __len__(self) -> int:

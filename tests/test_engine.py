@@ -1,0 +1,133 @@
+"""The engine under real 2-process launches: DDP, ZeRO-1/2/3 train, validate, checkpoint, resume and export."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, accelerate_launch, cli_env, free_port, run_cli
+
+from weatherkd import models
+
+CONFIG = "configs/teacher/test.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("engine") / "shards"
+    run_cli("shards", "synth", "--out", out, "--train", 8, "--test", 1, "--size", 32, "--test-size", 48)
+    return out
+
+
+def teacher(launch: str, out: Path, shards: Path, *overrides):
+    return accelerate_launch(["weatherkd", "teacher", "--config", CONFIG, f"out_dir={out}",
+                              f"data.train_shards={shards}", *overrides], config=f"launch/{launch}.yaml", module=True)
+
+
+def weights(run: Path) -> dict:
+    return load_file(run / "model" / "model.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k}: max |diff| {(wa[k] - wb[k]).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("launch", ["cpu-ddp", "cpu-zero2", "cpu-zero3"])
+def test_resume_is_bit_exact_and_ranks_agree(launch, tiny_set, tmp_path):
+    # A constant LR after warm-up: a cosine schedule depends on max_steps, so a 4-step run would decay
+    # differently from the first half of an 8-step one. (Preemption tests cover cosine.)
+    common = ["train.ema_decay=0.9", "train.schedule=constant"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    teacher(launch, straight, tiny_set, *common)
+    teacher(launch, split, tiny_set, "train.max_steps=4", *common)
+    half = json.loads((split / "metrics.json").read_text())
+    assert half["step"] == 4 and (split / "checkpoints" / "latest").read_text().strip() == "step-0000004"
+    teacher(launch, split, tiny_set, "train.max_steps=8", *common)  # resume=auto extends the run
+
+    for run in (straight, split):
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["world_size"] == 2 and metrics["ranks_in_sync"], metrics["rank_checksums"]
+        assert metrics["step"] == 8 and metrics["n"] == 3 and metrics["protocol"] == "rgb"
+        assert set(metrics["weathers"]) == {"rain_haze", "raindrop", "snow"}
+        assert metrics["identity"]["mean"]["psnr"] > 10
+    # Bit-exact in fp32 on CPU: the resumed run replays the same data, RNG and optimizer state.
+    assert_same_weights(straight, split)
+    # keep=2: only the last two checkpoints survive; `latest` names the newest.
+    assert sorted(p.name for p in (split / "checkpoints").glob("step-*")) == ["step-0000004", "step-0000008"]
+    model = models.load(split / "model")
+    assert model(torch.rand(1, 3, 20, 28)).shape == (1, 3, 20, 28)
+    spec = json.loads((split / "model" / "model.json").read_text())
+    assert spec["arch"] == "residual_cnn" and spec["kwargs"] == {"width": 8, "depth": 3}
+
+
+def test_zero1_trains_and_exports(tiny_set, tmp_path):
+    teacher("cpu-zero1", tmp_path / "z1", tiny_set, "train.max_steps=4")
+    metrics = json.loads((tmp_path / "z1" / "metrics.json").read_text())
+    assert metrics["ranks_in_sync"] and (tmp_path / "z1" / "model" / "model.safetensors").is_file()
+
+
+def _launch_background(out: Path, shards: Path, *overrides) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch/cpu-ddp.yaml"),
+           "--main_process_port", str(free_port()), "-m", "weatherkd", "teacher", "--config", CONFIG,
+           f"out_dir={out}", f"data.train_shards={shards}", *overrides]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=cli_env(), start_new_session=True)
+
+
+def _wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> list[str]:
+    lines, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if needle in line:
+            return lines
+        assert time.time() < deadline, "".join(lines[-30:])
+    raise AssertionError(f"run ended before '{needle}':\n" + "".join(lines[-40:]))
+
+
+SLOW_STEPS = ["train.max_steps=40", "train.log_every=1", "train.eval_every=0", "ckpt.every=100",
+              "model.kwargs={width: 32, depth: 6}", "data.crop=32", "data.batch_size=8"]
+
+
+@pytest.mark.parametrize("how", ["stop_file", "sigterm"])
+def test_preemption_checkpoints_every_rank_and_resumes_exactly(how, tiny_set, tmp_path):
+    straight, run = tmp_path / "straight", tmp_path / "preempted"
+    proc = _launch_background(run, tiny_set, *SLOW_STEPS)
+    _wait_for_line(proc, "step 3 ")
+    if how == "stop_file":
+        (run / "STOP").touch()
+    else:
+        proc.send_signal(signal.SIGTERM)  # to the launcher, as SLURM signals the job step
+    rest = proc.stdout.read()
+    proc.wait(timeout=120)
+    assert "preempted" in rest, rest[-3000:]
+    stopped_at = int((run / "checkpoints" / "latest").read_text().strip().split("-")[1])
+    assert 3 <= stopped_at < 40
+    if how == "stop_file":
+        assert proc.returncode != 0  # accelerate reports the workers' exit 75 as a failure
+    accelerate_launch(["weatherkd", "teacher", "--config", CONFIG, f"out_dir={run}",
+                       f"data.train_shards={tiny_set}", *SLOW_STEPS], module=True)
+    assert not (run / "STOP").exists()
+    accelerate_launch(["weatherkd", "teacher", "--config", CONFIG, f"out_dir={straight}",
+                       f"data.train_shards={tiny_set}", *SLOW_STEPS], module=True)
+    assert json.loads((run / "metrics.json").read_text())["step"] == 40
+    assert_same_weights(straight, run)
+
+
+def test_single_process_exit_code_on_preemption(tiny_set, tmp_path):
+    run = tmp_path / "single"
+    run.mkdir()
+    (run / "STOP").touch()
+    proc = run_cli("teacher", "--config", CONFIG, f"out_dir={run}", f"data.train_shards={tiny_set}", check=False)
+    from weatherkd.engine import EXIT_PREEMPTED
+
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-2000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000000"

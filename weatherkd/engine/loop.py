@@ -1,0 +1,361 @@
+"""The one training loop every stage runs on.
+
+A stage defines a ``Recipe`` (model, frozen helpers, ``step(batch) -> losses``)
+and calls ``Engine(cfg, MyRecipe).fit()``. The engine seeds every RNG before it
+builds the recipe, so model initialisation is reproducible too. The launch config decides whether this
+is one process, DDP or DeepSpeed ZeRO; the loop reads the same either way:
+
+    setup -> resume -> [step -> log -> validate -> checkpoint -> preempted?]* -> export
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from weatherkd import config as cfgmod
+from weatherkd import models, tracking
+from weatherkd.data.stream import TrainSpec, eval_loader, train_loader
+from weatherkd.engine import checkpoint, validate
+from weatherkd.engine.preempt import EXIT_PREEMPTED, Preemption
+from weatherkd.engine.recipe import Recipe
+from weatherkd.engine.schedule import build_scheduler
+from weatherkd.io import atomic_write_json
+from weatherkd.logs import get_logger, progress
+
+log = get_logger(__name__)
+
+
+class Progress:
+    """Where training stands: optimizer steps taken and micro-batches consumed (the data position)."""
+
+    def __init__(self):
+        self.step = 0
+        self.micro = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "micro": self.micro}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.micro = state["step"], state["micro"]
+
+
+class _Window:
+    """Losses and timings accumulated between two log lines."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps, self.samples, self.data_s, self.total_s = 0, 0, 0.0, 0.0
+
+    def add(self, losses: dict[str, torch.Tensor]) -> None:
+        self.steps += 1
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0) + v
+
+
+class _StageState:
+    """Adapts a recipe's extra state to accelerate's checkpoint registry."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+
+    def state_dict(self) -> dict:
+        return self.recipe.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.recipe.load_state_dict(state)
+
+
+def build_accelerator(cfg) -> Accelerator:
+    cpu = not torch.cuda.is_available()
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # Under DeepSpeed on CPU, accelerate only joins the gloo group with this handler.
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and launched else []
+    # cpu=True is what makes a multi-process launch on a GPU-less machine join one gloo group;
+    # without it each rank silently believes it is rank 0 of 1.
+    return Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision,
+                       gradient_accumulation_steps=cfg.train.grad_accum,
+                       log_with=tracking.log_with(cfg.tracker), project_dir=cfg.out_dir, kwargs_handlers=handlers)
+
+
+class Engine:
+    def __init__(self, cfg, make_recipe: Callable[[Any], Recipe], accelerator: Accelerator | None = None):
+        self.cfg = cfg
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.acc = accelerator or build_accelerator(cfg)
+        set_seed(cfg.seed)
+        self.recipe = make_recipe(cfg)
+        self.progress = Progress()
+        self.weathers: list[str] = []
+
+    # ------------------------------------------------------------------ setup
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.acc.state.deepspeed_plugin is not None
+
+    @property
+    def zero3(self) -> bool:
+        return self.deepspeed and self.acc.state.deepspeed_plugin.zero_stage == 3
+
+    def setup(self) -> None:
+        cfg, acc = self.cfg, self.acc
+        if acc.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            cfgmod.save(cfg, self.out_dir / "config.yaml")
+        self.compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision,
+                                                                                   torch.float32)
+        self._freeze_helpers()
+
+        model = self.recipe.model
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.ema = None
+        if cfg.train.ema_decay > 0:
+            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+            self.ema.to(acc.device).eval()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = self._optimizer(params)
+        self.scheduler = build_scheduler(optimizer, cfg.train)
+        if self.deepspeed:
+            ds = acc.state.deepspeed_plugin.deepspeed_config
+            # No DataLoader goes through prepare(), so DeepSpeed cannot infer these itself.
+            ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+            if ds.get("gradient_clipping") == "auto":
+                ds["gradient_clipping"] = cfg.train.grad_clip
+        if cfg.train.compile:
+            model = torch.compile(model)
+        # The scheduler stays out of prepare(): accelerate would step it once per process.
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        acc.register_for_checkpointing(self.scheduler, self.progress, _StageState(self.recipe))
+        if self.ema is not None:
+            acc.register_for_checkpointing(self.ema)
+        self.tracker = tracking.Tracker(acc, cfg.tracker, self.out_dir, cfgmod.to_dict(cfg))
+        self.preemption = Preemption(self.out_dir)
+
+    def _freeze_helpers(self) -> None:
+        for name, module in self.recipe.frozen.items():
+            module.requires_grad_(False)
+            module.to(self.acc.device, dtype=self.compute_dtype if module_is_float(module) else None).eval()
+
+    def _optimizer(self, params):
+        t = self.cfg.train
+        offload = self.deepspeed and "offload_optimizer" in str(
+            self.acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}))
+        if offload:  # ZeRO-Offload steps the optimizer on the CPU; DeepSpeed's own Adam does that fast
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+
+    def _loaders(self):
+        cfg, acc = self.cfg, self.acc
+        d = cfg.data
+        spec = TrainSpec(crop=d.crop, batch_size=d.batch_size, shuffle_buffer=d.shuffle_buffer, flip=d.flip,
+                         cutmix_prob=d.cutmix_prob, cutmix_max_frac=d.cutmix_max_frac)
+        # An epoch is one checkpoint interval: a resume at a checkpoint starts a fresh epoch, with no replay.
+        per_epoch = max(1, cfg.ckpt.every) * cfg.train.grad_accum
+        self.train_loader = train_loader(d.train_shards, d.train_split, d.weathers, spec, cfg.seed,
+                                         acc.process_index, acc.num_processes, per_epoch, d.num_workers)
+        self.batches_per_epoch = per_epoch
+        self.weathers = self.train_loader.stream.weathers
+        self.eval_loader = eval_loader(d.eval_shards or d.train_shards, d.eval_split, d.weathers, acc.process_index,
+                                       acc.num_processes, d.num_workers, d.eval_max_samples)
+
+    def _train_batches(self):
+        """Micro-batches from the current data position onward, across epochs."""
+        epoch, skip = divmod(self.progress.micro, self.batches_per_epoch)
+        while True:
+            yield from self.train_loader.epoch(epoch, skip)
+            epoch, skip = epoch + 1, 0
+
+    def to_device(self, batch: dict) -> dict:
+        out = {}
+        for k, v in batch.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(self.acc.device, non_blocking=True)
+                if self.cfg.train.channels_last and v.ndim == 4:
+                    v = v.contiguous(memory_format=torch.channels_last)
+            out[k] = v
+        return out
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        cfg, acc = self.cfg, self.acc
+        self.setup()
+        self._loaders()
+        self.resume()
+        batches = self._train_batches()
+        window = _Window()
+        bar = progress(total=cfg.train.max_steps, initial=self.progress.step, desc=f"{Path(cfg.out_dir).name}",
+                       unit="step")
+        metrics = None
+        while self.progress.step < cfg.train.max_steps:
+            if self.preemption.requested(acc):
+                self.save()
+                if acc.is_main_process:
+                    self.preemption.clear()  # the requeued run must not stop again at once
+                log.warning("preempted (%s) at step %d: checkpoint saved, exiting %d",
+                            self.preemption.signal_name or "stop file", self.progress.step, EXIT_PREEMPTED)
+                self.tracker.finish()
+                sys.exit(EXIT_PREEMPTED)
+            window.add(self.train_step(batches, window))
+            step = self.progress.step
+            bar.update()
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                self.log_train(window, step)
+                window = _Window()
+            last = step == cfg.train.max_steps
+            if last or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
+                metrics = self.validate(step)
+            if last or step % cfg.ckpt.every == 0:
+                self.save()
+        bar.close()
+        if metrics is None:  # resumed at max_steps: nothing left to train, still report
+            metrics = self.validate(self.progress.step)
+        self.export()
+        self.write_metrics(metrics)
+        self.tracker.finish()
+        return metrics
+
+    def train_step(self, batches, timer: "_Window") -> dict[str, torch.Tensor]:
+        """One optimizer step over ``grad_accum`` micro-batches."""
+        acc, model = self.acc, self.model
+        model.train()
+        totals: dict[str, torch.Tensor] = {}
+        start = time.perf_counter()
+        for _ in range(self.cfg.train.grad_accum):
+            t0 = time.perf_counter()
+            batch = self.to_device(next(batches))
+            timer.data_s += time.perf_counter() - t0
+            self.progress.micro += 1
+            with acc.accumulate(model), acc.autocast():
+                losses = self.recipe.step(model, batch, self.progress.step)
+                acc.backward(losses["loss"])
+                if acc.sync_gradients and self.cfg.train.grad_clip > 0 and not self.deepspeed:
+                    acc.clip_grad_norm_(model.parameters(), self.cfg.train.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0) + v.detach().float() / self.cfg.train.grad_accum
+            timer.samples += batch["input"].shape[0]
+        self.scheduler.step()
+        self.progress.step += 1
+        if self.ema is not None:
+            with self.gathered_params():
+                self.ema.update_parameters(acc.unwrap_model(model))
+        self.recipe.after_step(self.progress.step, acc.unwrap_model(model), self.ema_module)
+        timer.total_s += time.perf_counter() - start
+        return totals
+
+    @property
+    def ema_module(self):
+        return self.ema.module if self.ema is not None else None
+
+    def gathered_params(self):
+        """Full parameters on every rank for the duration of the block (ZeRO-3 partitions them)."""
+        if not self.zero3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
+
+    # ------------------------------------------------------------------ logging, validation
+
+    def log_train(self, window: "_Window", step: int) -> None:
+        """One host sync per log interval, not per step: losses stay on device until here."""
+        acc = self.acc
+        names = sorted(window.sums)
+        stacked = torch.stack([window.sums[k] for k in names]).to(acc.device)
+        if acc.num_processes > 1:
+            stacked = acc.reduce(stacked, reduction="mean")
+        scalars = {f"train/{k}": v / window.steps for k, v in zip(names, stacked.tolist())}
+        scalars["train/lr"] = self.scheduler.get_last_lr()[0]
+        if window.total_s > 0:
+            scalars["perf/samples_per_s"] = window.samples * acc.num_processes / window.total_s
+            scalars["perf/data_wait_frac"] = window.data_s / window.total_s
+        scalars["perf/max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if torch.cuda.is_available():
+            scalars["perf/max_cuda_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        scalars["data/corrupt_skipped"] = self.train_loader.corrupt
+        self.tracker.log(scalars, step)
+        log.info("step %d  %s", step, "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in scalars.items()))
+
+    def validate(self, step: int) -> dict:
+        model = self.ema_module if self.ema is not None else self.model
+        model.eval()
+        summary, images, corrupt = validate.run(self.acc, lambda b: self.recipe.predict(model, b),
+                                                self.eval_loader, self.weathers, to_device=self.to_device)
+        summary["corrupt_skipped"] = corrupt
+        scalars = {f"val/psnr/{w}": v["psnr"] for w, v in summary["weathers"].items()}
+        scalars.update({f"val/ssim/{w}": v["ssim"] for w, v in summary["weathers"].items()})
+        scalars.update({"val/psnr": summary["mean"]["psnr"], "val/ssim": summary["mean"]["ssim"]})
+        self.tracker.log(scalars, step)
+        if images and self.cfg.tracker.images_every_eval:
+            self.tracker.log_images({"val/input|pred|target": images}, step)
+        log.info("validation at step %d: PSNR %.2f dB (identity %.2f), SSIM %.4f over %d samples", step,
+                 summary["mean"]["psnr"], summary["identity"]["mean"]["psnr"], summary["mean"]["ssim"], summary["n"])
+        return summary
+
+    # ------------------------------------------------------------------ checkpoints and export
+
+    def save(self) -> None:
+        checkpoint.save(self.acc, self.ckpt_root, self.progress.step, self.cfg.ckpt.keep)
+
+    def resume(self) -> None:
+        path = checkpoint.resolve(self.cfg.resume, self.ckpt_root)
+        if path is None:
+            return
+        self.acc.load_state(str(path))
+        log.info("resumed from %s at step %d (target %d)", path, self.progress.step, self.cfg.train.max_steps)
+
+    def export(self) -> Path:
+        """``out_dir/model/``: consolidated from ZeRO shards (every rank takes part), EMA weights if enabled."""
+        acc = self.acc
+        state = acc.get_state_dict(self.model) if self.ema is None else self.ema.module.state_dict()
+        path = self.out_dir / "model"
+        if acc.is_main_process:
+            state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+            extra = {"random_init": self.recipe.random_init, "step": self.progress.step,
+                     "weathers": self.weathers, **self.recipe.export_extra()}
+            models.save(acc.unwrap_model(self.model), path, state_dict=state, extra=extra)
+            log.info("exported %s", path)
+        acc.wait_for_everyone()
+        return path
+
+    def rank_checksums(self) -> list[str]:
+        """A hash of every rank's trained parameters. They must all agree; a launch that silently
+        runs unsynchronised ranks (see the README's launch notes) shows up here."""
+        digest = hashlib.sha256()
+        with self.gathered_params():
+            for p in self.acc.unwrap_model(self.model).parameters():
+                digest.update(p.detach().float().cpu().numpy().tobytes())
+        return gather_object([digest.hexdigest()]) if self.acc.num_processes > 1 else [digest.hexdigest()]
+
+    def write_metrics(self, metrics: dict) -> None:
+        checksums = self.rank_checksums()
+        in_sync = len(set(checksums)) == 1
+        if not in_sync:
+            log.error("parameters differ across ranks at the end of training: %s", checksums)
+        if self.acc.is_main_process:
+            atomic_write_json(self.out_dir / "metrics.json",
+                              {**metrics, "random_init": self.recipe.random_init, "step": self.progress.step,
+                               "world_size": self.acc.num_processes, "ranks_in_sync": in_sync,
+                               "rank_checksums": checksums})
+
+
+def module_is_float(module: torch.nn.Module) -> bool:
+    return any(p.is_floating_point() for p in module.parameters())

@@ -1,0 +1,49 @@
+"""What a stage hands the engine: its model, its frozen helpers, and one step of its objective."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Recipe:
+    """Subclass per stage. The engine owns everything else: devices, precision, the loop,
+    checkpoints, validation, tracking and export.
+
+    - ``model``: the network being trained (built with ``weatherkd.models.build``).
+    - ``frozen``: helpers that are never trained (teacher, CLIP towers, history model, VQ encoder).
+      The engine moves them to the device and compute dtype, freezes them, keeps them in eval mode
+      and leaves them out of ``accelerator.prepare``.
+    - ``random_init``: True when a pretrained tower was replaced by random weights; every
+      result this run writes says so.
+    """
+
+    model: nn.Module
+    frozen: dict[str, nn.Module]
+    random_init: bool = False
+
+    def __init__(self, model: nn.Module, frozen: dict[str, nn.Module] | None = None):
+        self.model = model
+        self.frozen = frozen or {}
+
+    def step(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        """Named losses for one micro-batch; ``"loss"`` is the total that is backpropagated."""
+        raise NotImplementedError
+
+    def predict(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """The restored image for validation, (B, 3, H, W) in [0, 1]."""
+        return model(batch["input"])
+
+    def after_step(self, step: int, model: nn.Module, ema_model: nn.Module | None) -> None:
+        """Called after each optimizer step (e.g. to update a history model)."""
+
+    def state_dict(self) -> dict:
+        """Extra state a resume needs (history model, its schedule position, ...)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def export_extra(self) -> dict:
+        """Extra fields for model.json."""
+        return {}

@@ -1,0 +1,8 @@
+"""Models by name. Every exported model is ``model.safetensors`` + ``model.json`` ({"arch", "kwargs", ...}).
+
+The model code knows nothing about launching: no accelerator, no ranks, no files
+other than its own weights.
+"""
+
+from weatherkd.models.registry import ARCHS, build, load, register, save  # noqa: F401
+from weatherkd.models import baselines  # noqa: F401  (registers its archs)

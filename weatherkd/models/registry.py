@@ -1,0 +1,68 @@
+"""The arch registry, and saving/loading exported models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from weatherkd.errors import UserError
+from weatherkd.io import atomic_dir
+
+ARCHS: dict[str, Callable[..., torch.nn.Module]] = {}
+WEIGHTS, SPEC = "model.safetensors", "model.json"
+
+
+def register(name: str):
+    def wrap(cls):
+        ARCHS[name] = cls
+        return cls
+
+    return wrap
+
+
+def build(arch: str, **kwargs) -> torch.nn.Module:
+    """Instantiate a registered arch; the spec needed to rebuild it rides along on the module."""
+    if arch not in ARCHS:
+        raise UserError(f"unknown model arch '{arch}'; registered: {', '.join(sorted(ARCHS))}")
+    model = ARCHS[arch](**kwargs)
+    model.weatherkd_spec = {"arch": arch, "kwargs": dict(kwargs)}
+    return model
+
+
+def save(model: torch.nn.Module, path, state_dict: dict | None = None, extra: dict | None = None) -> Path:
+    """Export to ``path/`` atomically. ``state_dict`` overrides the module's (e.g. gathered ZeRO-3 or EMA weights)."""
+    spec = getattr(model, "weatherkd_spec", None)
+    if spec is None:
+        raise ValueError("model was not built with weatherkd.models.build; its arch is unknown")
+    state = state_dict if state_dict is not None else model.state_dict()
+    # safetensors refuses shared storage and non-contiguous tensors; clone makes each its own.
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        save_file(state, tmp / WEIGHTS, metadata={"arch": spec["arch"]})
+        (tmp / SPEC).write_text(json.dumps({**spec, **(extra or {})}, indent=2) + "\n")
+    return path
+
+
+def read_spec(path) -> dict:
+    path = Path(path)
+    spec_file = path / SPEC
+    if not spec_file.is_file():
+        raise UserError(f"{path} is not an exported model: {SPEC} is missing")
+    return json.loads(spec_file.read_text())
+
+
+def load(path, map_location: str = "cpu") -> torch.nn.Module:
+    """Rebuild an exported model from ``path/model.json`` and load ``path/model.safetensors``."""
+    path = Path(path)
+    spec = read_spec(path)
+    if not (path / WEIGHTS).is_file():
+        raise UserError(f"{path}: {WEIGHTS} is missing")
+    model = build(spec["arch"], **spec["kwargs"])
+    model.load_state_dict(load_file(path / WEIGHTS, device=map_location))
+    model.weatherkd_spec = spec
+    return model
