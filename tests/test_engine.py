@@ -131,3 +131,29 @@ def test_single_process_exit_code_on_preemption(tiny_set, tmp_path):
 
     assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-2000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000000"
+
+
+def test_single_process_features_and_tracking(tiny_set, tmp_path):
+    """bf16 autocast, channels_last, grad accumulation + clipping, CutMix and EMA in one plain process,
+    with everything the engine tracks read back from the offline W&B run."""
+    run = tmp_path / "features"
+    env = cli_env(HOME=str(tmp_path))
+    env.pop("WANDB_MODE")
+    run_cli("teacher", "--config", CONFIG, f"out_dir={run}", f"data.train_shards={tiny_set}", "tracker.kind=wandb",
+            "train.mixed_precision=bf16", "train.channels_last=true", "train.grad_accum=2", "train.grad_clip=0.5",
+            "data.cutmix_prob=0.5", "train.ema_decay=0.5", env=env)
+    weights = load_file(run / "model" / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    wandb = Path(sys.executable).parent / "wandb"
+    (run_dir,) = (run / "wandb").glob("offline-run-*")
+    out = subprocess.run([str(wandb), "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True,
+                         check=True).stdout
+    history = [json.loads(line)["history"]["item"] for line in out.splitlines() if '"type":"history"' in line]
+    keys = set().union(*history)
+    for key in ("train/loss", "train/lr", "perf/samples_per_s", "perf/data_wait_frac", "perf/max_rss_mb",
+                "val/psnr", "val/ssim", "val/psnr/snow", "data/corrupt_skipped"):
+        assert key in keys, key
+    assert any(k.startswith("val/input_pred_target") for k in keys)
+    assert list((run_dir / "files" / "media" / "images").rglob("*.png"))
+    config = (run / "config.yaml").read_text()
+    assert "mixed_precision: bf16" in config and "grad_accum: 2" in config

@@ -305,7 +305,7 @@ class Engine:
         scalars.update({"val/psnr": summary["mean"]["psnr"], "val/ssim": summary["mean"]["ssim"]})
         self.tracker.log(scalars, step)
         if images and self.cfg.tracker.images_every_eval:
-            self.tracker.log_images({"val/input|pred|target": images}, step)
+            self.tracker.log_images({"val/input_pred_target": images}, step)
         log.info("validation at step %d: PSNR %.2f dB (identity %.2f), SSIM %.4f over %d samples", step,
                  summary["mean"]["psnr"], summary["identity"]["mean"]["psnr"], summary["mean"]["ssim"], summary["n"])
         return summary
