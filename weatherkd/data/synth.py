@@ -36,10 +36,14 @@ BUILTIN_PHOTOS = {
 }
 
 
+# Builtin photos held out for testing, in order: natural outdoor/indoor scenes like the papers' test sets.
+BUILTIN_TEST_ORDER = ["coffee", "chelsea", "rocket"]
+
+
 @dataclass
 class SynthSpec:
     weathers: list[str] = field(default_factory=lambda: list(CANONICAL_WEATHERS))
-    train: int = 240  # crops per weather
+    train: int = 800  # crops per weather
     test: int = 6  # test samples per weather (whole held-out photos, each with its own degradation)
     test_photos: int = 2
     size: int = 96  # training crop side
@@ -100,6 +104,10 @@ def build(out: str, source: str, spec: SynthSpec, overwrite: bool = False, creat
     if len(photos) <= spec.test_photos:
         raise ShardSetError(f"{len(photos)} photos cannot hold out {spec.test_photos} for testing")
     order = np.random.default_rng(spec.seed).permutation(len(photos))
+    if source == "builtin":  # hold out natural scenes, not the microscopy/astronomy images
+        names = [n for n, _ in photos]
+        held = [names.index(n) for n in BUILTIN_TEST_ORDER[: spec.test_photos]]
+        order = np.array(held + [i for i in order if i not in held])
     test_photos = [photos[i] for i in order[: spec.test_photos]]
     train_photos = [photos[i] for i in order[spec.test_photos:]]
     log.info("train photos: %s; held-out test photos: %s",

@@ -56,7 +56,7 @@ class RainHazeParams:
     angle: list[float] = field(default_factory=lambda: [-30.0, 30.0])  # degrees from vertical
     angle_jitter: float = 6.0  # per-layer deviation from the storm's angle
     intensity: list[float] = field(default_factory=lambda: [0.5, 1.0])
-    beta: list[float] = field(default_factory=lambda: [0.6, 1.8])  # haze density in T = exp(-beta·d)
+    beta: list[float] = field(default_factory=lambda: [0.3, 1.2])  # haze density in T = exp(-beta·d)
     airlight: list[float] = field(default_factory=lambda: [0.75, 0.95])
 
 
@@ -103,7 +103,7 @@ def rain_haze(clean: np.ndarray, rng: np.random.Generator, p: RainHazeParams | N
 
 @dataclass
 class RaindropParams:
-    count: list[int] = field(default_factory=lambda: [10, 30])  # drops per 256×256
+    count: list[int] = field(default_factory=lambda: [25, 60])  # drops per 256×256
     radius: list[float] = field(default_factory=lambda: [0.05, 0.12])  # fraction of the short side
     aspect: list[float] = field(default_factory=lambda: [0.6, 1.0])  # minor/major axis
     zoom: list[float] = field(default_factory=lambda: [1.5, 3.0])  # how much wider the lens sees

@@ -331,7 +331,8 @@ class Engine:
             state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
             extra = {"random_init": self.recipe.random_init, "step": self.progress.step,
                      "weathers": self.weathers, **self.recipe.export_extra()}
-            models.save(acc.unwrap_model(self.model), path, state_dict=state, extra=extra)
+            module, state = self.recipe.export_model(acc.unwrap_model(self.model), state)
+            models.save(module, path, state_dict=state, extra=extra)
             log.info("exported %s", path)
         acc.wait_for_everyone()
         return path

@@ -44,6 +44,11 @@ class Recipe:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def export_model(self, model: nn.Module, state: dict) -> tuple[nn.Module, dict]:
+        """What to export: by default the trained model itself. A stage may bundle frozen parts
+        the model needs at inference (e.g. the teacher's CLIP image tower)."""
+        return model, state
+
     def export_extra(self) -> dict:
         """Extra fields for model.json."""
         return {}

@@ -1,0 +1,125 @@
+"""Restoration losses of the teacher (papers/003 §III-E): pixel, SSIM, PSNR, perceptual (VGG),
+text-prompt classification and CLIP soft residual distillation (CLIP-SRD)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weatherkd.errors import UserError
+from weatherkd.metrics import _gaussian_window
+
+PIXEL = {"smooth_l1": F.smooth_l1_loss, "l1": F.l1_loss, "l2": F.mse_loss}
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Differentiable per-image SSIM on [0, 1] images (11×11 Gaussian, σ 1.5, valid region)."""
+    c = pred.shape[1]
+    window = _gaussian_window(device=pred.device).to(pred.dtype).expand(c, 1, 11, 11)
+
+    def blur(x):
+        return F.conv2d(x, window, groups=c)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mu_p, mu_t = blur(pred), blur(target)
+    var_p, var_t = blur(pred * pred) - mu_p**2, blur(target * target) - mu_t**2
+    cov = blur(pred * target) - mu_p * mu_t
+    ssim_map = ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p**2 + mu_t**2 + c1) * (var_p + var_t + c2))
+    return ssim_map.flatten(1).mean(1)
+
+
+def ssim_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return 1 - ssim(pred, target).mean()
+
+
+def psnr_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Minus the mean per-image PSNR for data range 1 (scaled down by 10 so its gradients sit near L1's)."""
+    mse = (pred - target).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(mse + eps)).mean() / 10
+
+
+def soft_cross_entropy(logits: torch.Tensor, soft_labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against soft labels (CutMix mixes two weathers by area)."""
+    return -(soft_labels * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
+def text_classification(prior_embedding: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                        soft_labels: torch.Tensor) -> torch.Tensor:
+    """CE over cosine similarities to the CLIP text features of "An image with {weather}"."""
+    logits = logit_scale * prior_embedding @ text_features.to(prior_embedding.dtype).t()
+    return soft_cross_entropy(logits, soft_labels)
+
+
+def channel_pool(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Average groups of channels down to ``width`` channels (adaptive when they don't divide)."""
+    b, c, h, w = x.shape
+    if c == width:
+        return x
+    pooled = F.adaptive_avg_pool1d(x.permute(0, 2, 3, 1).reshape(b * h * w, 1, c), width)
+    return pooled.view(b, h, w, width).permute(0, 3, 1, 2)
+
+
+def _standardise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Zero mean, unit variance per sample: compares the shape of two maps, not their scale."""
+    flat = x.flatten(1)
+    return ((flat - flat.mean(1, keepdim=True)) / (flat.std(1, keepdim=True) + eps)).view_as(x)
+
+
+def srd_loss(residual_maps: list[torch.Tensor], clip_weather: list[torch.Tensor],
+             clip_clean: list[torch.Tensor]) -> torch.Tensor:
+    """CLIP-SRD: normalised L1 between each SAR residual map and CLIP(weather) − CLIP(clean),
+    channel-pooled to the smaller width and resized to the SAR map's resolution."""
+    total = 0.0
+    for sar, fw, fc in zip(residual_maps, clip_weather, clip_clean):
+        clip_res = (fw - fc).float()
+        width = min(sar.shape[1], clip_res.shape[1])
+        clip_res = F.interpolate(channel_pool(clip_res, width), size=sar.shape[-2:], mode="bilinear",
+                                 align_corners=False)
+        total = total + (_standardise(channel_pool(sar.float(), width)) - _standardise(clip_res)).abs().mean()
+    return total / len(residual_maps)
+
+
+class Perceptual(nn.Module):
+    """L1 between VGG16 features (up to relu3_3) of prediction and target. Weights from a local file."""
+
+    LAYERS = 16  # features[:16] ends at relu3_3
+    MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def __init__(self, weights: str, key: str = "loss.vgg_weights"):
+        super().__init__()
+        import torchvision
+
+        path = Path(weights) if weights else None
+        if path is None or not path.is_file():
+            raise UserError(f"{key}: the perceptual loss needs local VGG16 weights "
+                            f"({'not set' if path is None else f'file not found: {path}'}); nothing is downloaded")
+        self.features = torchvision.models.vgg16().features[: self.LAYERS]
+        state = load_state(path)
+        state = {k.removeprefix("features."): v for k, v in state.items()
+                 if k.startswith("features.") or k[0].isdigit()}
+        state = {k: v for k, v in state.items() if int(k.split(".")[0]) < self.LAYERS}
+        missing = self.features.load_state_dict(state, strict=False).missing_keys
+        if missing:
+            raise UserError(f"{key}: {path} lacks VGG16 feature weights {missing[:3]}...")
+        self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target_features = self.features((target - self.mean) / self.std)
+        return F.l1_loss(self.features((pred - self.mean) / self.std), target_features)
+
+
+def load_state(path: Path) -> dict:
+    """A state dict from safetensors or a torch file, never unpickling arbitrary objects."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
