@@ -2,4 +2,6 @@ import sys
 
 from weatherkd.cli import main
 
-sys.exit(main())
+# The guard matters: loader workers start from a forkserver, which re-imports __main__.
+if __name__ == "__main__":
+    sys.exit(main())

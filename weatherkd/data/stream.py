@@ -46,8 +46,19 @@ def _worker_init(_: int) -> None:
 def _loader(dataset: IterableDataset, num_workers: int, **kwargs) -> DataLoader:
     # Its own generator: creating an iterator must not draw from the global torch RNG, or a
     # resumed run's model-side randomness would drift from the uninterrupted run's.
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, generator=torch.Generator(),
-                      worker_init_fn=_worker_init if num_workers else None, **kwargs)
+    # Workers come from a forkserver: a trainer has live threads (gloo, queue feeders, tqdm), and a
+    # plain fork() taken while one of them holds a lock was seen to hang an eval worker forever.
+    if num_workers:
+        kwargs.update(worker_init_fn=_worker_init, multiprocessing_context=_forkserver())
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, generator=torch.Generator(), **kwargs)
+
+
+def _forkserver():
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "webdataset", "weatherkd.data.stream"])
+    return ctx
 
 
 def _worker() -> tuple[int, int]:
