@@ -96,7 +96,49 @@ def bench_loader(argv: list[str]) -> dict:
     return result
 
 
-BENCHES = {"loader": bench_loader}
+def bench_kd_overhead(argv: list[str]) -> dict:
+    """Step time of scratch vs kd vs dckd on the same student, batch and machine, in one run."""
+    from weatherkd import config as cfgmod
+    from weatherkd.stages.distill import Config, DistillRecipe
+
+    p = argparse.ArgumentParser(prog="weatherkd bench kd-overhead")
+    p.add_argument("--config", default="configs/distill/demo-dckd.yaml")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    base = cfgmod.load(Config, a.config, a.overrides)
+    spec = TrainSpec(crop=base.data.crop, batch_size=base.data.batch_size, shuffle_buffer=16)
+    loader = train_loader(base.data.train_shards, base.data.train_split, None, spec, 0, 0, 1, 1, 0)
+    batch = next(iter(loader.epoch(0)))
+    result = {"bench": "kd-overhead", "student": base.model.arch, "size": base.model.size,
+              "batch": list(batch["input"].shape), "seconds_per_step": {}}
+    for objective in ("scratch", "kd", "dckd"):
+        torch.manual_seed(0)
+        recipe = DistillRecipe(cfgmod.load(Config, a.config, [*a.overrides, f"objective={objective}"]))
+        for module in recipe.frozen.values():
+            module.requires_grad_(False).eval()
+        optimizer = torch.optim.AdamW(recipe.model.parameters(), lr=1e-4)
+
+        def one_step():
+            losses = recipe.step(recipe.model, batch, 0)
+            losses["loss"].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        for _ in range(a.warmup):
+            one_step()
+        start = time.perf_counter()
+        for _ in range(a.steps):
+            one_step()
+        result["seconds_per_step"][objective] = (time.perf_counter() - start) / a.steps
+    t = result["seconds_per_step"]
+    result["dckd_over_kd"] = t["dckd"] / t["kd"]
+    result["kd_over_scratch"] = t["kd"] / t["scratch"]
+    return result
+
+
+BENCHES = {"loader": bench_loader, "kd-overhead": bench_kd_overhead}
 
 
 def run(what: str, argv: list[str]) -> int:

@@ -255,11 +255,32 @@ class Engine:
         self.scheduler.step()
         self.progress.step += 1
         if self.ema is not None:
+            self.sync_buffers()
             with self.gathered_params():
                 self.ema.update_parameters(acc.unwrap_model(model))
         self.recipe.after_step(self.progress.step, acc.unwrap_model(model), self.ema_module)
         timer.total_s += time.perf_counter() - start
         return totals
+
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's floating buffers (BatchNorm statistics) before they are averaged.
+
+        DDP broadcasts buffers only at the start of the next forward, so right after a step each
+        rank's BN statistics reflect its own batch. An EMA (and a history model built from it)
+        would then differ across ranks, and a resume, which restores rank 0's copy everywhere,
+        would stop being exact.
+        """
+        if self.acc.num_processes == 1 or self.deepspeed:
+            return
+        buffers = [b for b in self.acc.unwrap_model(self.model).buffers() if b.is_floating_point()]
+        if not buffers:
+            return
+        flat = torch.cat([b.detach().reshape(-1) for b in buffers])
+        torch.distributed.broadcast(flat, src=0)
+        offset = 0
+        for b in buffers:  # copy_, not a view: buffers must keep their own storage
+            b.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
 
     @property
     def ema_module(self):

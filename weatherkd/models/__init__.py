@@ -5,4 +5,4 @@ other than its own weights.
 """
 
 from weatherkd.models.registry import ARCHS, build, load, register, save  # noqa: F401
-from weatherkd.models import baselines, clipweather  # noqa: F401  (register their archs)
+from weatherkd.models import baselines, clipweather, students, vq  # noqa: F401  (register their archs)

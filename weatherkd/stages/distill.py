@@ -1,0 +1,162 @@
+"""`weatherkd distill`: train a compact student from an exported teacher (papers/001).
+
+``objective``:
+- ``scratch``: L1 to ground truth only (the baseline every KD result is compared with);
+- ``kd``: L1 to the teacher's output, plus L1 to ground truth when the shards have it;
+- ``dckd``: kd plus dynamic contrastive regularisation against negatives passed through the
+  history model, plus distribution matching on the VQ codebook.
+
+The history model is an EMA of the student's EMA (``train.ema_decay``), updated every ``s``
+steps with ``s`` growing at milestones. Teacher, history and VQ run under no_grad; the
+student's output alone carries gradients (through the frozen VQ encoder).
+Shards without targets work: the cached ``teacher.png`` is the target when present,
+otherwise the teacher runs online.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from weatherkd import models
+from weatherkd.config import ModelConfig, StageConfig, register_stage_config
+from weatherkd.engine import Engine, Recipe
+from weatherkd.errors import UserError
+from weatherkd.losses import distill as D
+
+
+@dataclass
+class HistoryConfig:
+    decay: float = 0.1  # history = decay · history + (1 − decay) · EMA (the official code: 0.1)
+    every: list[int] = field(default_factory=lambda: [1000, 2000, 3000])  # update interval s ...
+    milestones: list[int] = field(default_factory=lambda: [100_000, 200_000])  # ... moving on at these steps
+
+
+@dataclass
+class DCKDConfig:
+    w_contrast: float = 0.1
+    w_dmm: float = 0.001
+    level_weights: list[float] = field(default_factory=lambda: [1 / 8, 1 / 4, 1 / 2, 1.0])  # one per VQ level
+    negatives: list[str] = field(default_factory=lambda: ["blur", "resize", "noise", "weather"])
+    eps: float = 1e-7
+
+
+@register_stage_config("distill")
+@dataclass
+class Config(StageConfig):
+    out_dir: str = "runs/distill"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="unet_bn"))
+    teacher: str = ""  # exported teacher directory (model.json + model.safetensors)
+    vq: str = ""  # exported VQ autoencoder directory (dckd)
+    objective: Literal["scratch", "kd", "dckd"] = "kd"
+    w_kd: float = 1.0
+    w_gt: float = 1.0  # L1 to ground truth when the shards have targets
+    dckd: DCKDConfig = field(default_factory=DCKDConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+
+
+def _load(path: str, key: str):
+    if not path:
+        raise UserError(f"{key} is not set: give an exported model directory")
+    return models.load(path)
+
+
+class DistillRecipe(Recipe):
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        student = models.build(cfg.model.arch, **({"size": cfg.model.size} | cfg.model.kwargs))
+        frozen = {}
+        if cfg.objective != "scratch":
+            frozen["teacher"] = _load(cfg.teacher, "teacher")
+            self.random_init = bool(models.registry.read_spec(cfg.teacher).get("random_init", False))
+        if cfg.objective == "dckd":
+            frozen["vq"] = _load(cfg.vq, "vq")
+            levels = len(frozen["vq"].features(torch.zeros(1, 3, 16, 16)))
+            if len(cfg.dckd.level_weights) != levels:
+                raise UserError(f"dckd.level_weights has {len(cfg.dckd.level_weights)} entries; the VQ has {levels} levels")
+            frozen["history"] = AveragedModel(copy.deepcopy(student), use_buffers=True,
+                                              multi_avg_fn=get_ema_multi_avg_fn(cfg.history.decay))
+        super().__init__(student, frozen)
+        self.history_updates = 0
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    # -- the objective ---------------------------------------------------------
+
+    @torch.no_grad()
+    def teacher_output(self, batch: dict) -> torch.Tensor:
+        if "teacher" in batch:  # cached in a distillation tar
+            return batch["teacher"]
+        return self.frozen["teacher"](batch["input"]).clamp(0, 1)
+
+    def step(self, model, batch, step):
+        x, target, c = batch["input"], batch.get("target"), self.cfg
+        out = model(x)
+        losses = {}
+        if c.objective == "scratch":
+            if target is None:
+                raise UserError("objective: scratch needs shards with targets")
+            losses["gt"] = F.l1_loss(out, target)
+        else:
+            teacher = self.teacher_output(batch)
+            losses["kd"] = c.w_kd * F.l1_loss(out, teacher)
+            if target is not None and c.w_gt:
+                losses["gt"] = c.w_gt * F.l1_loss(out, target)
+            if c.objective == "dckd":
+                losses.update(self.dckd_terms(x, out, teacher))
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    def dckd_terms(self, x, out, teacher) -> dict:
+        c, vq, history = self.cfg.dckd, self.frozen["vq"], self.frozen["history"]
+        with torch.no_grad():
+            negatives = [x] + [D.degrade(x, kind, teacher, self.generator) for kind in c.negatives]
+            restored = history(torch.cat(negatives)).clamp(0, 1)  # one batched forward for all negatives
+            neg_feats = [list(f.chunk(len(negatives))) for f in vq.features(restored)]
+            neg_feats = [[level[i] for level in neg_feats] for i in range(len(negatives))]
+            teacher_feats = vq.features(teacher)
+        student_feats = vq.features(out)
+        terms = {"contrast": c.w_contrast * D.contrastive(student_feats, teacher_feats, neg_feats, c.level_weights,
+                                                          c.eps)}
+        if c.w_dmm:
+            terms["dmm"] = c.w_dmm * D.distribution_mapping(vq.code_logits(student_feats[-1]),
+                                                           vq.code_logits(teacher_feats[-1]))
+        return terms
+
+    # -- the history model -------------------------------------------------------
+
+    def history_interval(self, step: int) -> int:
+        h = self.cfg.history
+        return h.every[min(bisect.bisect_right(h.milestones, step), len(h.every) - 1)]
+
+    def after_step(self, step, model, ema_model):
+        if "history" not in self.frozen or step % self.history_interval(step):
+            return
+        with torch.no_grad():
+            self.frozen["history"].update_parameters(ema_model if ema_model is not None else model)
+        self.history_updates += 1
+
+    def state_dict(self) -> dict:
+        state = {"history_updates": self.history_updates, "generator": self.generator.get_state()}
+        if "history" in self.frozen:
+            state["history"] = self.frozen["history"].state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history_updates = state["history_updates"]
+        self.generator.set_state(state["generator"])
+        if "history" in self.frozen:
+            self.frozen["history"].load_state_dict(state["history"])
+
+    def export_extra(self) -> dict:
+        return {"objective": self.cfg.objective, "teacher": self.cfg.teacher or None}
+
+
+def run(cfg: Config) -> int:
+    Engine(cfg, DistillRecipe).fit()
+    return 0
