@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -52,13 +53,22 @@ def accelerate_launch(script_args: list, nproc: int = 2, config: str = "launch/c
     if module:
         cmd.append("-m")
     cmd += [str(a) for a in script_args]
+    popen = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env or cli_env(), start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env or cli_env())
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        out, err = popen.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM lets torchrun stop its workers (they live in their own process groups, and
+        # SIGKILL to the launcher would orphan them); SIGKILL the group if that stalls.
+        popen.send_signal(signal.SIGTERM)
+        try:
+            out, err = popen.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            out, err = popen.communicate()
         raise AssertionError(f"accelerate launch timed out after {timeout}s: {' '.join(cmd)}\n"
                              f"stdout:\n{out[-3000:]}\nstderr:\n{err[-6000:]}") from None
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, out, err)
     if proc.returncode != 0:
         raise AssertionError(f"accelerate launch exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
                              f"stderr:\n{proc.stderr[-6000:]}")
