@@ -57,7 +57,7 @@ def _forkserver():
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "webdataset", "weatherkd.data.stream"])
+    ctx.set_forkserver_preload(["weatherkd.data.loader_server", "torch", "webdataset", "weatherkd.data.stream"])
     return ctx
 
 

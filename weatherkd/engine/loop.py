@@ -204,7 +204,7 @@ class Engine:
                        unit="step")
         metrics = None
         while self.progress.step < cfg.train.max_steps:
-            if self.preemption.requested(acc):
+            if self.progress.step % cfg.ckpt.preempt_check_every == 0 and self.preemption.requested(acc):
                 self.save()
                 if acc.is_main_process:
                     self.preemption.clear()  # the requeued run must not stop again at once
