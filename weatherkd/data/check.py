@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tarfile
 from collections import Counter
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -92,8 +93,6 @@ def _hashes(shard_set: ShardSet) -> tuple[np.ndarray, list[str]]:
             if digest in seen:
                 continue
             seen[digest] = raw["__key__"]
-            from io import BytesIO
-
             with Image.open(BytesIO(data)) as im:
                 h = imagehash.phash(im.convert("RGB"))
             bits.append(h.hash.flatten())

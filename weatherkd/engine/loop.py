@@ -146,7 +146,7 @@ class Engine:
         self.preemption = Preemption(self.out_dir)
 
     def _freeze_helpers(self) -> None:
-        for name, module in self.recipe.frozen.items():
+        for module in self.recipe.frozen.values():
             module.requires_grad_(False)
             module.to(self.acc.device, dtype=self.compute_dtype if module_is_float(module) else None).eval()
 
