@@ -6,7 +6,10 @@ Figures are compared within one run (ratios), because the machines are shared an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -138,7 +141,84 @@ def bench_kd_overhead(argv: list[str]) -> dict:
     return result
 
 
-BENCHES = {"loader": bench_loader, "kd-overhead": bench_kd_overhead}
+def _device(name: str | None) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def bench_model(argv: list[str]) -> dict:
+    """Parameters, FLOPs at 256×256, median latency and peak memory of an exported model."""
+    from weatherkd import cost, models
+
+    p = argparse.ArgumentParser(prog="weatherkd bench model")
+    p.add_argument("model", help="exported model directory")
+    p.add_argument("--size", type=int, default=256, help="image side for latency and memory")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    a = p.parse_args(argv)
+    device = _device(a.device)
+    spec = models.read_spec(a.model)
+    model = models.load(a.model).to(device).eval()
+    peak = cost.peak_memory_mb(model, a.size, a.batch, device)  # first: before other forwards warm the heap
+    return {"bench": "model", "model": a.model, "arch": spec["arch"], "random_init": bool(spec.get("random_init")),
+            "device": str(device), "threads": torch.get_num_threads(), "params": cost.params(model),
+            "gflops_256": cost.flops(model, 256, device) / 1e9,
+            "latency_ms": cost.latency_ms(model, a.size, a.batch, a.repeats, device=device),
+            "peak_memory": peak, "size": a.size, "batch": a.batch}
+
+
+def bench_step(argv: list[str]) -> dict:
+    """Training throughput and MFU of a stage's real engine step, in one process.
+
+    FLOPs are counted by ``torch.utils.flop_counter`` over one whole step (forward, backward and
+    every frozen helper's forward); the peak is a dense matmul in the compute dtype, timed in the
+    same run on the same threads. Data loading is inside the timed steps, as in training.
+    """
+    from weatherkd import config as cfgmod
+    from weatherkd import cost
+    from weatherkd.cli import TRAINING_STAGES, _stage_module
+    from weatherkd.engine.loop import Engine, Window
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = argparse.ArgumentParser(prog="weatherkd bench step")
+    p.add_argument("--config", required=True)
+    p.add_argument("--stage", default=None, help="default: the config's folder name (configs/<stage>/...)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    stage = a.stage or Path(a.config).resolve().parent.name
+    if stage not in TRAINING_STAGES:
+        raise SystemExit(f"weatherkd bench step: cannot tell the stage of {a.config}; pass --stage")
+    module = _stage_module(stage)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = cfgmod.load(module.Config, a.config, [*a.overrides, f"out_dir={tmp}", "tracker.kind=none"])
+        engine = Engine(cfg, module.RECIPE)
+        engine.prepare()
+        batches, window = engine.train_batches(), Window()
+        for _ in range(a.warmup):
+            engine.train_step(batches, window)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            engine.train_step(batches, Window())
+        timer = Window()
+        start = time.perf_counter()
+        for _ in range(a.steps):
+            engine.train_step(batches, timer)
+        seconds = time.perf_counter() - start
+        device = engine.acc.device
+        peak = cost.matmul_peak_flops(device, engine.compute_dtype)
+    flops = counter.get_total_flops()
+    achieved = flops * a.steps / seconds
+    return {"bench": "step", "stage": stage, "config": a.config, "arch": cfg.model.arch, "size": cfg.model.size,
+            "device": str(device), "threads": torch.get_num_threads(), "dtype": str(engine.compute_dtype),
+            "batch_size": cfg.data.batch_size, "crop": cfg.data.crop, "steps": a.steps,
+            "seconds_per_step": seconds / a.steps, "samples_per_s": timer.samples / seconds,
+            "data_wait_frac": timer.data_s / seconds, "gflops_per_step": flops / 1e9,
+            "achieved_gflops_per_s": achieved / 1e9, "matmul_peak_gflops_per_s": peak / 1e9, "mfu": achieved / peak}
+
+
+BENCHES = {"loader": bench_loader, "kd-overhead": bench_kd_overhead, "model": bench_model, "step": bench_step}
 
 
 def run(what: str, argv: list[str]) -> int:
@@ -146,5 +226,25 @@ def run(what: str, argv: list[str]) -> int:
         from weatherkd.cli import NotBuilt
 
         raise NotBuilt(f"weatherkd bench {what}: not built yet (available: {', '.join(BENCHES)})")
-    print(json.dumps(BENCHES[what](argv), indent=2))
+    with _stdout_to_stderr():
+        result = BENCHES[what](argv)
+    print(json.dumps(result, indent=2))
     return 0
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Keep stdout pure JSON: libraries (DeepSpeed's logger, for one) print there while a bench runs.
+
+    Works at the file-descriptor level, so handlers that captured ``sys.stdout`` earlier and native
+    code are redirected too.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

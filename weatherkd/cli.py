@@ -21,6 +21,9 @@ TRAINING_STAGES = {
     "prune": "adaptively prune a trained network into a student initialisation",
 }
 
+# Commands that are not a training stage, and the module whose run_cli(args) carries them out.
+COMMAND_MODULES = {"eval": "weatherkd.stages.evaluate", "report": "weatherkd.report", "demo": "weatherkd.demo"}
+
 NOT_BUILT_EXIT = 2
 
 
@@ -111,22 +114,32 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
         p.set_defaults(stage=name)
 
-    p = sub.add_parser("eval", help="evaluate an exported model on a shard set")
-    p.add_argument("--model", required=True)
-    p.add_argument("--shards", required=True)
-    p.add_argument("--protocol", default="rgb", choices=["rgb", "y"])
-    p.add_argument("--out", default=None)
+    p = sub.add_parser("eval", help="evaluate an exported model on a shard set (accelerate launch splits it)")
+    p.add_argument("--model", required=True, help="exported model directory (model.json + model.safetensors)")
+    p.add_argument("--shards", required=True, help="shard-set directory")
+    p.add_argument("--protocol", default="rgb", choices=["rgb", "y"], help="PSNR/SSIM protocol (see metrics.py)")
+    p.add_argument("--out", default=None, help="default: <run>/eval/<shards>-<split>-<protocol>")
+    p.add_argument("--split", default="test")
+    p.add_argument("--tile", type=int, default=0, help="tile size for large images (0: whole images)")
+    p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
+    p.add_argument("--max-samples", type=int, default=0, help="evaluate only the first N samples (0: all)")
+    p.add_argument("--workers", type=int, default=1, help="loader workers per process")
 
     p = sub.add_parser("bench", help="benchmarks, printed as JSON")
     p.add_argument("what", help="loader | model | step | kd-overhead | synth")
     p.add_argument("rest", nargs=argparse.REMAINDER)
 
-    p = sub.add_parser("report", help="gather several runs into one comparison table")
-    p.add_argument("runs", nargs="+")
-    p.add_argument("--out", default=None)
+    p = sub.add_parser("report", help="gather several runs into one comparison table (markdown + JSON)")
+    p.add_argument("runs", nargs="+", help="run directories (out_dir of a stage) or `weatherkd eval` outputs")
+    p.add_argument("--out", default=None, help="markdown file to write; the JSON goes next to it")
+    p.add_argument("--latency-size", type=int, default=256, help="image side for the latency column")
 
-    p = sub.add_parser("demo", help="the whole pipeline on the embedded default data")
-    p.add_argument("--out", default="runs/demo")
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded default data; rerun to resume")
+    p.add_argument("--out", default=None, help="runs, evaluations, logs and the report (default: runs/demo)")
+    p.add_argument("--shards", default=None, help="where the default shard set is built (default: shards/demo)")
+    p.add_argument("--quick", action="store_true",
+                   help="a few steps per stage on a tiny set, to check an install in minutes "
+                        "(default paths runs/demo-quick, shards/demo-quick)")
     return parser
 
 
@@ -143,8 +156,7 @@ def _dispatch(args) -> int:
         return _run_training_stage(args)
     if args.command == "bench":
         return _run_bench(args)
-    # eval, report, demo: implemented in their own modules when they land.
-    module = _stage_module(args.command)
+    module = importlib.import_module(COMMAND_MODULES[args.command])
     return module.run_cli(args) or 0
 
 

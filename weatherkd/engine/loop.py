@@ -51,7 +51,7 @@ class Progress:
         self.step, self.micro = state["step"], state["micro"]
 
 
-class _Window:
+class Window:
     """Losses and timings accumulated between two log lines."""
 
     def __init__(self):
@@ -77,16 +77,22 @@ class _StageState:
         self.recipe.load_state_dict(state)
 
 
-def build_accelerator(cfg) -> Accelerator:
+def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, log_with=None,
+                     project_dir: str | None = None) -> Accelerator:
+    """An Accelerator that joins the launcher's process group on GPU or CPU alike."""
     cpu = not torch.cuda.is_available()
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     # Under DeepSpeed on CPU, accelerate only joins the gloo group with this handler.
     handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and launched else []
     # cpu=True is what makes a multi-process launch on a GPU-less machine join one gloo group;
     # without it each rank silently believes it is rank 0 of 1.
-    return Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision,
-                       gradient_accumulation_steps=cfg.train.grad_accum,
-                       log_with=tracking.log_with(cfg.tracker), project_dir=cfg.out_dir, kwargs_handlers=handlers)
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
+                       log_with=log_with, project_dir=project_dir, kwargs_handlers=handlers)
+
+
+def build_accelerator(cfg) -> Accelerator:
+    return make_accelerator(cfg.train.mixed_precision, cfg.train.grad_accum, tracking.log_with(cfg.tracker),
+                            cfg.out_dir)
 
 
 class Engine:
@@ -174,7 +180,7 @@ class Engine:
         self.eval_loader = eval_loader(d.eval_shards or d.train_shards, d.eval_split, d.weathers, acc.process_index,
                                        acc.num_processes, d.num_workers, d.eval_max_samples)
 
-    def _train_batches(self):
+    def train_batches(self):
         """Micro-batches from the current data position onward, across epochs."""
         epoch, skip = divmod(self.progress.micro, self.batches_per_epoch)
         while True:
@@ -193,13 +199,17 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self) -> dict:
-        cfg, acc = self.cfg, self.acc
+    def prepare(self) -> None:
+        """Everything before the first step: models, optimizer, tracker, loaders."""
         self.setup()
         self._loaders()
+
+    def fit(self) -> dict:
+        cfg, acc = self.cfg, self.acc
+        self.prepare()
         self.resume()
-        batches = self._train_batches()
-        window = _Window()
+        batches = self.train_batches()
+        window = Window()
         bar = progress(total=cfg.train.max_steps, initial=self.progress.step, desc=f"{Path(cfg.out_dir).name}",
                        unit="step")
         metrics = None
@@ -217,7 +227,7 @@ class Engine:
             bar.update()
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 self.log_train(window, step)
-                window = _Window()
+                window = Window()
             last = step == cfg.train.max_steps
             if last or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
                 metrics = self.validate(step)
@@ -231,7 +241,7 @@ class Engine:
         self.tracker.finish()
         return metrics
 
-    def train_step(self, batches, timer: "_Window") -> dict[str, torch.Tensor]:
+    def train_step(self, batches, timer: "Window") -> dict[str, torch.Tensor]:
         """One optimizer step over ``grad_accum`` micro-batches."""
         acc, model = self.acc, self.model
         model.train()
@@ -296,7 +306,7 @@ class Engine:
 
     # ------------------------------------------------------------------ logging, validation
 
-    def log_train(self, window: "_Window", step: int) -> None:
+    def log_train(self, window: "Window", step: int) -> None:
         """One host sync per log interval, not per step: losses stay on device until here."""
         acc = self.acc
         names = sorted(window.sums)
@@ -318,9 +328,10 @@ class Engine:
     def validate(self, step: int) -> dict:
         model = self.ema_module if self.ema is not None else self.model
         model.eval()
-        summary, images, corrupt = validate.run(self.acc, lambda b: self.recipe.predict(model, b),
-                                                self.eval_loader, self.weathers, to_device=self.to_device)
-        summary["corrupt_skipped"] = corrupt
+        result = validate.run(self.acc, lambda b: self.recipe.predict(model, b), self.eval_loader, self.weathers,
+                              to_device=self.to_device)
+        summary, images = result.summary, list(result.examples.values())
+        summary["corrupt_skipped"] = result.corrupt
         scalars = {f"val/psnr/{w}": v["psnr"] for w, v in summary["weathers"].items()}
         scalars.update({f"val/ssim/{w}": v["ssim"] for w, v in summary["weathers"].items()})
         scalars.update({"val/psnr": summary["mean"]["psnr"], "val/ssim": summary["mean"]["ssim"]})

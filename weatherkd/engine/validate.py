@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -50,22 +51,40 @@ def triplet(batch: dict, pred: torch.Tensor, i: int = 0) -> np.ndarray:
     return torch.cat([quantize(p.float()) for p in parts], dim=-1).byte().permute(1, 2, 0).cpu().numpy()
 
 
+@dataclass
+class Result:
+    summary: dict  # the metrics.json schema
+    rows: list[dict]  # one per sample, every sample exactly once
+    examples: dict[str, np.ndarray] = field(default_factory=dict)  # weather -> input|prediction|target
+    corrupt: int = 0
+
+
 @torch.no_grad()
-def run(accelerator, predict, loader, weathers: list[str], protocol: str = "rgb", n_images: int = 4,
-        to_device=None) -> tuple[dict, list[np.ndarray], int]:
-    """Evaluate over a sharded eval loader. Returns (summary, example triplets, corrupt count)."""
-    rows, images = [], []
+def run(accelerator, predict, loader, weathers: list[str], protocol: str = "rgb", to_device=None) -> Result:
+    """Evaluate over a sharded eval loader: every rank runs its slice, rows are gathered everywhere.
+
+    Examples are the first sample of each weather, gathered from whichever rank saw it.
+    """
+    rows, examples = [], {}
     for batch in loader:
         batch = to_device(batch) if to_device else batch
         with accelerator.autocast():
             pred = predict(batch)
         pred = pred.float().clamp(0, 1)
-        rows += _rows(batch, pred, weathers, protocol)
-        if len(images) < n_images and bool(batch["valid"][0]):
-            images.append(triplet(batch, pred))
-    gathered = gather_object(rows) if accelerator.num_processes > 1 else rows
-    unique = list({r["key"]: r for r in gathered}.values())  # padding duplicates collapse here
+        new_rows = _rows(batch, pred, weathers, protocol)
+        rows += new_rows
+        if new_rows and new_rows[0]["weather"] not in examples:
+            examples[new_rows[0]["weather"]] = (new_rows[0]["key"], triplet(batch, pred))
+    if accelerator.num_processes > 1:
+        rows = gather_object(rows)
+        merged: dict = {}
+        for part in gather_object([examples]):  # rank order, so the lowest rank's example wins
+            for w, ex in part.items():
+                merged.setdefault(w, ex)
+        examples = merged
+    unique = sorted({r["key"]: r for r in rows}.values(), key=lambda r: r["key"])  # padding collapses here
     corrupt = torch.tensor([float(loader.corrupt)], device=accelerator.device)
     if accelerator.num_processes > 1:
         corrupt = accelerator.reduce(corrupt, reduction="sum")
-    return summarise(unique, protocol), images, int(corrupt.item())
+    return Result(summarise(unique, protocol), unique, {w: img for w, (_, img) in sorted(examples.items())},
+                  int(corrupt.item()))

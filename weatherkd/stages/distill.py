@@ -157,6 +157,9 @@ class DistillRecipe(Recipe):
         return {"objective": self.cfg.objective, "teacher": self.cfg.teacher or None}
 
 
+RECIPE = DistillRecipe  # what `weatherkd bench step` builds for this stage
+
+
 def run(cfg: Config) -> int:
-    Engine(cfg, DistillRecipe).fit()
+    Engine(cfg, RECIPE).fit()
     return 0

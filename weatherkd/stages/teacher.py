@@ -132,6 +132,9 @@ class TeacherRecipe(Recipe):
         return bundle, merged
 
 
+RECIPE = TeacherRecipe  # what `weatherkd bench step` builds for this stage
+
+
 def run(cfg: Config) -> int:
-    Engine(cfg, TeacherRecipe).fit()
+    Engine(cfg, RECIPE).fit()
     return 0

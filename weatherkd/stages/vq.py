@@ -35,6 +35,9 @@ class VQRecipe(Recipe):
         return model(batch["target"])  # validation scores the reconstruction of clean images
 
 
+RECIPE = VQRecipe  # what `weatherkd bench step` builds for this stage
+
+
 def run(cfg: Config) -> int:
-    Engine(cfg, VQRecipe).fit()
+    Engine(cfg, RECIPE).fit()
     return 0

@@ -1,0 +1,71 @@
+"""`weatherkd demo`: every stage a real launch, failures named, interrupted demos resumed.
+
+The default run uses `--quick` (the same stages and launches, a few steps each). The full demo,
+with the issue's quality bars, is marked slow: `python -m pytest -m slow tests/test_demo.py`.
+"""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import cli_env, run_cli
+
+
+def demo(out, shards, *extra, check=True):
+    return run_cli("demo", "--quick", "--out", out, "--shards", shards, *extra, check=check, timeout=900,
+                   env=cli_env())
+
+
+def test_failed_stage_is_named_with_its_log(tmp_path):
+    out, shards = tmp_path / "out", tmp_path / "shards"
+    for name in ("teacher", "vq"):  # "finished" stages whose models are missing
+        (out / name).mkdir(parents=True)
+        (out / name / "metrics.json").write_text("{}")
+    proc = demo(out, shards, check=False)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "demo stage 'distill-scratch' failed" in last and str(out / "logs" / "distill-scratch.log") in last
+    assert "teacher: done already" in proc.stdout and "[1/" in proc.stdout  # shards built, teacher skipped
+    assert (shards / "manifest.json").is_file()
+    assert "model.json is missing" in (out / "logs" / "distill-scratch.log").read_text()
+
+
+def test_quick_demo_runs_every_stage_and_resumes_a_half_done_one(tmp_path):
+    out, shards = tmp_path / "out", tmp_path / "shards"
+    first = demo(out, shards).stdout
+    for line in ("accelerate launch --config_file launch/cpu-zero2.yaml --num_processes 2 -m weatherkd teacher",
+                 "accelerate launch --config_file launch/cpu-ddp.yaml --num_processes 2 -m weatherkd distill",
+                 "-m weatherkd eval --model"):
+        assert line in first
+    report = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["identity", "teacher", "distill-scratch", "distill-kd",
+                                                   "distill-dckd"]
+    teacher, students = report["rows"][1], report["rows"][2:]
+    assert teacher["random_init"] and all(s["cost"]["gflops"] * 5 < teacher["cost"]["gflops"] for s in students)
+    assert (out / "eval" / "distill-kd" / "examples" / "snow.png").is_file()
+
+    # dckd as if killed after its step-2 checkpoint: no result, the later checkpoint gone.
+    dckd = out / "distill-dckd"
+    for path in (dckd / "metrics.json", dckd / "model", out / "eval" / "distill-dckd", dckd / "checkpoints" /
+                 "step-0000004"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    (dckd / "checkpoints" / "latest").write_text("step-0000002")
+    second = demo(out, shards).stdout
+    for name in ("shards", "teacher", "vq", "distill-scratch", "distill-kd", "eval-teacher"):
+        assert f"{name}: done already" in second
+    assert "distill-dckd: accelerate launch" in second
+    assert "resumed from" in (out / "logs" / "distill-dckd.log").read_text().split("\n# ")[-1]
+    assert json.loads((dckd / "metrics.json").read_text())["step"] == 4
+    assert (out / "report.md").read_text().count("| distill-") == 3
+
+
+@pytest.mark.slow
+def test_full_demo_meets_the_quality_bars(tmp_path):
+    """About 15 minutes on 2 CPU cores."""
+    out, shards = tmp_path / "out", tmp_path / "shards"
+    run_cli("demo", "--out", out, "--shards", shards, timeout=1800)
+    rows = {r["name"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
+    psnr = {name: r["mean"]["psnr"] for name, r in rows.items()}
+    assert psnr["teacher"] >= psnr["identity"] + 2.0
+    assert psnr["distill-kd"] > psnr["distill-scratch"] and psnr["distill-dckd"] > psnr["distill-scratch"]

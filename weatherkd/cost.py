@@ -1,0 +1,119 @@
+"""What a model costs to run: parameters, FLOPs, latency, peak memory.
+
+FLOPs come from ``torch.utils.flop_counter`` (a multiply-add counts as 2 FLOPs), so they cover
+matmuls and convolutions, not element-wise ops. Latency and memory are measured on the current
+device; compare them only within one run on one machine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def flops(model: torch.nn.Module, size: int = 256, device="cpu") -> int:
+    """Forward FLOPs for one ``size``×``size`` RGB image."""
+    x = torch.rand(1, 3, size, size, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+@torch.no_grad()
+def latency_ms(model: torch.nn.Module, size: int = 256, batch: int = 1, repeats: int = 20, warmup: int = 3,
+               device="cpu") -> dict:
+    """Median and spread of forward wall time, after warm-up, with the device synchronised per call."""
+    device = torch.device(device)
+    x = torch.rand(batch, 3, size, size, device=device)
+    for _ in range(warmup):
+        model(x)
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x)
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "repeats": repeats}
+
+
+def _vm_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def _release_free_heap() -> None:
+    """Hand freed heap back to the OS, so memory a forward reuses from the allocator's cache counts."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the figure may then read low
+        pass
+
+
+@torch.no_grad()
+def peak_memory_mb(model: torch.nn.Module, size: int = 256, batch: int = 1, device="cpu") -> dict:
+    """Peak memory one forward adds on top of what was resident before it.
+
+    CUDA: the caching allocator's peak. CPU: PyTorch keeps no CPU allocator statistics, so this
+    resets the process's RSS high-water mark (Linux ``/proc/self/clear_refs``) and reads it back.
+    """
+    device = torch.device(device)
+    x = torch.rand(batch, 3, size, size, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        model(x)
+        torch.cuda.synchronize(device)
+        return {"kind": "cuda_allocated", "mb": (torch.cuda.max_memory_allocated(device) - before) / 2**20}
+    try:
+        _release_free_heap()
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+        before = _vm_kb("VmRSS")
+        model(x)
+        return {"kind": "cpu_rss_high_water", "mb": (_vm_kb("VmHWM") - before) / 1024}
+    except OSError:
+        return {"kind": "unavailable", "mb": None}
+
+
+def summary(model: torch.nn.Module, size: int = 256, latency_size: int | None = None, repeats: int = 20,
+            device="cpu") -> dict:
+    """The cost columns of `weatherkd report`."""
+    model = model.to(device).eval()
+    lat = latency_ms(model, latency_size or size, repeats=repeats, device=device)
+    return {"params": params(model), "gflops": flops(model, size, device) / 1e9, "flops_size": size,
+            "latency_ms": lat["median"], "latency_size": latency_size or size, "device": str(device)}
+
+
+def matmul_peak_flops(device="cpu", dtype=torch.float32, n: int = 1024, repeats: int = 10) -> float:
+    """This machine's achievable dense-matmul FLOP/s, measured now: the denominator of MFU."""
+    device = torch.device(device)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best

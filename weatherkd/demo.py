@@ -1,0 +1,188 @@
+"""`weatherkd demo`: the whole pipeline on the embedded default set, each stage a real launch.
+
+    shards synth -> teacher (ZeRO-2) -> vq (DDP) -> distill scratch | kd | dckd (DDP)
+      -> eval (every model, sharded) -> report
+
+Every stage is the command a user would type on a cluster, printed before it runs, with its
+output in ``OUT/logs/<stage>.log``. A stage whose outputs exist is skipped, and a half-done
+training stage resumes from its last checkpoint, so rerunning an interrupted demo continues it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from weatherkd import report
+from weatherkd.errors import UserError
+from weatherkd.io import atomic_write_json
+from weatherkd.logs import progress
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: launch/ and configs/ live here
+STUDENTS = ("scratch", "kd", "dckd")
+_STEP = re.compile(r"weatherkd\.engine\.loop: step (\d+) ")
+_SHOW = re.compile(r"validation at step|resumed from|preempted|error", re.IGNORECASE)
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    argv: list[str]  # the command, exactly as run
+    done: Path  # exists once the stage has finished
+    steps: int = 0  # training steps, for the progress bar (0: no bar)
+
+
+def _launcher() -> tuple[str, str, int]:
+    """(ZeRO launch config, DDP launch config, processes): every GPU, else 2 CPU processes over gloo."""
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        return "launch/gpu-zero2.yaml", ("launch/gpu-ddp.yaml" if n > 1 else "launch/gpu-1.yaml"), n
+    return "launch/cpu-zero2.yaml", "launch/cpu-ddp.yaml", 2
+
+
+def _accelerate(launch_config: str, nproc: int, *args) -> list[str]:
+    return ["accelerate", "launch", "--config_file", launch_config, "--num_processes", str(nproc), "-m",
+            "weatherkd", *map(str, args)]
+
+
+def _max_steps(stage: str, config: str, overrides: list[str]) -> int:
+    from weatherkd import config as cfgmod
+    from weatherkd.cli import _stage_module
+
+    return cfgmod.load(_stage_module(stage).Config, ROOT / config, overrides).train.max_steps
+
+
+def plan(out: Path, shards: Path, overrides: dict[str, list[str]] | None = None,
+         synth_args: tuple = ()) -> list[Stage]:
+    """The demo's stages in order. ``overrides`` adds config overrides per stage (the tests shrink it)."""
+    overrides = overrides or {}
+    zero, ddp, nproc = _launcher()
+    stages = [Stage("shards", ["weatherkd", "shards", "synth", "--out", str(shards), *map(str, synth_args)],
+                    shards / "manifest.json")]
+
+    def train(name: str, stage: str, config: str, launch_config: str, *extra: str) -> Stage:
+        args = [f"out_dir={out / name}", f"data.train_shards={shards}", *extra, *overrides.get(name, [])]
+        argv = _accelerate(launch_config, nproc, stage, "--config", config, *args)
+        return Stage(name, argv, out / name / "metrics.json", _max_steps(stage, config, args))
+
+    stages.append(train("teacher", "teacher", "configs/teacher/demo.yaml", zero))
+    stages.append(train("vq", "vq", "configs/vq/demo.yaml", ddp))
+    for objective in STUDENTS:
+        stages.append(train(f"distill-{objective}", "distill", f"configs/distill/demo-{objective}.yaml", ddp,
+                            f"teacher={out / 'teacher' / 'model'}", f"vq={out / 'vq' / 'model'}"))
+    for name in ("teacher", *(f"distill-{o}" for o in STUDENTS)):
+        argv = _accelerate(ddp, nproc, "eval", "--model", out / name / "model", "--shards", shards,
+                           "--out", out / "eval" / name)
+        stages.append(Stage(f"eval-{name}", argv, out / "eval" / name / "metrics.json"))
+    return stages
+
+
+def _display(argv: list[str]) -> str:
+    """The command with paths under the current directory written relative to it."""
+    cwd = Path.cwd()
+
+    def short(a: str) -> str:
+        key, sep, value = a.rpartition("=") if "=" in a and not a.startswith("-") else ("", "", a)
+        p = Path(value)
+        if p.is_absolute() and p.is_relative_to(cwd):
+            value = str(p.relative_to(cwd))
+        return f"{key}{sep}{value}"
+
+    return shlex.join(short(a) for a in argv)
+
+
+def _executable(argv: list[str]) -> list[str]:
+    """Run the printed command with this interpreter, whatever is first on PATH."""
+    if argv[:2] == ["accelerate", "launch"]:
+        return [sys.executable, "-m", "accelerate.commands.launch", *argv[2:]]
+    return [sys.executable, "-m", *argv]
+
+
+def run_stage(stage: Stage, log_path: Path, env: dict) -> None:
+    """Run one stage with its output in ``log_path``; show its progress and key lines."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    bar = progress(total=stage.steps, desc=stage.name, unit="step") if stage.steps else None
+    with open(log_path, "a") as log:
+        log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}  {shlex.join(stage.argv)}\n")
+        log.flush()
+        proc = subprocess.Popen(_executable(stage.argv), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                step = _STEP.search(line)
+                if bar is not None and step:
+                    bar.update(int(step.group(1)) - bar.n)
+                elif _SHOW.search(line) and "Traceback" not in line:
+                    (bar.write if bar is not None else print)(f"  {line.rstrip()[-160:]}")
+            rc = proc.wait()
+        except BaseException:  # Ctrl-C: stop the whole stage, then let the interrupt through
+            proc.terminate()
+            proc.wait()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+    if rc != 0:
+        tail = log_path.read_text().splitlines()[-15:]
+        print("\n".join(f"  | {ln}" for ln in tail), file=sys.stderr)
+        raise UserError(f"demo stage '{stage.name}' failed (exit {rc}); its full log: {log_path}")
+
+
+def run(out="runs/demo", shards="shards/demo", overrides=None, synth_args: tuple = ()) -> dict:
+    if not (ROOT / "launch").is_dir() or not (ROOT / "configs").is_dir():
+        raise UserError(f"weatherkd demo runs from a source checkout (launch/ and configs/ next to the package); "
+                        f"{ROOT} has none. Install with `pip install -e .` from the repository.")
+    out, shards = Path(out).resolve(), Path(shards).resolve()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    stages = plan(out, shards, overrides, synth_args)
+    start = time.time()
+    timings = out / "logs" / "seconds.json"  # per stage, kept across reruns: the README's timing table
+    seconds = json.loads(timings.read_text()) if timings.is_file() else {}
+    for i, stage in enumerate(stages, 1):
+        head = f"[{i}/{len(stages) + 1}] {stage.name}"
+        if stage.done.exists():
+            print(f"{head}: done already ({_display([str(stage.done)])}), skipped")
+            continue
+        print(f"{head}: {_display(stage.argv)}", flush=True)
+        t0 = time.time()
+        run_stage(stage, out / "logs" / f"{stage.name}.log", env)
+        seconds[stage.name] = round(time.time() - t0, 1)
+        atomic_write_json(timings, seconds)
+        print(f"{head}: finished in {seconds[stage.name]:.0f} s", flush=True)
+    print(f"[{len(stages) + 1}/{len(stages) + 1}] report", flush=True)
+    evals = [s.done.parent for s in stages if s.name.startswith("eval-")]
+    table = report.gather(evals)
+    text = report.markdown(table)
+    report.write(table, text, out / "report.md")
+    print(f"\n{text}\nreport: {_display([str(out / 'report.md')])} (+ .json); total {time.time() - start:.0f} s")
+    return table
+
+
+# `--quick`: the same stages and launches on a tiny set for a few steps; checks an install in minutes.
+_QUICK_TRAIN = ["train.max_steps=4", "train.eval_every=2", "train.log_every=1", "ckpt.every=2", "data.crop=32",
+                "train.warmup_steps=1", "tracker.kind=none"]
+QUICK = {
+    "synth_args": ("--train", 16, "--test", 1, "--size", 48, "--test-size", 64),
+    "overrides": {"teacher": [*_QUICK_TRAIN, "loss.srd_start=2"], "vq": _QUICK_TRAIN,
+                  **{f"distill-{o}": _QUICK_TRAIN for o in STUDENTS}},
+}
+
+
+def run_cli(args) -> int:
+    suffix = "-quick" if args.quick else ""  # a quick set must never stand in for the real one
+    out, shards = args.out or f"runs/demo{suffix}", args.shards or f"shards/demo{suffix}"
+    if args.quick:
+        run(out, shards, QUICK["overrides"], QUICK["synth_args"])
+    else:
+        run(out, shards)
+    return 0

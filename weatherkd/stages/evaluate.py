@@ -1,0 +1,100 @@
+"""`weatherkd eval`: any exported model on any shard set, every sample exactly once.
+
+Run it as one process, or under ``accelerate launch`` to split the samples across ranks. Images
+are evaluated at full resolution; with ``--tile`` larger ones go through overlapping tiles.
+
+Writes to ``--out``: ``metrics.json`` (the schema training validation writes, plus what was
+evaluated), ``metrics.md``, ``samples.json`` (one row per sample) and ``examples/<weather>.png``
+(input | output | target).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from weatherkd import models
+from weatherkd.data.shards import open_set
+from weatherkd.data.stream import eval_loader
+from weatherkd.engine import validate
+from weatherkd.engine.loop import make_accelerator
+from weatherkd.errors import UserError
+from weatherkd.io import atomic_path, atomic_write_json, atomic_write_text
+from weatherkd.logs import get_logger
+from weatherkd.models.clipweather import tiled
+
+log = get_logger(__name__)
+
+
+def default_out(model_dir: Path, shards: Path, split: str, protocol: str) -> Path:
+    """Next to the model's run: ``<run>/eval/<shard set>-<split>-<protocol>``."""
+    return model_dir.resolve().parent / "eval" / f"{shards.resolve().name}-{split}-{protocol}"
+
+
+def markdown(summary: dict, title: str) -> str:
+    """One model's per-weather table, identity beneath it."""
+    weathers = list(summary["weathers"])
+    head = "| | " + " | ".join(weathers) + " | mean |\n|---|" + "---|" * (len(weathers) + 1) + "\n"
+
+    def row(name: str, table: dict) -> str:
+        cells = [f"{table['weathers'][w]['psnr']:.2f} / {table['weathers'][w]['ssim']:.4f}" for w in weathers]
+        mean = f"{table['mean']['psnr']:.2f} / {table['mean']['ssim']:.4f}"
+        return f"| {name} | " + " | ".join(cells) + f" | {mean} |\n"
+
+    random_note = " — **random weights**" if summary.get("random_init") else ""
+    return (f"### {title}{random_note}\n\nPSNR (dB) / SSIM, protocol `{summary['protocol']}`, "
+            f"{summary['n']} samples\n\n" + head + row(title, summary) + row("identity", summary["identity"]))
+
+
+def evaluate(model_dir, shards, out=None, protocol: str = "rgb", split: str = "test", tile: int = 0,
+             overlap: int = 32, max_samples: int = 0, num_workers: int = 1) -> dict:
+    model_dir, shards = Path(model_dir), Path(shards)
+    spec = models.read_spec(model_dir)  # a folder without model.json fails here, before any launch work
+    shard_set = open_set(shards, split)
+    if not shard_set.shards(split):
+        raise UserError(f"{shards}: no '{split}' shards to evaluate")
+    out = Path(out) if out else default_out(model_dir, shards, split, protocol)
+
+    acc = make_accelerator()
+    model = models.load(model_dir).to(acc.device).eval()
+    loader = eval_loader(shards, split, None, acc.process_index, acc.num_processes, num_workers, max_samples)
+
+    def predict(batch):
+        x = batch["input"].float()
+        return tiled(model, x, tile, overlap) if tile else model(x)
+
+    def to_device(batch):
+        return {k: v.to(acc.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    result = validate.run(acc, predict, loader, shard_set.weathers, protocol, to_device=to_device)
+    summary = {**result.summary, "corrupt_skipped": result.corrupt, "random_init": bool(spec.get("random_init")),
+               "model": str(model_dir), "arch": spec["arch"], "shards": str(shards), "split": split,
+               "tile": tile, "world_size": acc.num_processes}
+    if acc.is_main_process:
+        _write(out, summary, result, title=model_dir.resolve().parent.name)
+        log.info("eval %s on %s/%s: PSNR %.2f dB (identity %.2f), SSIM %.4f over %d samples -> %s", model_dir,
+                 shards, split, summary["mean"]["psnr"], summary["identity"]["mean"]["psnr"],
+                 summary["mean"]["ssim"], summary["n"], out)
+    acc.wait_for_everyone()
+    return summary
+
+
+def _write(out: Path, summary: dict, result: validate.Result, title: str) -> None:
+    (out / "examples").mkdir(parents=True, exist_ok=True)
+    for weather, image in result.examples.items():
+        with atomic_path(out / "examples" / f"{weather}.png") as tmp:
+            Image.fromarray(image).save(tmp, format="PNG")
+    atomic_write_json(out / "samples.json", result.rows)
+    atomic_write_text(out / "metrics.md", markdown(summary, title))
+    atomic_write_json(out / "metrics.json", summary)  # last: its presence means the folder is complete
+
+
+def run_cli(args) -> int:
+    summary = evaluate(args.model, args.shards, args.out, args.protocol, args.split, args.tile, args.overlap,
+                       args.max_samples, args.workers)
+    print(json.dumps({"mean": summary["mean"], "identity": summary["identity"]["mean"], "n": summary["n"],
+                      "protocol": summary["protocol"], "random_init": summary["random_init"]}))
+    return 0
