@@ -56,6 +56,8 @@ def test_resume_is_bit_exact_and_ranks_agree(launch, tiny_set, tmp_path):
     for run in (straight, split):
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["world_size"] == 2 and metrics["ranks_in_sync"], metrics["rank_checksums"]
+        assert metrics["parallelism"] == {"cpu-ddp": "multi_cpu", "cpu-zero2": "deepspeed-zero2",
+                                          "cpu-zero3": "deepspeed-zero3"}[launch]
         assert metrics["step"] == 8 and metrics["n"] == 3 and metrics["protocol"] == "rgb"
         assert set(metrics["weathers"]) == {"rain_haze", "raindrop", "snow"}
         assert metrics["identity"]["mean"]["psnr"] > 10
@@ -73,6 +75,7 @@ def test_zero1_trains_and_exports(tiny_set, tmp_path):
     teacher("cpu-zero1", tmp_path / "z1", tiny_set, "train.max_steps=4")
     metrics = json.loads((tmp_path / "z1" / "metrics.json").read_text())
     assert metrics["ranks_in_sync"] and (tmp_path / "z1" / "model" / "model.safetensors").is_file()
+    assert metrics["parallelism"] == "deepspeed-zero1"
 
 
 def _launch_background(out: Path, shards: Path, *overrides) -> subprocess.Popen:

@@ -164,6 +164,7 @@ def test_teacher_stage_trains_exports_and_reports(launch, builtin_set, tmp_path)
                        "loss.srd_start=3", "data.crop=32"], config=f"launch/{launch}.yaml", module=True)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["random_init"] is True and metrics["ranks_in_sync"]
+    assert metrics["parallelism"] == f"deepspeed-{launch.split('-')[1]}"
     assert metrics["protocol"] == "rgb" and set(metrics["weathers"]) == {"rain_haze", "raindrop", "snow"}
     assert all(v["n"] == 2 for v in metrics["weathers"].values())
     assert set(metrics["identity"]["mean"]) == {"psnr", "ssim"}

@@ -30,7 +30,7 @@ from weatherkd.logs import progress
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: launch/ and configs/ live here
 STUDENTS = ("scratch", "kd", "dckd")
 _STEP = re.compile(r"weatherkd\.engine\.loop: step (\d+) ")
-_SHOW = re.compile(r"validation at step|resumed from|preempted|error", re.IGNORECASE)
+_SHOW = re.compile(r"validation at step|resumed from|preempted")
 
 
 @dataclasses.dataclass
@@ -111,7 +111,7 @@ def run_stage(stage: Stage, log_path: Path, env: dict) -> None:
     """Run one stage with its output in ``log_path``; show its progress and key lines."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     bar = progress(total=stage.steps, desc=stage.name, unit="step") if stage.steps else None
-    with open(log_path, "a") as log:
+    with open(log_path, "a", buffering=1) as log:  # line-buffered: `tail -f` follows a stage live
         log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}  {shlex.join(stage.argv)}\n")
         log.flush()
         proc = subprocess.Popen(_executable(stage.argv), cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -181,8 +181,12 @@ QUICK = {
 def run_cli(args) -> int:
     suffix = "-quick" if args.quick else ""  # a quick set must never stand in for the real one
     out, shards = args.out or f"runs/demo{suffix}", args.shards or f"shards/demo{suffix}"
-    if args.quick:
-        run(out, shards, QUICK["overrides"], QUICK["synth_args"])
-    else:
-        run(out, shards)
+    try:
+        if args.quick:
+            run(out, shards, QUICK["overrides"], QUICK["synth_args"])
+        else:
+            run(out, shards)
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to continue where it stopped", file=sys.stderr)
+        return 130
     return 0

@@ -80,14 +80,22 @@ class _StageState:
 def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, log_with=None,
                      project_dir: str | None = None) -> Accelerator:
     """An Accelerator that joins the launcher's process group on GPU or CPU alike."""
-    cpu = not torch.cuda.is_available()
+    no_gpu = not torch.cuda.is_available()
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    # Under DeepSpeed on CPU, accelerate only joins the gloo group with this handler.
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and launched else []
-    # cpu=True is what makes a multi-process launch on a GPU-less machine join one gloo group;
-    # without it each rank silently believes it is rank 0 of 1.
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
-                       log_with=log_with, project_dir=project_dir, kwargs_handlers=handlers)
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    # Without a GPU, ranks must meet over gloo. Under DDP, cpu=True does that; without it each rank
+    # silently believes it is rank 0 of 1. Under DeepSpeed, cpu=True would quietly drop the
+    # DeepSpeed plugin (plain multi-CPU data parallel instead of ZeRO), so it stays False and the
+    # gloo backend is asked for explicitly; DeepSpeed then runs on its CPU accelerator.
+    cpu = no_gpu and not deepspeed
+    if deepspeed:  # the same trap through the environment (accelerate launch --cpu sets it)
+        os.environ.pop("ACCELERATE_USE_CPU", None)
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if no_gpu and launched else []
+    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
+                      log_with=log_with, project_dir=project_dir, kwargs_handlers=handlers)
+    if deepspeed and acc.state.deepspeed_plugin is None:
+        raise RuntimeError("launched with a DeepSpeed config, but accelerate set DeepSpeed aside")
+    return acc
 
 
 def build_accelerator(cfg) -> Accelerator:
@@ -111,6 +119,13 @@ class Engine:
     @property
     def deepspeed(self) -> bool:
         return self.acc.state.deepspeed_plugin is not None
+
+    @property
+    def parallelism(self) -> str:
+        """What actually ran, for metrics.json: e.g. ``deepspeed-zero2``, ``multi_cpu``, ``no``."""
+        if self.deepspeed:
+            return f"deepspeed-zero{self.acc.state.deepspeed_plugin.zero_stage}"
+        return self.acc.state.distributed_type.value.lower()
 
     @property
     def zero3(self) -> bool:
@@ -386,7 +401,8 @@ class Engine:
         if self.acc.is_main_process:
             atomic_write_json(self.out_dir / "metrics.json",
                               {**metrics, "random_init": self.recipe.random_init, "step": self.progress.step,
-                               "world_size": self.acc.num_processes, "ranks_in_sync": in_sync,
+                               "world_size": self.acc.num_processes, "parallelism": self.parallelism,
+                               "ranks_in_sync": in_sync,
                                "rank_checksums": checksums})
 
 

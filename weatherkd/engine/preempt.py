@@ -8,6 +8,7 @@ flag, the flags are all-reduced at the step boundary, and all ranks save togethe
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -17,11 +18,15 @@ import torch
 # SLURM templates requeue on it; any other non-zero code is a real failure.
 EXIT_PREEMPTED = 75
 STOP_FILE = "STOP"
+# A second stop file a launcher can name without knowing out_dir (the SLURM templates use it).
+STOP_FILE_ENV = "WEATHERKD_STOP_FILE"
 
 
 class Preemption:
     def __init__(self, out_dir, signals=(signal.SIGTERM, signal.SIGUSR2)):
-        self.stop_file = Path(out_dir) / STOP_FILE
+        self.stop_files = [Path(out_dir) / STOP_FILE]
+        if os.environ.get(STOP_FILE_ENV):
+            self.stop_files.append(Path(os.environ[STOP_FILE_ENV]))
         self.local = False
         self.signal_name: str | None = None
         for sig in signals:
@@ -33,12 +38,13 @@ class Preemption:
 
     def requested(self, accelerator) -> bool:
         """True on every rank if any rank got a signal or sees the stop file (one tiny all-reduce)."""
-        local = self.local or self.stop_file.exists()
+        local = self.local or any(f.exists() for f in self.stop_files)
         flag = torch.tensor([1.0 if local else 0.0], device=accelerator.device)
         if accelerator.num_processes > 1:
             flag = accelerator.reduce(flag, reduction="sum")
         return bool(flag.item() > 0)
 
     def clear(self) -> None:
-        """Remove the stop file so the requeued run does not stop at once."""
-        self.stop_file.unlink(missing_ok=True)
+        """Remove the stop files so the requeued run does not stop at once."""
+        for f in self.stop_files:
+            f.unlink(missing_ok=True)

@@ -199,9 +199,10 @@ class ClipWeatherNet(nn.Module):
             # reads the first one's output, so it shapes what the CWP tokens carry about the weather.
             self.prior_embed = nn.Sequential(nn.Linear(prior_dim, d4), nn.GELU())
             self.prior_tokens = nn.Linear(d4, m * d4)
-            self.prior_mix = nn.Parameter(torch.zeros(()))  # sigmoid(0) = an even mix at the start
+            # Shape (1,), not (): DeepSpeed broadcasts parameters as bytes, which a 0-dim tensor cannot be viewed as.
+            self.prior_mix = nn.Parameter(torch.zeros(1))  # sigmoid(0) = an even mix at the start
             self.text_proj = nn.Linear(d4, text_dim)
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+            self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self.cwp = nn.ModuleList(CWPBlock(d4, s["heads"][3], s["mlp_ratio"]) for _ in range(s["cwp_blocks"]))
         dec = s["decoder"]
         self.up3 = DecoderStep(dims[3], dims[2], dims[2])

@@ -1,0 +1,139 @@
+"""The SLURM templates, submitted with real sbatch to a real local cluster (slurm/local-cluster.sh).
+
+Skipped, with the reason, only where SLURM is missing and apt cannot install it.
+"""
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, cli_env, free_port, make_set
+
+TEMPLATES = sorted(p.name for p in (REPO / "slurm").glob("*.sbatch"))
+JOB_ENV = "ALL,PROCS_PER_NODE=1,LAUNCH=launch/cpu-ddp.yaml,OMP_NUM_THREADS=1"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("slurm")
+    env = dict(os.environ, WEATHERKD_SLURM_DIR=str(state), WEATHERKD_SLURM_PORT=str(free_port() // 4 * 4))
+    script = REPO / "slurm" / "local-cluster.sh"
+    proc = subprocess.run([str(script), "start"], env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        if "could not install slurm" in proc.stderr or "not installed" in proc.stderr:
+            pytest.skip(f"no SLURM here and apt cannot install it: {proc.stderr.strip()}")
+        raise AssertionError(f"local cluster did not start:\n{proc.stdout}\n{proc.stderr}")
+    env = dict(cli_env(), SLURM_CONF=str(state / "slurm.conf"), WEATHERKD_BIN=str(Path(os.sys.executable).parent))
+    yield env
+    subprocess.run([str(script), "stop"], env=dict(env, WEATHERKD_SLURM_DIR=str(state)), capture_output=True)
+
+
+def sh(cmd: list, env, check=True, timeout=60) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def submit(env, *args) -> str:
+    return sh(["sbatch", "--parsable", *args], env).stdout.strip().split(";")[0]
+
+
+def job_state(env, job: str) -> str:
+    return sh(["scontrol", "show", "job", job], env).stdout
+
+
+def wait_for(env, job: str, timeout: float, log: Path | None = None) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = re.search(r"JobState=(\S+)", job_state(env, job)).group(1)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state
+        time.sleep(2)
+    tail = log.read_text()[-4000:] if log and log.exists() else ""
+    sh(["scancel", job], env, check=False)
+    raise AssertionError(f"job {job} did not finish within {timeout}s\n{job_state(env, job)}\n{tail}")
+
+
+def test_every_template_passes_sbatch_test_only(cluster):
+    assert {"shards.sbatch", "teacher.sbatch", "distill.sbatch", "eval.sbatch", "array.sbatch"} <= set(TEMPLATES)
+    for name in TEMPLATES:
+        text = (REPO / "slurm" / name).read_text()
+        for header in ("--nodes", "--gpus-per-node", "--cpus-per-task", "--time", "--requeue", "--signal=B:USR2",
+                       "--output=slurm/logs/"):
+            assert f"#SBATCH {header}" in text, (name, header)
+        extra = ["--array=0-3"] if name == "array.sbatch" else []
+        proc = sh(["sbatch", "--test-only", *extra, f"slurm/{name}", "--config", "x.yaml"], cluster)
+        assert "to start at" in proc.stderr, (name, proc.stderr)
+
+
+@pytest.fixture(scope="module")
+def distill_args(tmp_path_factory):
+    shards = tmp_path_factory.mktemp("slurm-data") / "set"
+    make_set(shards, {("train", w): 8 for w in ("rain_haze", "raindrop", "snow")}
+             | {("test", w): 1 for w in ("rain_haze", "raindrop", "snow")}, size=40)
+    return ["--config", "configs/distill/demo-scratch.yaml", f"data.train_shards={shards}", "train.max_steps=60",
+            "train.eval_every=0", "train.log_every=5", "ckpt.every=1000", "ckpt.preempt_check_every=5",
+            "data.crop=32", "tracker.kind=none", "train.warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(cluster, distill_args, tmp_path_factory):
+    """A 2-node × 1-process distill job, uninterrupted."""
+    out = tmp_path_factory.mktemp("slurm-runs") / "straight"
+    job = submit(cluster, "--nodes=2", f"--export={JOB_ENV}", "slurm/distill.sbatch", *distill_args,
+                 f"out_dir={out}")
+    log = REPO / "slurm" / "logs" / f"wkd-distill-{job}.out"
+    state = wait_for(cluster, job, 400, log)
+    return out, log, state
+
+
+def test_two_node_distill_runs_and_ranks_synchronise(straight_run):
+    out, log, state = straight_run
+    assert state == "COMPLETED", log.read_text()[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["ranks_in_sync"] and len(set(metrics["rank_checksums"])) == 1
+    assert "on n[1-2]" in log.read_text()
+
+
+def test_preempted_job_requeues_and_matches_an_uninterrupted_run(cluster, distill_args, straight_run, tmp_path):
+    straight = straight_run[0]
+    out = tmp_path / "preempted"
+    job = submit(cluster, "--nodes=2", f"--export={JOB_ENV}", "slurm/distill.sbatch", *distill_args,
+                 f"out_dir={out}")
+    log = REPO / "slurm" / "logs" / f"wkd-distill-{job}.out"
+    deadline = time.time() + 300
+    while not re.search(r"step (1\d|[2-5]\d) ", log.read_text() if log.exists() else ""):
+        assert time.time() < deadline, f"no training progress:\n{log.read_text()[-3000:] if log.exists() else ''}"
+        time.sleep(0.5)
+    sh(["scancel", "--batch", "--signal=USR2", job], cluster)  # what --signal=B:USR2@120 sends at the end
+    assert wait_for(cluster, job, 500, log) == "COMPLETED"
+    text = log.read_text()
+    assert "requeueing" in text and "preempted" in text and "resumed from" in text, text[-5000:]
+    assert "Restarts=1" in job_state(cluster, job)
+    assert json.loads((out / "metrics.json").read_text())["step"] == 60
+    a = (straight / "model" / "model.safetensors").read_bytes()
+    b = (out / "model" / "model.safetensors").read_bytes()
+    assert a == b
+
+
+def test_pipeline_submitter_chains_every_stage(cluster, tmp_path):
+    out, shards = tmp_path / "pipe", tmp_path / "shards"
+    proc = sh(["slurm/submit-pipeline.sh", "--out", out, "--shards", shards, "--hold"], cluster)
+    jobs = dict(line.split("\t") for line in (out / "slurm-jobs.tsv").read_text().splitlines())
+    try:
+        assert list(jobs) == ["shards", "teacher", "vq", "eval-teacher", "distill-scratch", "eval-distill-scratch",
+                              "distill-kd", "eval-distill-kd", "distill-dckd", "eval-distill-dckd"], proc.stderr
+        deps = {name: re.search(r"Dependency=(\S+)", job_state(cluster, jid)).group(1) for name, jid in jobs.items()}
+        assert deps["shards"] == "(null)"
+        assert deps["teacher"] == f"afterok:{jobs['shards']}(unfulfilled)"
+        assert deps["distill-kd"] == f"afterok:{jobs['teacher']}(unfulfilled),afterok:{jobs['vq']}(unfulfilled)"
+        assert deps["eval-distill-dckd"] == f"afterok:{jobs['distill-dckd']}(unfulfilled)"
+        assert f"out_dir={out}/distill-kd" in job_state(cluster, jobs["distill-kd"])
+    finally:
+        sh(["scancel", *jobs.values()], cluster, check=False)
