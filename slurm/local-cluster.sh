@@ -30,9 +30,10 @@ install_slurm() {
     [ "$(id -u)" = 0 ] || die "slurm is not installed and this is not root: apt-get install slurmctld slurmd slurm-client"
     command -v apt-get >/dev/null || die "slurm is not installed and there is no apt-get to install it"
     echo "local-cluster: installing slurm with apt-get" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurmctld slurmd slurm-client >"$DIR/apt.log" 2>&1 \
-        || { apt-get update -q >>"$DIR/apt.log" 2>&1 \
-             && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurmctld slurmd slurm-client >>"$DIR/apt.log" 2>&1; } \
+    local apt=(apt-get -q -o Acquire::http::Timeout=20 -o Acquire::Retries=1)  # offline: fail fast, not hang
+    DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y slurmctld slurmd slurm-client >"$DIR/apt.log" 2>&1 \
+        || { "${apt[@]}" update >>"$DIR/apt.log" 2>&1 \
+             && DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y slurmctld slurmd slurm-client >>"$DIR/apt.log" 2>&1; } \
         || die "apt-get could not install slurm; see $DIR/apt.log"
 }
 

@@ -15,6 +15,7 @@
 # (release with `scontrol release JOBID`). The shards job is skipped when the set exists.
 # Prints one line per job (stage, job id) and writes them to OUT/slurm-jobs.tsv.
 set -euo pipefail
+shopt -s inherit_errexit  # a failing sbatch inside $(submit ...) must stop the script
 
 out=runs/pipeline shards=shards/demo config_set=demo hold=() extra=() overrides=()
 while [ $# -gt 0 ]; do
@@ -43,8 +44,10 @@ submit() {
     local dep=()
     [ -n "$after" ] && dep=(--dependency="afterok:$after" --kill-on-invalid-dep=yes)
     local id
-    id=$(sbatch --parsable "${hold[@]}" "${dep[@]}" --job-name="wkd-$name" "${extra[@]}" "slurm/$template" "$@")
+    id=$(sbatch --parsable ${hold[@]+"${hold[@]}"} ${dep[@]+"${dep[@]}"} --job-name="wkd-$name" \
+        ${extra[@]+"${extra[@]}"} "slurm/$template" "$@")
     id=${id%%;*}
+    [ -n "$id" ] || { echo "submit-pipeline: sbatch gave no job id for $name" >&2; exit 1; }
     printf '%s\t%s\n' "$name" "$id" | tee -a "$jobs_file" >&2
     echo "$id"
 }
@@ -53,7 +56,7 @@ shards_job=""
 if [ ! -f "$shards/manifest.json" ]; then
     shards_job=$(submit shards "" shards.sbatch synth --out "$shards")
 fi
-train=(data.train_shards="$shards" "${overrides[@]}")
+train=(data.train_shards="$shards" ${overrides[@]+"${overrides[@]}"})
 teacher=$(submit teacher "$shards_job" teacher.sbatch --config "configs/teacher/$config_set.yaml" \
     out_dir="$out/teacher" "${train[@]}")
 vq=$(submit vq "$shards_job" vq.sbatch --config "configs/vq/$config_set.yaml" out_dir="$out/vq" "${train[@]}")

@@ -25,6 +25,10 @@ def eval_set(tmp_path_factory):
 def save_model(path, arch="residual_cnn", **kwargs):
     torch.manual_seed(0)
     model = models.build(arch, **(kwargs or {"width": 8, "depth": 3}))
+    if arch == "residual_cnn":  # its last layer starts at zero (output = input); make it do something
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.2)
     models.save(model, path, extra={"random_init": True})
     return path
 
@@ -71,6 +75,12 @@ def test_tiled_eval_equals_whole_image_eval(eval_set, tmp_path):
     run_cli("eval", "--model", model_dir, "--shards", eval_set, "--out", tiles, "--tile", 24, "--overlap", 16)
     a, b = (json.loads((d / "samples.json").read_text()) for d in (whole, tiles))
     assert [r["psnr"] for r in a] == pytest.approx([r["psnr"] for r in b], abs=1e-9)
+    # ...and tiles are really used: a 25-pixel receptive field does not fit, so the figures move.
+    deep = save_model(tmp_path / "deep", width=8, depth=12)
+    run_cli("eval", "--model", deep, "--shards", eval_set, "--out", whole)
+    run_cli("eval", "--model", deep, "--shards", eval_set, "--out", tiles, "--tile", 24, "--overlap", 16)
+    a, b = (json.loads((d / "samples.json").read_text()) for d in (whole, tiles))
+    assert max(abs(x["psnr"] - y["psnr"]) for x, y in zip(a, b)) > 1e-6
 
 
 def test_eval_errors_are_clear(eval_set, tmp_path):
@@ -79,7 +89,8 @@ def test_eval_errors_are_clear(eval_set, tmp_path):
     cases = [
         (["--model", tmp_path / "not-a-model", "--shards", eval_set], "model.json is missing"),
         (["--model", model_dir, "--shards", tmp_path / "nowhere"], "shard set not found"),
-        (["--model", model_dir, "--shards", eval_set, "--split", "train"], "train"),
+        (["--model", model_dir, "--shards", eval_set, "--split", "train"], "has no 'train' split"),
+        (["--model", model_dir, "--shards", eval_set, "--tile", 16, "--overlap", 16], "--overlap must be"),
     ]
     for args, message in cases:
         proc = run_cli("eval", *args, check=False)
@@ -94,7 +105,8 @@ def test_bench_model_reports_cost_of_the_exported_teacher(tmp_path):
     assert out["params"] == sum(p.numel() for p in model.parameters())
     assert out["arch"] == "clipweather" and out["random_init"] is True
     assert out["gflops_256"] > 0.1 and 0 < out["latency_ms"]["min"] <= out["latency_ms"]["median"]
-    assert out["peak_memory"]["mb"] > 0
+    if out["peak_memory"]["kind"] != "unavailable":  # /proc/self/clear_refs may be read-only
+        assert out["peak_memory"]["mb"] > 0
 
 
 def test_bench_step_reports_throughput_and_mfu(builtin_set):
@@ -102,7 +114,8 @@ def test_bench_step_reports_throughput_and_mfu(builtin_set):
                              "--warmup", 1, f"data.train_shards={builtin_set}", "data.crop=32").stdout)
     assert out["stage"] == "distill" and out["arch"] == "unet_bn"
     assert out["samples_per_s"] > 0 and out["gflops_per_step"] > 0
-    assert 0 < out["mfu"] < 1 and out["matmul_peak_gflops_per_s"] > out["achieved_gflops_per_s"]
+    assert 0 < out["mfu"] < 1
+    assert out["achieved_gflops_per_s"] == pytest.approx(out["gflops_per_step"] / out["seconds_per_step"])
 
 
 def test_report_tabulates_identity_then_each_run(eval_set, tmp_path):
@@ -125,3 +138,10 @@ def test_report_tabulates_identity_then_each_run(eval_set, tmp_path):
             "--protocol", "y")
     proc = run_cli("report", runs[0], tmp_path / "y", check=False)
     assert proc.returncode == 1 and "different protocols" in proc.stderr
+    other_set = tmp_path / "other-set"
+    make_set(other_set, {("test", "rain_haze"): 3, ("test", "raindrop"): 2, ("test", "snow"): 2}, size=40, seed=1)
+    run_cli("eval", "--model", tmp_path / "wide" / "model", "--shards", other_set, "--out", tmp_path / "other")
+    proc = run_cli("report", runs[0], tmp_path / "other", check=False)
+    assert proc.returncode == 1 and "different data (shards" in proc.stderr
+    proc = run_cli("report", *runs, "--out", tmp_path / "r.json", check=False)
+    assert proc.returncode == 1 and "not " in proc.stderr and not (tmp_path / "r.json").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import sys
@@ -201,12 +202,13 @@ def bench_step(argv: list[str]) -> dict:
         counter = FlopCounterMode(display=False)
         with counter:
             engine.train_step(batches, Window())
-        timer = Window()
+        timer, device = Window(), engine.acc.device
+        cost.sync(device)
         start = time.perf_counter()
         for _ in range(a.steps):
             engine.train_step(batches, timer)
+        cost.sync(device)
         seconds = time.perf_counter() - start
-        device = engine.acc.device
         peak = cost.matmul_peak_flops(device, engine.compute_dtype)
     flops = counter.get_total_flops()
     achieved = flops * a.steps / seconds
@@ -246,5 +248,13 @@ def _stdout_to_stderr():
         yield
     finally:
         sys.stdout.flush()
+        _flush_c_stdio()  # native code's buffered output must land on stderr, before the JSON
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def _flush_c_stdio() -> None:
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass

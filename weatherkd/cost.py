@@ -20,7 +20,7 @@ def params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -43,12 +43,12 @@ def latency_ms(model: torch.nn.Module, size: int = 256, batch: int = 1, repeats:
     x = torch.rand(batch, 3, size, size, device=device)
     for _ in range(warmup):
         model(x)
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         model(x)
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "repeats": repeats}
 
@@ -103,17 +103,23 @@ def summary(model: torch.nn.Module, size: int = 256, latency_size: int | None = 
             "latency_ms": lat["median"], "latency_size": latency_size or size, "device": str(device)}
 
 
-def matmul_peak_flops(device="cpu", dtype=torch.float32, n: int = 1024, repeats: int = 10) -> float:
-    """This machine's achievable dense-matmul FLOP/s, measured now: the denominator of MFU."""
+def matmul_peak_flops(device="cpu", dtype=torch.float32, n: int | None = None, repeats: int = 10) -> float:
+    """This machine's achievable dense-matmul FLOP/s, measured now: the denominator of MFU.
+
+    Several matmuls per timing on GPU, big enough that launch overhead does not count.
+    """
     device = torch.device(device)
+    n = n or (8192 if device.type == "cuda" else 1024)
+    per_timing = 10 if device.type == "cuda" else 1
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    _sync(device)
+    sync(device)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
+        for _ in range(per_timing):
+            a @ b
+        sync(device)
+        best = min(best, (time.perf_counter() - start) / per_timing)
     return 2 * n**3 / best

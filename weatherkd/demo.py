@@ -115,7 +115,7 @@ def run_stage(stage: Stage, log_path: Path, env: dict) -> None:
         log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}  {shlex.join(stage.argv)}\n")
         log.flush()
         proc = subprocess.Popen(_executable(stage.argv), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+                                stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
         try:
             for line in proc.stdout:
                 log.write(line)

@@ -36,10 +36,12 @@ def gather(run_dirs: list, latency_size: int = 256, device: str | None = None) -
     if len(protocols) > 1:
         raise UserError(f"runs were evaluated under different protocols {sorted(protocols)}; "
                         "re-run `weatherkd eval --protocol` so they match")
-    counts = {r["metrics"]["n"] for r in runs}
-    if len(counts) > 1:
-        raise UserError(f"runs were evaluated on different sample counts {sorted(counts)}; "
-                        "evaluate them on the same shard set with `weatherkd eval`")
+    for what in ("n", "weathers", "shards", "split"):
+        seen = {json.dumps(sorted(m[what]) if what == "weathers" else m.get(what)) for m in
+                (r["metrics"] for r in runs)}
+        if len(seen) > 1:
+            raise UserError(f"runs were evaluated on different data ({what}: {', '.join(sorted(seen))}); "
+                            "evaluate them on the same shard set and split with `weatherkd eval`")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     for r in runs:
         r["cost"] = cost.summary(models.load(r["model"]), latency_size=latency_size, device=device)
@@ -56,8 +58,9 @@ def gather(run_dirs: list, latency_size: int = 256, device: str | None = None) -
 
 def markdown(report: dict) -> str:
     weathers = report["weathers"]
-    cols = [*(f"{w} PSNR/SSIM" for w in weathers), "mean PSNR/SSIM", "params", "GFLOPs@256",
-            f"latency ms@{_latency_size(report)}"]
+    sizes = _cost_sizes(report)
+    cols = [*(f"{w} PSNR/SSIM" for w in weathers), "mean PSNR/SSIM", "params", f"GFLOPs@{sizes[0]}",
+            f"latency ms@{sizes[1]}"]
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for row in report["rows"]:
         cells = [f"{row['weathers'][w]['psnr']:.2f} / {row['weathers'][w]['ssim']:.3f}" for w in weathers]
@@ -73,9 +76,9 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
-def _latency_size(report: dict) -> int:
+def _cost_sizes(report: dict) -> tuple[int, int]:
     costs = [r["cost"] for r in report["rows"] if "cost" in r]
-    return costs[0]["latency_size"] if costs else 256
+    return (costs[0]["flops_size"], costs[0]["latency_size"]) if costs else (256, 256)
 
 
 def write(report: dict, text: str, out: Path) -> None:
@@ -85,6 +88,8 @@ def write(report: dict, text: str, out: Path) -> None:
 
 
 def run_cli(args) -> int:
+    if args.out and Path(args.out).suffix == ".json":
+        raise UserError(f"--out names the markdown file (the JSON goes next to it), not {args.out}")
     report = gather(args.runs, latency_size=args.latency_size)
     text = markdown(report)
     if args.out:

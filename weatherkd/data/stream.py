@@ -289,7 +289,9 @@ class EvalStream(IterableDataset):
         if padding:
             ranges.append((0, padding, False))  # wrap-around padding keeps forward counts equal
         for start, stop, valid in ranges:
-            for sample in self._read_range(start, stop, corrupt):
+            # Padding re-reads samples another slot owns; a corrupt one there is that slot's to count.
+            counter = corrupt if valid else _Corrupt()
+            for sample in self._read_range(start, stop, counter):
                 yield self._as_batch(sample, valid and sample is not None, worker, corrupt.count)
 
     def _as_batch(self, s: dict | None, valid: bool, worker: int, corrupt: int) -> dict:

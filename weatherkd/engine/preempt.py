@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 # The process exits with this after a preemption checkpoint: EX_TEMPFAIL, "try again later".
-# SLURM templates requeue on it; any other non-zero code is a real failure.
+# Run directly, a scheduler can requeue on it. torchrun turns it into 1, so the SLURM templates
+# instead treat a stop file this run consumed (deleted after its checkpoint) as the signal.
 EXIT_PREEMPTED = 75
 STOP_FILE = "STOP"
 # A second stop file a launcher can name without knowing out_dir (the SLURM templates use it).

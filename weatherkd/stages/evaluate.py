@@ -11,6 +11,7 @@ evaluated), ``metrics.md``, ``samples.json`` (one row per sample) and ``examples
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -51,11 +52,11 @@ def markdown(summary: dict, title: str) -> str:
 
 def evaluate(model_dir, shards, out=None, protocol: str = "rgb", split: str = "test", tile: int = 0,
              overlap: int = 32, max_samples: int = 0, num_workers: int = 1) -> dict:
-    model_dir, shards = Path(model_dir), Path(shards)
+    model_dir, shards = Path(model_dir).resolve(), Path(shards).resolve()
+    if tile and not 0 <= overlap < tile:
+        raise UserError(f"--overlap must be at least 0 and below --tile ({tile}), got {overlap}")
     spec = models.read_spec(model_dir)  # a folder without model.json fails here, before any launch work
-    shard_set = open_set(shards, split)
-    if not shard_set.shards(split):
-        raise UserError(f"{shards}: no '{split}' shards to evaluate")
+    shard_set = open_set(shards, split)  # a missing set or split fails here, naming it
     out = Path(out) if out else default_out(model_dir, shards, split, protocol)
 
     acc = make_accelerator()
@@ -70,6 +71,8 @@ def evaluate(model_dir, shards, out=None, protocol: str = "rgb", split: str = "t
         return {k: v.to(acc.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     result = validate.run(acc, predict, loader, shard_set.weathers, protocol, to_device=to_device)
+    if result.summary["n"] == 0:
+        raise UserError(f"{shards}/{split}: no sample has a target (clean image), so there is nothing to score")
     summary = {**result.summary, "corrupt_skipped": result.corrupt, "random_init": bool(spec.get("random_init")),
                "model": str(model_dir), "arch": spec["arch"], "shards": str(shards), "split": split,
                "tile": tile, "world_size": acc.num_processes}
@@ -95,6 +98,8 @@ def _write(out: Path, summary: dict, result: validate.Result, title: str) -> Non
 def run_cli(args) -> int:
     summary = evaluate(args.model, args.shards, args.out, args.protocol, args.split, args.tile, args.overlap,
                        args.max_samples, args.workers)
+    if int(os.environ.get("RANK", "0")) != 0:  # one summary per launch, not one per rank
+        return 0
     print(json.dumps({"mean": summary["mean"], "identity": summary["identity"]["mean"], "n": summary["n"],
                       "protocol": summary["protocol"], "random_init": summary["random_init"]}))
     return 0
