@@ -343,6 +343,11 @@ class Engine:
     def validate(self, step: int) -> dict:
         model = self.ema_module if self.ema is not None else self.model
         model.eval()
+        custom = self.recipe.validate(model, self.eval_loader, self.acc, self.to_device)
+        if custom is not None:
+            self.tracker.log({f"val/{k}": v for k, v in custom.items() if isinstance(v, (int, float))}, step)
+            log.info("validation at step %d: %s", step, custom)
+            return custom
         result = validate.run(self.acc, lambda b: self.recipe.predict(model, b), self.eval_loader, self.weathers,
                               to_device=self.to_device)
         summary, images = result.summary, list(result.examples.values())

@@ -34,6 +34,11 @@ class Recipe:
         """The restored image for validation, (B, 3, H, W) in [0, 1]."""
         return model(batch["input"])
 
+    def validate(self, model: nn.Module, loader, accelerator, to_device) -> dict | None:
+        """A stage whose model does not restore images scores itself here (every rank takes part)
+        and returns its metrics. None, the default: the engine's PSNR/SSIM validation of ``predict``."""
+        return None
+
     def after_step(self, step: int, model: nn.Module, ema_model: nn.Module | None) -> None:
         """Called after each optimizer step (e.g. to update a history model)."""
 
