@@ -1,0 +1,147 @@
+"""D4IR: the prompt adapter and the sharded Stable Diffusion synthesis job, with a tiny random SD
+saved in diffusers' layout and loaded back the way real weights are."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, accelerate_launch, cli_env, make_set, run_cli
+from tiny_sd import save_tiny_sd
+from weatherkd import models
+from weatherkd.stages.adapter import content_changing_view, supcon
+
+WEATHERS = ["rain_haze", "raindrop", "snow"]
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("d4ir")
+    sd = save_tiny_sd(root / "sd", cross_attention_dim=32)
+    torch.manual_seed(0)
+    adapter = models.build("prompt_adapter", head={"clip_width": 64, "tokens": 4, "width": 32, "hidden": 32},
+                           clip_image="wkd-tiny-vit", weathers=WEATHERS)
+    adapter.weather_prompts.normal_()
+    models.save(adapter, root / "adapter", extra={"random_init": True})
+    teacher = models.build("residual_cnn", width=8, depth=3)
+    models.save(teacher, root / "teacher")
+    clean = root / "clean"
+    make_set(clean, {("train", "snow"): 7}, size=40)
+    return {"sd": sd, "adapter": root / "adapter", "teacher": root / "teacher", "clean": clean, "root": root}
+
+
+def synth_args(parts, out, *extra):
+    return ["synth", "--config", "configs/synth/demo.yaml", f"out_dir={out}", f"sd_path={parts['sd']}",
+            f"adapter={parts['adapter']}", f"clean={parts['clean']}", f"teacher={parts['teacher']}", "size=32",
+            "steps=4", "strength=0.5", "shard_size=3", "batch_size=2", *extra]
+
+
+def tars(path):
+    return {p.name: p.read_bytes() for p in sorted(path.glob("*.tar"))}
+
+
+@pytest.fixture(scope="module")
+def reference(parts):
+    out = parts["root"] / "reference"
+    run_cli(*synth_args(parts, out))
+    return out
+
+
+def test_one_process_writes_a_complete_distillation_set(reference):
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert manifest["splits"] == {"train": {"mixed": 21}} and manifest["has_target"] == {"train": False}
+    assert len(manifest["shards"]) == 7
+    run_cli("shards", "inspect", reference)
+    from weatherkd.data.check import iter_tar
+
+    raw = next(iter_tar(reference / "train-mixed-000000.tar"))
+    assert {"input.png", "teacher.png", "prov.json", "weather.cls"} <= set(raw) and "target.png" not in raw
+    prov = json.loads(raw["prov.json"])
+    assert {"seed", "weather", "prompt_id", "strength", "steps", "sd", "adapter"} <= set(prov)
+    assert any(k.startswith("unet/") for k in prov["sd"])
+
+
+def test_two_array_tasks_together_write_the_same_set(parts, reference, tmp_path):
+    out = tmp_path / "array"
+    procs = [subprocess.Popen([sys.executable, "-m", "weatherkd", *synth_args(parts, out)], cwd=REPO,
+                              env=cli_env(SLURM_ARRAY_TASK_ID=str(t), SLURM_ARRAY_TASK_MIN="0",
+                                          SLURM_ARRAY_TASK_MAX="1"), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for t in (0, 1)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    assert "task 0/2: 4 of its 4 shards" in logs[0] and "task 1/2: 3 of its 3 shards" in logs[1]
+    assert tars(out) == tars(reference)
+    merged, ref = (json.loads((d / "manifest.json").read_text()) for d in (out, reference))
+    assert merged["shards"] == ref["shards"] and merged["splits"] == ref["splits"]
+
+
+def test_a_job_killed_mid_shard_resumes_to_an_identical_set(parts, reference, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "weatherkd", *synth_args(parts, out)], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(out.glob("*.tar.json")):
+        assert time.time() < deadline and proc.poll() is None, "no shard finished"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    done_before = {p.name for p in out.glob("*.tar.json")}
+    assert 0 < len(done_before) < 7
+    rerun = run_cli(*synth_args(parts, out)).stderr
+    assert f"{7 - len(done_before)} of its 7 shards to write" in rerun
+    assert tars(out) == tars(reference) and not list(out.glob(".*.tmp"))
+
+
+def test_bad_settings_are_clear_errors(parts, tmp_path):
+    cases = [(["strength=0.1", "steps=4"], "runs no denoising step"),
+             (["strength=1.5"], "strength must be in (0, 1]"),
+             ([f"sd_path={tmp_path}"], "is not a local diffusers Stable Diffusion folder"),
+             (["size=30"], "multiple of 8")]
+    for extra, message in cases:
+        proc = run_cli(*synth_args(parts, tmp_path / "x", *extra), check=False)
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    wide = tmp_path / "wide-sd"
+    save_tiny_sd(wide, cross_attention_dim=16)
+    proc = run_cli(*synth_args(parts, tmp_path / "y", f"sd_path={wide}"), check=False)
+    assert proc.returncode == 1 and "cross_attention_dim is 16" in proc.stderr
+
+
+def test_distill_trains_from_the_synthesised_tars(parts, reference, tmp_path):
+    out = tmp_path / "student"
+    eval_set = tmp_path / "eval"
+    make_set(eval_set, {("test", w): 1 for w in WEATHERS}, size=32)
+    run_cli("distill", "--config", "configs/distill/demo-kd.yaml", f"out_dir={out}",
+            f"data.train_shards={reference}", f"data.eval_shards={eval_set}", f"teacher={parts['teacher']}",
+            "train.max_steps=3", "train.eval_every=0", "ckpt.every=3", "data.crop=16", "data.batch_size=4",
+            "tracker.kind=none")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step"] == 3 and metrics["n"] == 3
+
+
+def test_supcon_and_content_changing_views():
+    labels = torch.tensor([0, 0, 1, 1])
+    separated = torch.nn.functional.normalize(torch.tensor([[1.0, 0], [1, 0.01], [0, 1], [0.01, 1]]), dim=1)
+    mixed = torch.nn.functional.normalize(torch.tensor([[1.0, 0], [0, 1], [1, 0.01], [0.01, 1]]), dim=1)
+    assert supcon(separated, labels, 0.1) < 0.1 < supcon(mixed, labels, 0.1)
+    x = torch.rand(2, 3, 32, 32)
+    v = content_changing_view(x, torch.Generator().manual_seed(0), shuffle_prob=1.0, grid=4)
+    assert v.shape == x.shape and not torch.allclose(v, x)
+
+
+def test_adapter_stage_trains_over_two_processes_and_exports_prompts(builtin_set, tmp_path):
+    out = tmp_path / "adapter"
+    accelerate_launch(["weatherkd", "adapter", "--config", "configs/adapter/demo.yaml", f"out_dir={out}",
+                       f"data.train_shards={builtin_set}", "train.max_steps=6", "train.eval_every=3",
+                       "ckpt.every=3", "data.crop=32", "data.batch_size=6", "tracker.kind=none"], module=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["kind"] == "prompt_retrieval" and metrics["n"] == 6 and metrics["world_size"] == 2
+    assert metrics["ranks_in_sync"] and 0 <= metrics["accuracy"] <= 1 and metrics["random_init"]
+    adapter = models.load(out / "model")
+    assert adapter.weathers == WEATHERS and adapter.weather_prompts.shape == (3, 4, 32)
+    assert adapter.weather_prompts.abs().sum(dim=(1, 2)).min() > 0  # every weather has its mean prompt

@@ -1,0 +1,24 @@
+"""A tiny random Stable Diffusion saved in diffusers' folder layout: what a user's real weights look like
+on disk, at a size that runs on CPU in seconds (sizes from the environment notes)."""
+
+from pathlib import Path
+
+
+def save_tiny_sd(path: Path, cross_attention_dim: int = 32) -> Path:
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=32)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    unet.save_pretrained(path / "unet")
+    vae.save_pretrained(path / "vae")
+    scheduler.save_pretrained(path / "scheduler")
+    return path
