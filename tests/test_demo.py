@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from conftest import cli_env, run_cli
+from tiny_sd import save_tiny_sd
 
 
 def demo(out, shards, *extra, check=True):
@@ -59,6 +60,18 @@ def test_quick_demo_runs_every_stage_and_resumes_a_half_done_one(tmp_path):
     assert "resumed from" in (out / "logs" / "distill-dckd.log").read_text().split("\n# ")[-1]
     assert json.loads((dckd / "metrics.json").read_text())["step"] == 4
     assert (out / "report.md").read_text().count("| distill-") == 3
+    assert "No data-free (D4IR) row" in (out / "report.md").read_text()
+
+    # With --sd-path the data-free D4IR student joins; everything else is skipped. (A tiny random SD
+    # here: this checks the wiring only, which is why the demo adds the row only when asked.)
+    sd = save_tiny_sd(tmp_path / "sd", cross_attention_dim=32)
+    third = demo(out, shards, "--sd-path", sd).stdout
+    assert "distill-kd: done already" in third and "synth: accelerate launch" in third
+    assert "prompt.width=32" in third
+    rows = [r["name"] for r in json.loads((out / "report.json").read_text())["rows"]]
+    assert rows[-1] == "distill-d4ir" and "No data-free" not in (out / "report.md").read_text()
+    synth_manifest = json.loads((out / "d4ir-shards" / "manifest.json").read_text())
+    assert synth_manifest["has_target"] == {"train": False}
 
 
 @pytest.mark.slow

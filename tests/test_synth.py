@@ -134,10 +134,13 @@ def test_supcon_and_content_changing_views():
     assert v.shape == x.shape and not torch.allclose(v, x)
 
 
-def test_adapter_stage_trains_over_two_processes_and_exports_prompts(builtin_set, tmp_path):
-    out = tmp_path / "adapter"
+def test_adapter_stage_trains_over_two_processes_and_exports_prompts(tmp_path):
+    """Unpaired degraded images: the shards hold inputs only."""
+    degraded, out = tmp_path / "degraded", tmp_path / "adapter"
+    make_set(degraded, {(split, w): n for w in WEATHERS for split, n in (("train", 8), ("test", 2))}, size=40,
+             target=False)
     accelerate_launch(["weatherkd", "adapter", "--config", "configs/adapter/demo.yaml", f"out_dir={out}",
-                       f"data.train_shards={builtin_set}", "train.max_steps=6", "train.eval_every=3",
+                       f"data.train_shards={degraded}", "train.max_steps=6", "train.eval_every=3",
                        "ckpt.every=3", "data.crop=32", "data.batch_size=6", "tracker.kind=none"], module=True)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["kind"] == "prompt_retrieval" and metrics["n"] == 6 and metrics["world_size"] == 2
@@ -145,3 +148,9 @@ def test_adapter_stage_trains_over_two_processes_and_exports_prompts(builtin_set
     adapter = models.load(out / "model")
     assert adapter.weathers == WEATHERS and adapter.weather_prompts.shape == (3, 4, 32)
     assert adapter.weather_prompts.abs().sum(dim=(1, 2)).min() > 0  # every weather has its mean prompt
+
+
+def test_bench_synth_compares_with_the_stock_pipeline(parts):
+    out = json.loads(run_cli("bench", "synth", "--sd-path", parts["sd"], "--images", 2, "--batch-size", 2,
+                             "--size", 32, "--steps", 2).stdout)
+    assert set(out["images_per_s"]) == {"weatherkd_batched", "diffusers_one_by_one"} and out["speedup"] > 0

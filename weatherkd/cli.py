@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on the embedded default data; rerun to resume")
     p.add_argument("--out", default=None, help="runs, evaluations, logs and the report (default: runs/demo)")
     p.add_argument("--shards", default=None, help="where the default shard set is built (default: shards/demo)")
+    p.add_argument("--sd-path", default=None,
+                   help="local diffusers Stable Diffusion folder: adds the data-free D4IR student (real weights only)")
     p.add_argument("--quick", action="store_true",
                    help="a few steps per stage on a tiny set, to check an install in minutes "
                         "(default paths runs/demo-quick, shards/demo-quick)")

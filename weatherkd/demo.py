@@ -62,8 +62,9 @@ def _max_steps(stage: str, config: str, overrides: list[str]) -> int:
 
 
 def plan(out: Path, shards: Path, overrides: dict[str, list[str]] | None = None,
-         synth_args: tuple = ()) -> list[Stage]:
-    """The demo's stages in order. ``overrides`` adds config overrides per stage (the tests shrink it)."""
+         synth_args: tuple = (), sd_path: Path | None = None) -> list[Stage]:
+    """The demo's stages in order. ``overrides`` adds config overrides per stage (the tests shrink it).
+    With ``sd_path`` (real Stable Diffusion weights) the data-free D4IR student joins."""
     overrides = overrides or {}
     zero, ddp, nproc = _launcher()
     stages = [Stage("shards", ["weatherkd", "shards", "synth", "--out", str(shards), *map(str, synth_args)],
@@ -79,11 +80,34 @@ def plan(out: Path, shards: Path, overrides: dict[str, list[str]] | None = None,
     for objective in STUDENTS:
         stages.append(train(f"distill-{objective}", "distill", f"configs/distill/demo-{objective}.yaml", ddp,
                             f"teacher={out / 'teacher' / 'model'}", f"vq={out / 'vq' / 'model'}"))
-    for name in ("teacher", *(f"distill-{o}" for o in STUDENTS)):
+    students = [f"distill-{o}" for o in STUDENTS]
+    if sd_path is not None:
+        stages += d4ir_stages(out, shards, sd_path, ddp, nproc, train, overrides)
+        students.append("distill-d4ir")
+    for name in ("teacher", *students):
         argv = _accelerate(ddp, nproc, "eval", "--model", out / name / "model", "--shards", shards,
                            "--out", out / "eval" / name)
         stages.append(Stage(f"eval-{name}", argv, out / "eval" / name / "metrics.json"))
     return stages
+
+
+def d4ir_stages(out: Path, shards: Path, sd_path: Path, ddp: str, nproc: int, train, overrides) -> list[Stage]:
+    """Adapter on the degraded inputs, SD synthesis from the clean targets, KD on the synthesised tars
+    only (the student never sees a training pair)."""
+    unet_config = sd_path / "unet" / "config.json"
+    if not unet_config.is_file():
+        raise UserError(f"--sd-path {sd_path}: no unet/config.json; give a local diffusers Stable Diffusion folder")
+    width = json.loads(unet_config.read_text())["cross_attention_dim"]
+    synth_out = out / "d4ir-shards"
+    synth_args = [f"out_dir={synth_out}", f"sd_path={sd_path}", f"adapter={out / 'adapter' / 'model'}",
+                  f"clean={shards}", f"teacher={out / 'teacher' / 'model'}", *overrides.get("synth", [])]
+    return [
+        train("adapter", "adapter", "configs/adapter/demo.yaml", ddp, f"prompt.width={width}"),
+        Stage("synth", _accelerate(ddp, nproc, "synth", "--config", "configs/synth/demo.yaml", *synth_args),
+              synth_out / "manifest.json"),
+        train("distill-d4ir", "distill", "configs/distill/demo-kd.yaml", ddp, f"data.train_shards={synth_out}",
+              f"data.eval_shards={shards}", f"teacher={out / 'teacher' / 'model'}"),
+    ]
 
 
 def _display(argv: list[str]) -> str:
@@ -138,13 +162,14 @@ def run_stage(stage: Stage, log_path: Path, env: dict) -> None:
         raise UserError(f"demo stage '{stage.name}' failed (exit {rc}); its full log: {log_path}")
 
 
-def run(out="runs/demo", shards="shards/demo", overrides=None, synth_args: tuple = ()) -> dict:
+def run(out="runs/demo", shards="shards/demo", overrides=None, synth_args: tuple = (), sd_path=None) -> dict:
     if not (ROOT / "launch").is_dir() or not (ROOT / "configs").is_dir():
         raise UserError(f"weatherkd demo runs from a source checkout (launch/ and configs/ next to the package); "
                         f"{ROOT} has none. Install with `pip install -e .` from the repository.")
     out, shards = Path(out).resolve(), Path(shards).resolve()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    stages = plan(out, shards, overrides, synth_args)
+    sd_path = Path(sd_path).resolve() if sd_path else None
+    stages = plan(out, shards, overrides, synth_args, sd_path)
     start = time.time()
     timings = out / "logs" / "seconds.json"  # per stage, kept across reruns: the README's timing table
     seconds = json.loads(timings.read_text()) if timings.is_file() else {}
@@ -162,6 +187,10 @@ def run(out="runs/demo", shards="shards/demo", overrides=None, synth_args: tuple
     print(f"[{len(stages) + 1}/{len(stages) + 1}] report", flush=True)
     evals = [s.done.parent for s in stages if s.name.startswith("eval-")]
     table = report.gather(evals)
+    if sd_path is None:
+        table["notes"] = ["No data-free (D4IR) row: it needs real Stable Diffusion weights, and a random diffusion "
+                          "model makes images with no weather in them. Rerun with --sd-path DIR (a local diffusers "
+                          "folder) to add it."]
     text = report.markdown(table)
     report.write(table, text, out / "report.md")
     print(f"\n{text}\nreport: {_display([str(out / 'report.md')])} (+ .json); total {time.time() - start:.0f} s")
@@ -173,7 +202,8 @@ _QUICK_TRAIN = ["train.max_steps=4", "train.eval_every=2", "train.log_every=1", 
                 "train.warmup_steps=1", "tracker.kind=none"]
 QUICK = {
     "synth_args": ("--train", 16, "--test", 1, "--size", 48, "--test-size", 64),
-    "overrides": {"teacher": [*_QUICK_TRAIN, "loss.srd_start=2"], "vq": _QUICK_TRAIN,
+    "overrides": {"teacher": [*_QUICK_TRAIN, "loss.srd_start=2"], "vq": _QUICK_TRAIN, "adapter": _QUICK_TRAIN,
+                  "distill-d4ir": _QUICK_TRAIN, "synth": ["size=32", "steps=4", "max_images=8", "shard_size=8"],
                   **{f"distill-{o}": _QUICK_TRAIN for o in STUDENTS}},
 }
 
@@ -183,9 +213,9 @@ def run_cli(args) -> int:
     out, shards = args.out or f"runs/demo{suffix}", args.shards or f"shards/demo{suffix}"
     try:
         if args.quick:
-            run(out, shards, QUICK["overrides"], QUICK["synth_args"])
+            run(out, shards, QUICK["overrides"], QUICK["synth_args"], args.sd_path)
         else:
-            run(out, shards)
+            run(out, shards, sd_path=args.sd_path)
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to continue where it stopped", file=sys.stderr)
         return 130

@@ -73,6 +73,7 @@ def markdown(report: dict) -> str:
              f"({report['machine']}), {report['date']}."]
     if any(r.get("random_init") for r in report["rows"]):
         notes.append("† built with random pretrained towers (allow_random_init): a pipeline check, not a result.")
+    notes += report.get("notes", [])
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
