@@ -144,3 +144,22 @@ def test_pipeline_submitter_chains_every_stage(cluster, tmp_path):
         ids = [ln.split("\t")[1] for ln in tsv.read_text().splitlines()] if tsv.exists() else []
         if ids:
             sh(["scancel", *ids], cluster, check=False)
+
+
+def test_array_template_splits_synthesis_across_tasks(cluster, tmp_path):
+    """Two array tasks (numbered 3-4: slices count from the array's start) write one complete set."""
+    from tiny_sd import save_d4ir_parts
+
+    parts = save_d4ir_parts(tmp_path)
+    out = tmp_path / "synth"
+    job = submit(cluster, "--array=3-4", f"--export={JOB_ENV}", f"--output={tmp_path}/%A_%a.out",
+                 "slurm/array.sbatch", "synth", "--config", "configs/synth/demo.yaml", f"out_dir={out}",
+                 f"sd_path={parts['sd']}", f"adapter={parts['adapter']}", f"clean={parts['clean']}", "teacher=",
+                 "size=32", "steps=2", "strength=0.5", "shard_size=3", "batch_size=3")
+    for task in ("3", "4"):
+        log = tmp_path / f"{job}_{task}.out"
+        assert wait_for(cluster, f"{job}_{task}", 300, log) == "COMPLETED", log.read_text()[-3000:]
+    logs = {t: (tmp_path / f"{job}_{t}.out").read_text() for t in ("3", "4")}
+    assert "task 0/2: 4 of its 4 shards" in logs["3"] and "task 1/2: 3 of its 3 shards" in logs["4"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"] == {"train": {"mixed": 21}} and len(manifest["shards"]) == 7

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, accelerate_launch, cli_env, make_set, run_cli
-from tiny_sd import save_tiny_sd
+from tiny_sd import save_d4ir_parts, save_tiny_sd
 from weatherkd import models
 from weatherkd.stages.adapter import content_changing_view, supcon
 
@@ -21,18 +21,7 @@ WEATHERS = ["rain_haze", "raindrop", "snow"]
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("d4ir")
-    sd = save_tiny_sd(root / "sd", cross_attention_dim=32)
-    torch.manual_seed(0)
-    adapter = models.build("prompt_adapter", head={"clip_width": 64, "tokens": 4, "width": 32, "hidden": 32},
-                           clip_image="wkd-tiny-vit", weathers=WEATHERS)
-    adapter.weather_prompts.normal_()
-    models.save(adapter, root / "adapter", extra={"random_init": True})
-    teacher = models.build("residual_cnn", width=8, depth=3)
-    models.save(teacher, root / "teacher")
-    clean = root / "clean"
-    make_set(clean, {("train", "snow"): 7}, size=40)
-    return {"sd": sd, "adapter": root / "adapter", "teacher": root / "teacher", "clean": clean, "root": root}
+    return save_d4ir_parts(tmp_path_factory.mktemp("d4ir"))
 
 
 def synth_args(parts, out, *extra):

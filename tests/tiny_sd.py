@@ -22,3 +22,21 @@ def save_tiny_sd(path: Path, cross_attention_dim: int = 32) -> Path:
     vae.save_pretrained(path / "vae")
     scheduler.save_pretrained(path / "scheduler")
     return path
+
+
+def save_d4ir_parts(root: Path) -> dict:
+    """Everything `weatherkd synth` reads, tiny: SD folder, exported adapter and teacher, a clean set."""
+    import torch
+
+    from conftest import make_set
+    from weatherkd import models
+
+    sd = save_tiny_sd(root / "sd", cross_attention_dim=32)
+    torch.manual_seed(0)
+    adapter = models.build("prompt_adapter", head={"clip_width": 64, "tokens": 4, "width": 32, "hidden": 32},
+                           clip_image="wkd-tiny-vit", weathers=["rain_haze", "raindrop", "snow"])
+    adapter.weather_prompts.normal_()
+    models.save(adapter, root / "adapter", extra={"random_init": True})
+    models.save(models.build("residual_cnn", width=8, depth=3), root / "teacher")
+    make_set(root / "clean", {("train", "snow"): 7}, size=40)
+    return {"sd": sd, "adapter": root / "adapter", "teacher": root / "teacher", "clean": root / "clean", "root": root}
