@@ -143,3 +143,18 @@ def test_bench_synth_compares_with_the_stock_pipeline(parts):
     out = json.loads(run_cli("bench", "synth", "--sd-path", parts["sd"], "--images", 2, "--batch-size", 2,
                              "--size", 32, "--steps", 2).stdout)
     assert set(out["images_per_s"]) == {"weatherkd_batched", "diffusers_one_by_one"} and out["speedup"] > 0
+
+
+def test_clean_images_read_straight_from_tar_offsets(parts):
+    import numpy as np
+
+    from weatherkd.data.check import iter_tar
+    from weatherkd.data.samples import decode_sample
+    from weatherkd.data.shards import open_set
+    from weatherkd.stages.synth import CleanImages, _square
+
+    clean = CleanImages(str(parts["clean"]), "train", 0)
+    shard_set = open_set(parts["clean"])
+    ref = [decode_sample(r) for s in shard_set.shards("train") for r in iter_tar(shard_set.dir / s["file"])]
+    assert [key for _, key, _ in clean.items] == [r["__key__"] for r in ref] and len(ref) == 7
+    assert all(np.array_equal(clean.load(i, 24), _square(r["target"], 24)) for i, r in enumerate(ref))

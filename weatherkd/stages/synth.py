@@ -27,7 +27,6 @@ import webdataset as wds
 from PIL import Image
 
 from weatherkd import models
-from weatherkd.data.check import iter_tar
 from weatherkd.data.samples import decode_image, encode_sample
 from weatherkd.data.shards import build_manifest, open_set, shard_name
 from weatherkd.errors import UserError
@@ -74,11 +73,15 @@ class CleanImages:
         path = Path(source)
         if not source or not path.exists():
             raise UserError(f"clean: no such shard set or folder: '{source}'")
+        # items: (file, key, byte range of the image inside a tar, or None for a plain image file)
         if (path / "manifest.json").is_file():
             shard_set = open_set(path, split)
-            field_name = "target.png" if shard_set.has_target(split) else "input.png"
-            self.items = [(shard_set.dir / s["file"], raw["__key__"], field_name)
-                          for s in shard_set.shards(split) for raw in iter_tar(shard_set.dir / s["file"])]
+            suffix = ".target.png" if shard_set.has_target(split) else ".input.png"
+            self.items = []
+            for s in shard_set.shards(split):
+                with tarfile.open(shard_set.dir / s["file"]) as tar:  # headers only: offsets for direct reads
+                    self.items += [(shard_set.dir / s["file"], m.name[:-len(suffix)], (m.offset_data, m.size))
+                                   for m in tar.getmembers() if m.name.endswith(suffix)]
         else:
             files = sorted(f for f in path.rglob("*") if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
             self.items = [(f, f.stem, None) for f in files]
@@ -91,13 +94,14 @@ class CleanImages:
         return len(self.items)
 
     def load(self, i: int, size: int) -> np.ndarray:
-        where, key, member = self.items[i]
-        if member is None:
+        where, _, span = self.items[i]
+        if span is None:
             with Image.open(where) as im:
                 img = np.asarray(im.convert("RGB"))
         else:
-            with tarfile.open(where) as tar:
-                img = decode_image(tar.extractfile(f"{key}.{member}").read())
+            with open(where, "rb") as f:  # one seek, not a scan of the tar up to this member
+                f.seek(span[0])
+                img = decode_image(f.read(span[1]))
         return _square(img, size)
 
 
