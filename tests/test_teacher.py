@@ -14,7 +14,7 @@ from conftest import accelerate_launch, run_cli
 from weatherkd import models
 from weatherkd.errors import UserError
 from weatherkd.losses import restoration as L
-from weatherkd.models import clip
+from weatherkd.models import clip, feature_stats
 from weatherkd.models.clipweather import tiled
 
 
@@ -173,3 +173,12 @@ def test_teacher_stage_trains_exports_and_reports(launch, builtin_set, tmp_path)
     teacher = models.load(out / "model").eval()
     with torch.no_grad():
         assert teacher(torch.rand(1, 3, 45, 61)).shape == (1, 3, 45, 61)
+    # Exported with its weather classifier and, for teacher inversion, feature statistics recorded
+    # by both ranks over the training crops: overall and per weather.
+    assert teacher.weathers == ["rain_haze", "raindrop", "snow"] and teacher.weather_text.abs().sum() > 0
+    stats, meta = feature_stats.load(out / "model")
+    assert meta["weathers"] == teacher.weathers and meta["batches"] == 2 * 16
+    assert "net.stages.0.blocks.0.norm1" in meta["layers"] and "prior.visual.ln_pre" in meta["layers"]
+    for group in ("all", *teacher.weathers):
+        mean, var = stats[f"{group}/net.stages.3.norm/mean"], stats[f"{group}/net.stages.3.norm/var"]
+        assert mean.shape == var.shape == (64,) and (var > 0).all()

@@ -2,4 +2,4 @@
 
 from weatherkd.engine.loop import Engine, build_accelerator  # noqa: F401
 from weatherkd.engine.preempt import EXIT_PREEMPTED  # noqa: F401
-from weatherkd.engine.recipe import Recipe  # noqa: F401
+from weatherkd.engine.recipe import FeatureStatsConfig, Recipe  # noqa: F401

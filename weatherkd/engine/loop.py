@@ -33,6 +33,7 @@ from weatherkd.engine.recipe import Recipe
 from weatherkd.engine.schedule import build_scheduler
 from weatherkd.io import atomic_write_json
 from weatherkd.logs import get_logger, progress
+from weatherkd.models import feature_stats
 
 log = get_logger(__name__)
 
@@ -387,7 +388,30 @@ class Engine:
             models.save(module, path, state_dict=state, extra=extra)
             log.info("exported %s", path)
         acc.wait_for_everyone()
+        if self.recipe.feature_stats is not None and self.recipe.feature_stats.batches > 0:
+            self.record_feature_stats(path)
         return path
+
+    def record_feature_stats(self, path: Path) -> None:
+        """Feature statistics of the exported model (as users load it) on un-augmented training
+        crops, every rank recording its own batches; saved next to the weights."""
+        cfg, acc, want = self.cfg, self.acc, self.recipe.feature_stats
+        d = cfg.data
+        plain = TrainSpec(crop=d.crop, batch_size=d.batch_size, shuffle_buffer=d.shuffle_buffer, flip=False)
+        loader = train_loader(d.train_shards, d.train_split, d.weathers, plain, cfg.seed + 1, acc.process_index,
+                              acc.num_processes, want.batches, d.num_workers)
+        exported = models.load(path).to(acc.device).eval()
+        batches = (self.to_device(b) for b in loader.epoch(0, 0))
+        reduce = (lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu()) if acc.num_processes > 1 else None
+        stats = feature_stats.record(exported, batches, self.weathers, want.layers, reduce)
+        if acc.is_main_process:
+            feature_stats.save(stats, path, {"layers": feature_stats.layers_in(stats), "weathers": self.weathers,
+                                             "batches": want.batches * acc.num_processes,
+                                             "batch_size": d.batch_size, "crop": d.crop,
+                                             "shards": str(d.train_shards)})
+            log.info("recorded feature statistics of %d layers in %s", len(feature_stats.layers_in(stats)),
+                     path / feature_stats.STATS_FILE)
+        acc.wait_for_everyone()
 
     def rank_checksums(self) -> list[str]:
         """A hash of every rank's trained parameters. They must all agree; a launch that silently

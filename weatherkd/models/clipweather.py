@@ -265,20 +265,34 @@ def transweather(size: str = "tiny") -> ClipWeatherNet:
 
 @register("clipweather")
 class ClipWeather(nn.Module):
-    """Net + frozen CLIP image tower: the exported teacher, runnable on images alone."""
+    """Net + frozen CLIP image tower: the exported teacher, runnable on images alone.
 
-    def __init__(self, net: dict, clip_image: str):
+    With ``weathers``, it also carries the CLIP text features of one prompt per weather
+    (``weather_text``), so the teacher classifies weather on its own: ``weather_logits``.
+    """
+
+    def __init__(self, net: dict, clip_image: str, weathers: list[str] | None = None):
         super().__init__()
         from weatherkd.models.clip import ImagePrior, build_random
 
         self.net = ClipWeatherNet(**net)
         self.prior = ImagePrior(build_random(clip_image))  # weights come from model.safetensors
         self.prior.requires_grad_(False)
+        self.weathers = list(weathers or [])
+        if self.weathers:
+            self.register_buffer("weather_text", torch.zeros(len(self.weathers), self.net.text_proj.out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             prior = self.prior(x)
         return self.net(x, prior)
+
+    def forward_with_weather(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output and weather logits (B, len(weathers)), differentiable w.r.t. ``x`` (teacher inversion)."""
+        if not self.weathers:
+            raise ValueError("this teacher was exported without weather text features")
+        out, aux = self.net(x, self.prior(x), return_aux=True)
+        return out, aux["logit_scale"] * aux["prior_embedding"] @ self.weather_text.T
 
 
 def tiled(model: nn.Module, x: torch.Tensor, tile: int = 256, overlap: int = 32) -> torch.Tensor:

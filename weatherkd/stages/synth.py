@@ -2,20 +2,12 @@
 -> Stable Diffusion img2img -> distillation tars (``input.png``, no target, optional cached
 ``teacher.png``, ``prov.json``).
 
-Sample ``k`` is clean image ``k // W`` under weather ``k % W``; output shard ``j`` holds samples
-``[j·S, (j+1)·S)``. Task ``t`` of ``T`` writes the shards with ``j % T == t``, where (t, T) comes
-from ``slice.index/count`` (the SLURM array template sets them), else SLURM_ARRAY_TASK_*, else
-the accelerate rank and world size. Each shard is written to a temp file and renamed, then its
-sidecar ``<shard>.json``; a shard with its sidecar is skipped on rerun. Seeds depend only on
-(seed, k), so a killed job resumes to a byte-identical set. Whoever finds every sidecar present
-writes ``manifest.json``.
+Sample ``k`` is clean image ``k // W`` under weather ``k % W``. Sharding, slices (SLURM array
+tasks or ranks), atomic writes, resume and the manifest: ``weatherkd.data.distill_tars``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,25 +15,15 @@ from typing import Literal
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 
 from weatherkd import models
+from weatherkd.data.distill_tars import ShardedJob, SliceConfig, sample_seed
 from weatherkd.data.samples import decode_image, encode_sample
-from weatherkd.data.shards import build_manifest, open_set, shard_name
+from weatherkd.data.shards import open_set
 from weatherkd.errors import UserError
-from weatherkd.io import atomic_write_json, sha256_file
-from weatherkd.logs import get_logger, progress
+from weatherkd.io import sha256_file
 from weatherkd.models import diffusion
-
-log = get_logger(__name__)
-SPLIT, GROUP = "train", "mixed"
-
-
-@dataclass
-class SliceConfig:
-    index: int = 0
-    count: int = 0  # 0: from SLURM_ARRAY_TASK_* or the accelerate rank/world size
 
 
 @dataclass
@@ -113,26 +95,12 @@ def _square(img: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(im.crop((left, top, left + size, top + size)))
 
 
-def task_slice(cfg: Config) -> tuple[int, int]:
-    if cfg.slice.count > 0:
-        index, count = cfg.slice.index, cfg.slice.count
-    elif "SLURM_ARRAY_TASK_ID" in os.environ:
-        lo = int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
-        index = int(os.environ["SLURM_ARRAY_TASK_ID"]) - lo
-        count = int(os.environ.get("SLURM_ARRAY_TASK_MAX", index)) - lo + 1
-    else:
-        index, count = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if not 0 <= index < count:
-        raise UserError(f"slice.index {index} is outside 0..{count - 1}")
-    return index, count
+class Synthesiser(ShardedJob):
+    stage = "synth"
 
-
-def sample_seed(seed: int, k: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{k}".encode()).digest()[:8], "little") >> 1
-
-
-class Synthesiser:
     def __init__(self, cfg: Config):
+        super().__init__(cfg.out_dir, cfg.shard_size, cfg.batch_size, cfg.slice,
+                         {k: v for k, v in vars(cfg).items() if k != "slice"})
         self.cfg = cfg
         diffusion.check_schedule(cfg.strength, cfg.steps)
         if cfg.size % 8:
@@ -153,29 +121,9 @@ class Synthesiser:
         self.teacher = models.load(cfg.teacher).to(device).eval() if cfg.teacher else None
         self.clean = CleanImages(cfg.clean, cfg.clean_split, cfg.max_images)
         self.total = len(self.clean) * len(self.weathers)
-        self.n_shards = -(-self.total // cfg.shard_size)
-        self.out = Path(cfg.out_dir)
         self.prov = {"sd": diffusion.file_hashes(cfg.sd_path), "adapter": sha256_file(Path(cfg.adapter) /
                      models.registry.WEIGHTS)[:16], "strength": cfg.strength, "steps": cfg.steps,
                      "guidance_scale": cfg.guidance_scale, "size": cfg.size, "dtype": str(dtype)}
-
-    def sidecar(self, j: int) -> Path:
-        return self.out / f"{shard_name(SPLIT, GROUP, j)}.json"
-
-    def write_shard(self, j: int) -> None:
-        cfg, out = self.cfg, self.out
-        final = out / shard_name(SPLIT, GROUP, j)
-        tmp = out / f".{final.name}.tmp"
-        ks = range(j * cfg.shard_size, min((j + 1) * cfg.shard_size, self.total))
-        writer = wds.TarWriter(str(tmp), mtime=0, format=tarfile.USTAR_FORMAT)
-        for start in range(ks.start, ks.stop, cfg.batch_size):
-            batch = list(range(start, min(start + cfg.batch_size, ks.stop)))
-            for sample in self.generate(batch):
-                writer.write(sample)
-        writer.close()
-        os.replace(tmp, final)
-        atomic_write_json(self.sidecar(j), {"file": final.name, "split": SPLIT, "group": GROUP, "count": len(ks),
-                                            "sha256": sha256_file(final), "bytes": final.stat().st_size})
 
     @torch.no_grad()
     def generate(self, ks: list[int]) -> list[dict]:
@@ -197,31 +145,6 @@ class Synthesiser:
                     "clean": self.clean.items[k // n_w][1]}
             samples.append(encode_sample(f"synth_{k:08d}", img, w, {"source": "d4ir"}, teacher=t_img, prov=prov))
         return samples
-
-    def run(self) -> dict | None:
-        index, count = task_slice(self.cfg)
-        self.out.mkdir(parents=True, exist_ok=True)
-        mine = [j for j in range(self.n_shards) if j % count == index]
-        todo = [j for j in mine if not (self.sidecar(j).is_file() and (self.out / shard_name(SPLIT, GROUP, j)).is_file())]
-        log.info("synth task %d/%d: %d of its %d shards to write (%d samples in all, %d shards)", index, count,
-                 len(todo), len(mine), self.total, self.n_shards)
-        for j in progress(todo, desc=f"synth {index}/{count}", unit="shard"):
-            self.write_shard(j)
-        return self.merge()
-
-    def merge(self) -> dict | None:
-        """Write the manifest once every shard's sidecar exists (any task may be the last)."""
-        if not all(self.sidecar(j).is_file() for j in range(self.n_shards)):
-            return None
-        shards = [json.loads(self.sidecar(j).read_text()) for j in range(self.n_shards)]
-        manifest = build_manifest(shards, self.weathers, {SPLIT: False},
-                                  {"stage": "synth", "config": {k: v for k, v in vars(self.cfg).items()
-                                                                if k != "slice"}})
-        manifest.pop("created", None)  # identical whichever task merges, and on every rerun
-        manifest["created_by"].pop("argv", None)
-        atomic_write_json(self.out / "manifest.json", manifest)
-        log.info("synth: all %d shards present, wrote %s", self.n_shards, self.out / "manifest.json")
-        return manifest
 
 
 def run(cfg: Config) -> int:

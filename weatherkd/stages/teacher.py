@@ -17,7 +17,7 @@ import torch
 from weatherkd import models
 from weatherkd.config import ModelConfig, StageConfig, register_stage_config
 from weatherkd.data.shards import open_set
-from weatherkd.engine import Engine, Recipe
+from weatherkd.engine import Engine, FeatureStatsConfig, Recipe
 from weatherkd.losses import restoration as L
 from weatherkd.models import clip
 
@@ -53,6 +53,8 @@ class Config(StageConfig):
     out_dir: str = "runs/teacher"
     model: TeacherModelConfig = field(default_factory=TeacherModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    # Feature statistics recorded on the training data at export: `weatherkd dream`'s targets.
+    stats: FeatureStatsConfig = field(default_factory=FeatureStatsConfig)
 
 
 class TeacherRecipe(Recipe):
@@ -83,6 +85,7 @@ class TeacherRecipe(Recipe):
             frozen["vgg"] = L.Perceptual(loss.vgg_weights)
         super().__init__(net, frozen)
         self.random_init = random_init
+        self.feature_stats = cfg.stats
 
     @torch.no_grad()
     def clip_prior(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -125,10 +128,13 @@ class TeacherRecipe(Recipe):
             return model, state
         tower = self.frozen["clip_image"]
         bundle_kwargs = {"net": model.weatherkd_spec["kwargs"], "clip_image": self.cfg.model.clip.image.name}
-        bundle = torch.nn.Module()
-        bundle.weatherkd_spec = {"arch": "clipweather", "kwargs": bundle_kwargs}
         merged = {f"net.{k}": v for k, v in state.items()}
         merged.update({f"prior.{k}": v for k, v in tower.state_dict().items()})
+        if self.text_features is not None:  # the teacher's own weather classifier, for `weatherkd dream`
+            bundle_kwargs["weathers"] = self.weathers
+            merged["weather_text"] = self.text_features.float().cpu()
+        bundle = torch.nn.Module()
+        bundle.weatherkd_spec = {"arch": "clipweather", "kwargs": bundle_kwargs}
         return bundle, merged
 
 
