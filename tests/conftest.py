@@ -99,3 +99,14 @@ def builtin_set(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sets") / "builtin"
     run_cli("shards", "synth", "--out", out, "--train", 16, "--test", 2, "--size", 48, "--test-size", 96)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, builtin_set) -> Path:
+    """The demo teacher's recipe for a few steps, exported the real way: with its weather
+    classifier and the feature statistics teacher inversion matches."""
+    out = tmp_path_factory.mktemp("teacher")
+    run_cli("teacher", "--config", "configs/teacher/demo.yaml", f"out_dir={out}", f"data.train_shards={builtin_set}",
+            "train.max_steps=4", "train.eval_every=4", "train.log_every=2", "ckpt.every=4", "data.crop=32",
+            "data.batch_size=4", "loss.srd_start=2", "tracker.kind=none", "stats.batches=4")
+    return out / "model"

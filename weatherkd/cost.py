@@ -27,11 +27,21 @@ def sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def flops(model: torch.nn.Module, size: int = 256, device="cpu") -> int:
-    """Forward FLOPs for one ``size``×``size`` RGB image."""
+    """Forward FLOPs for one ``size``×``size`` RGB image, in eval mode.
+
+    PyTorch's fused eval-mode attention (``nn.MultiheadAttention``'s fast path, used by the CLIP
+    tower) is invisible to the FLOP counter, so it is switched off while counting."""
     x = torch.rand(1, 3, size, size, device=device)
     counter = FlopCounterMode(display=False)
-    with counter:
-        model(x)
+    was_training, fastpath = model.training, torch.backends.mha.get_fastpath_enabled()
+    model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with counter:
+            model(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        model.train(was_training)
     return counter.get_total_flops()
 
 

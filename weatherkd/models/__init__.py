@@ -5,4 +5,4 @@ other than its own weights.
 """
 
 from weatherkd.models.registry import ARCHS, build, load, read_spec, register, save  # noqa: F401
-from weatherkd.models import baselines, clipweather, prompt_adapter, students, vq  # noqa: F401  (register their archs)
+from weatherkd.models import baselines, clipweather, prompt_adapter, pruned, students, vq  # noqa: F401  (register their archs)

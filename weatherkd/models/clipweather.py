@@ -287,11 +287,12 @@ class ClipWeather(nn.Module):
             prior = self.prior(x)
         return self.net(x, prior)
 
-    def forward_with_weather(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Output and weather logits (B, len(weathers)), differentiable w.r.t. ``x`` (teacher inversion)."""
-        if not self.weathers:
-            raise ValueError("this teacher was exported without weather text features")
+    def forward_with_weather(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Output and weather logits (B, len(weathers)), or None without weather text features;
+        unlike ``forward``, differentiable w.r.t. ``x`` through the CLIP tower too (teacher inversion)."""
         out, aux = self.net(x, self.prior(x), return_aux=True)
+        if not self.weathers or "prior_embedding" not in aux:
+            return out, None
         return out, aux["logit_scale"] * aux["prior_embedding"] @ self.weather_text.T
 
 

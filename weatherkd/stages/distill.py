@@ -53,6 +53,7 @@ class Config(StageConfig):
     out_dir: str = "runs/distill"
     model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="unet_bn"))
     teacher: str = ""  # exported teacher directory (model.json + model.safetensors)
+    init: str = ""  # start the student from this exported model (e.g. `weatherkd prune`'s); replaces model.arch
     vq: str = ""  # exported VQ autoencoder directory (dckd)
     objective: Literal["scratch", "kd", "dckd"] = "kd"
     w_kd: float = 1.0
@@ -67,10 +68,23 @@ def _load(path: str, key: str):
     return models.load(path)
 
 
+def init_student(path: str) -> torch.nn.Module:
+    """An exported model as the student's starting point. Parameters its forward never reaches
+    (e.g. a teacher's weather-text head) are frozen, so DDP does not wait for their gradients."""
+    student = _load(path, "init")
+    probe = copy.deepcopy(student).train()  # a copy: a forward may leave tensors on modules
+    probe(torch.rand(1, 3, 32, 32)).float().mean().backward()
+    reached = {n for n, p in probe.named_parameters() if p.grad is not None}
+    for n, p in student.named_parameters():
+        p.requires_grad_(p.requires_grad and n in reached)
+    return student
+
+
 class DistillRecipe(Recipe):
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        student = models.build(cfg.model.arch, **({"size": cfg.model.size} | cfg.model.kwargs))
+        student = init_student(cfg.init) if cfg.init else \
+            models.build(cfg.model.arch, **({"size": cfg.model.size} | cfg.model.kwargs))
         frozen = {}
         if cfg.objective != "scratch":
             frozen["teacher"] = _load(cfg.teacher, "teacher")
@@ -154,7 +168,7 @@ class DistillRecipe(Recipe):
             self.frozen["history"].load_state_dict(state["history"])
 
     def export_extra(self) -> dict:
-        return {"objective": self.cfg.objective, "teacher": self.cfg.teacher or None}
+        return {"objective": self.cfg.objective, "teacher": self.cfg.teacher or None, "init": self.cfg.init or None}
 
 
 RECIPE = DistillRecipe  # what `weatherkd bench step` builds for this stage

@@ -1,0 +1,106 @@
+"""`weatherkd dream`: teacher inversion towards recorded (or BatchNorm) feature statistics, with
+the orthogonality term, written as resumable distillation tars by real 2-process launches."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import accelerate_launch, run_cli
+from weatherkd import config as cfgmod
+from weatherkd import models
+from weatherkd.errors import UserError
+from weatherkd.losses import inversion as I
+from weatherkd.stages import dream
+
+
+def dreamer(teacher, tmp_path, *overrides) -> dream.Dreamer:
+    cfg = cfgmod.load(dream.Config, "configs/dream/demo.yaml",
+                      [f"teacher={teacher}", f"out_dir={tmp_path / 'dream'}", "size=32", "batch_size=6",
+                       *overrides])
+    return dream.Dreamer(cfg)
+
+
+def test_inversion_loss_decreases_towards_recorded_statistics(tiny_teacher, tmp_path):
+    d = dreamer(tiny_teacher, tmp_path, "iterations=40", "lr=0.05")
+    assert d.prov["stats"] == "recorded" and len(d.layers) > 10
+    assert d.ortho_layer.startswith("net.")  # the deepest tapped features: the bottleneck
+    x, history, terms = d.dream(list(range(6)))
+    assert x.shape == (6, 3, 32, 32) and 0 <= float(x.min()) and float(x.max()) <= 1
+    assert sum(history[-5:]) < 0.75 * sum(history[:5]), history[::5]
+    assert {"stats", "tv", "ortho", "weather"} <= set(terms)
+    # Per-weather targets: the recorded statistics differ by weather, and each sample matches its own.
+    layer = d.order[0]
+    assert not torch.allclose(d.targets[f"rain_haze/{layer}/mean"], d.targets[f"snow/{layer}/mean"])
+
+
+def test_orthogonality_term_makes_dreamed_batches_diverse(tiny_teacher, tmp_path):
+    def spread(w_ortho: float) -> float:
+        d = dreamer(tiny_teacher, tmp_path, "iterations=30", f"w_ortho={w_ortho}")
+        x, _, _ = d.dream(list(range(6)))
+        with torch.no_grad():
+            d.forward(x)
+        return float(I.mean_pairwise_distance(d.taps.features[d.ortho_layer]))
+
+    without, with_ortho = spread(0.0), spread(5.0)
+    assert with_ortho > without * 1.05, (without, with_ortho)
+
+
+def test_orthogonality_and_priors_on_known_inputs():
+    same = torch.ones(4, 8)
+    assert float(I.orthogonality(same)) == pytest.approx(1.0)  # identical features: cosine 1 everywhere
+    assert float(I.orthogonality(torch.eye(4))) == 0.0
+    assert float(I.mean_pairwise_distance(torch.eye(4))) == pytest.approx(2 ** 0.5)
+    flat = torch.full((1, 3, 8, 8), 0.5)
+    assert float(I.total_variation(flat)) == 0.0 and float(I.l2_prior(flat)) == 0.0
+    assert float(I.statistics(torch.randn(2, 4, 8, 8), torch.zeros(4), torch.ones(4))) < 1.0
+
+
+def test_batchnorm_teacher_is_inverted_towards_its_running_statistics(tmp_path):
+    net = models.build("unet_bn", size="tiny")
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    models.save(net, tmp_path / "bn", extra={"weathers": ["rain_haze", "snow"]})
+    d = dreamer(tmp_path / "bn", tmp_path, "iterations=25", "w_ortho=0.5")
+    assert d.prov["stats"] == "batchnorm" and d.weathers == ["rain_haze", "snow"]
+    first = d.order[0]
+    assert torch.equal(d.targets[f"all/{first}/mean"], dict(d.teacher.named_modules())[first].running_mean)
+    _, history, _ = d.dream(list(range(4)))
+    assert history[-1] < history[0]
+
+
+def test_clear_errors_for_a_teacher_without_statistics_and_bad_layers(tiny_teacher, tmp_path):
+    models.save(models.build("residual_cnn", width=8, depth=2), tmp_path / "plain", extra={"weathers": ["snow"]})
+    with pytest.raises(UserError, match="no BatchNorm layers and no recorded"):
+        dreamer(tmp_path / "plain", tmp_path)
+    with pytest.raises(UserError, match="match none"):
+        dreamer(tiny_teacher, tmp_path, "layers=[nothing.*]")
+    with pytest.raises(UserError, match="teacher is not set"):
+        dreamer("", tmp_path)
+
+
+def test_two_processes_write_a_resumable_dreamed_set(tiny_teacher, tmp_path):
+    out = tmp_path / "dreamed"
+    args = ["weatherkd", "dream", "--config", "configs/dream/demo.yaml", f"teacher={tiny_teacher}",
+            f"out_dir={out}", "samples=10", "size=32", "batch_size=2", "shard_size=4", "iterations=4"]
+    accelerate_launch(args, module=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"] == {"train": {"mixed": 10}} and len(manifest["shards"]) == 3
+    assert manifest["created_by"]["stage"] == "dream" and manifest["has_target"] == {"train": False}
+    run_cli("shards", "inspect", out)
+    from weatherkd.data.check import iter_tar
+
+    samples = list(iter_tar(out / "train-mixed-000000.tar"))
+    assert all({"input.png", "teacher.png", "prov.json", "weather.cls"} <= set(s) for s in samples)
+    prov = json.loads(samples[1]["prov.json"])
+    assert prov["stats"] == "recorded" and prov["weather"] == "raindrop" and len(prov["teacher"]) == 16
+    # A killed job resumes: a lost shard is rewritten byte for byte, finished ones are skipped.
+    before = (out / "train-mixed-000001.tar").read_bytes()
+    (out / "train-mixed-000001.tar").unlink()
+    (out / "train-mixed-000001.tar.json").unlink()
+    (out / "manifest.json").unlink()
+    log = run_cli(*args[1:]).stderr
+    assert "task 0/1: 1 of its 3 shards to write" in log
+    assert (out / "train-mixed-000001.tar").read_bytes() == before and (out / "manifest.json").is_file()

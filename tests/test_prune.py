@@ -1,0 +1,95 @@
+"""`weatherkd prune`: DepGraph structured pruning with per-group ratios from measured sensitivity,
+exported as a loadable model and distilled by `weatherkd distill init=...`, over 2 processes."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import accelerate_launch, make_set
+from weatherkd import config as cfgmod
+from weatherkd import cost, models
+from weatherkd.errors import UserError
+from weatherkd.models import pruned
+from weatherkd.stages import prune
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    """Calibration inputs without targets, like dreamed tars."""
+    path = tmp_path_factory.mktemp("calib") / "set"
+    make_set(path, {("train", "rain_haze"): 4, ("train", "snow"): 4}, size=40, target=False)
+    return path
+
+
+def test_allocation_prunes_insensitive_groups_more_and_meets_the_target():
+    sensitivity = {"a": 1.0, "b": 4.0, "c": 0.25}
+    width = {"a": 1.0, "b": 1.0, "c": 1.0}
+
+    def reduction(ratios):  # each group a third of the FLOPs, removed in proportion
+        return sum(ratios[g] * width[g] for g in ratios) / 3
+
+    ratios, _ = prune.allocate(sensitivity, reduction, 0.4, max_ratio=0.8)
+    assert reduction(ratios) == pytest.approx(0.4, abs=1e-3)
+    assert ratios["c"] > ratios["a"] > ratios["b"]
+    with pytest.raises(UserError, match="raise max_ratio"):
+        prune.allocate(sensitivity, reduction, 0.9, max_ratio=0.8)
+
+
+def test_a_pruned_conv_net_exports_and_reloads_exactly(tmp_path):
+    net = models.build("unet_bn", size="tiny").eval()
+    models.save(net, tmp_path / "net")
+    cfg = cfgmod.load(prune.Config, None, [f"model={tmp_path / 'net'}", "flops_size=64"])
+    p = prune.Pruner(models.load(tmp_path / "net"), cfg)
+    small = p.prune({g: 0.5 for g in p.groups}).eval()
+    assert cost.flops(small, 64) < 0.6 * cost.flops(net, 64)
+    small.weatherkd_spec = {"arch": "pruned", "kwargs": pruned.describe(small, net.weatherkd_spec)}
+    models.save(small, tmp_path / "small")
+    again = models.load(tmp_path / "small").eval()
+    x = torch.rand(2, 3, 40, 48)
+    with torch.no_grad():
+        assert torch.equal(again(x), small(x)) and again(x).shape == x.shape
+
+
+def test_two_processes_prune_the_teacher_by_the_requested_flops(tiny_teacher, calib, tmp_path):
+    out = tmp_path / "prune"
+    accelerate_launch(["weatherkd", "prune", "--config", "configs/prune/demo.yaml", f"model={tiny_teacher}",
+                       f"out_dir={out}", f"calib_shards={calib}", "calib_samples=6", "calib_size=32",
+                       "flops_size=64", "flops_reduction=0.4"], module=True)
+    report = json.loads((out / "prune.json").read_text())
+    assert 0.4 <= report["flops"]["reduction"] < 0.5, report["flops"]
+    assert report["params"]["after"] < report["params"]["before"]
+    ratios = [g["ratio"] for g in report["groups"].values()]
+    assert len(report["groups"]) >= 10 and len(set(round(r, 4) for r in ratios)) > 3  # adaptive, not one ratio
+    assert all(g["flops_saved"] > 0 for g in report["groups"].values())  # every group was probed (by some rank)
+    spec = json.loads((out / "model" / "model.json").read_text())
+    assert spec["arch"] == "pruned" and spec["kwargs"]["base"]["arch"] == "clipweather"
+    assert spec["random_init"] is True and spec["pruned_from"] == str(tiny_teacher)
+    model = models.load(out / "model")
+    teacher = models.load(tiny_teacher)
+    assert cost.flops(model, 64) == report["flops"]["after"]
+    assert 1 - cost.flops(model, 64) / cost.flops(teacher, 64) >= 0.4
+    model.train()
+    y = model(torch.rand(2, 3, 40, 56))
+    y.mean().backward()  # forward and backward at a size it was never traced at
+    assert y.shape == (2, 3, 40, 56) and model.net.head[0].weight.grad is not None
+
+
+def test_the_pruned_teacher_is_distilled_on_targetless_tars(tiny_teacher, calib, builtin_set, tmp_path):
+    accelerate_launch(["weatherkd", "prune", "--config", "configs/prune/demo.yaml", f"model={tiny_teacher}",
+                       f"out_dir={tmp_path / 'prune'}", f"calib_shards={calib}", "calib_samples=4",
+                       "calib_size=32", "flops_size=64"], module=True, nproc=1)
+    out = tmp_path / "distill"
+    accelerate_launch(["weatherkd", "distill", "--config", "configs/distill/demo-pruned.yaml", f"out_dir={out}",
+                       f"teacher={tiny_teacher}", f"init={tmp_path / 'prune' / 'model'}",
+                       f"data.train_shards={calib}", f"data.eval_shards={builtin_set}", "data.crop=32",
+                       "train.max_steps=3", "train.eval_every=3", "ckpt.every=3", "train.log_every=1",
+                       "tracker.kind=none"], module=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ranks_in_sync"] and metrics["world_size"] == 2 and metrics["step"] == 3
+    spec = json.loads((out / "model" / "model.json").read_text())
+    assert spec["arch"] == "pruned" and spec["init"] == str(tmp_path / "prune" / "model")
+    student = models.load(out / "model")
+    start = models.load(tmp_path / "prune" / "model")
+    changed = [n for n, p in student.named_parameters() if not torch.equal(p, dict(start.named_parameters())[n])]
+    assert changed and not any(n.startswith("prior.") for n in changed)  # the CLIP tower stays frozen
