@@ -42,9 +42,15 @@ def test_quick_demo_runs_every_stage_and_resumes_a_half_done_one(tmp_path):
         assert line in first
     report = json.loads((out / "report.json").read_text())
     assert [r["name"] for r in report["rows"]] == ["identity", "teacher", "distill-scratch", "distill-kd",
-                                                   "distill-dckd"]
-    teacher, students = report["rows"][1], report["rows"][2:]
+                                                   "distill-dckd", "distill-dream", "prune", "distill-pruned"]
+    teacher, students = report["rows"][1], report["rows"][2:6]
     assert teacher["random_init"] and all(s["cost"]["gflops"] * 5 < teacher["cost"]["gflops"] for s in students)
+    # The data-free rows: dreamed inputs only, and the pruned teacher's FLOPs cut, against their targets.
+    assert json.loads((out / "dream-shards" / "manifest.json").read_text())["has_target"] == {"train": False}
+    assert set(report["targets"]) == {"dream_share_of_kd_gain", "pruned_flops_cut", "pruned_psnr_drop",
+                                      "pruned_psnr_drop_before_distill"}
+    assert report["targets"]["pruned_flops_cut"] >= 0.4
+    assert json.loads((out / "distill-pruned" / "model" / "model.json").read_text())["arch"] == "pruned"
     assert (out / "eval" / "distill-kd" / "examples" / "snow.png").is_file()
 
     # dckd as if killed after its step-2 checkpoint: no result, the later checkpoint gone.
@@ -59,8 +65,8 @@ def test_quick_demo_runs_every_stage_and_resumes_a_half_done_one(tmp_path):
     assert "distill-dckd: accelerate launch" in second
     assert "resumed from" in (out / "logs" / "distill-dckd.log").read_text().split("\n# ")[-1]
     assert json.loads((dckd / "metrics.json").read_text())["step"] == 4
-    assert (out / "report.md").read_text().count("| distill-") == 3
-    assert "No data-free (D4IR) row" in (out / "report.md").read_text()
+    assert (out / "report.md").read_text().count("| distill-") == 5
+    assert "No D4IR row" in (out / "report.md").read_text()
 
     # With --sd-path the data-free D4IR student joins; everything else is skipped. (A tiny random SD
     # here: this checks the wiring only, which is why the demo adds the row only when asked.)
@@ -69,7 +75,7 @@ def test_quick_demo_runs_every_stage_and_resumes_a_half_done_one(tmp_path):
     assert "distill-kd: done already" in third and "synth: accelerate launch" in third
     assert "prompt.width=32" in third
     rows = [r["name"] for r in json.loads((out / "report.json").read_text())["rows"]]
-    assert rows[-1] == "distill-d4ir" and "No data-free" not in (out / "report.md").read_text()
+    assert rows[-1] == "distill-d4ir" and "No D4IR row" not in (out / "report.md").read_text()
     synth_manifest = json.loads((out / "d4ir-shards" / "manifest.json").read_text())
     assert synth_manifest["has_target"] == {"train": False}
 

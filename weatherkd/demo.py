@@ -1,6 +1,8 @@
 """`weatherkd demo`: the whole pipeline on the embedded default set, each stage a real launch.
 
     shards synth -> teacher (ZeRO-2) -> vq (DDP) -> distill scratch | kd | dckd (DDP)
+      -> dream (teacher inversion) -> distill-dream (the data-free student)
+      -> prune (the teacher, -45% FLOPs) -> distill-pruned (on the dreamed inputs)
       -> eval (every model, sharded) -> report
 
 Every stage is the command a user would type on a cluster, printed before it runs, with its
@@ -81,6 +83,8 @@ def plan(out: Path, shards: Path, overrides: dict[str, list[str]] | None = None,
         stages.append(train(f"distill-{objective}", "distill", f"configs/distill/demo-{objective}.yaml", ddp,
                             f"teacher={out / 'teacher' / 'model'}", f"vq={out / 'vq' / 'model'}"))
     students = [f"distill-{o}" for o in STUDENTS]
+    stages += data_free_stages(out, shards, ddp, nproc, train, overrides)
+    students += ["distill-dream", "prune", "distill-pruned"]
     if sd_path is not None:
         stages += d4ir_stages(out, shards, sd_path, ddp, nproc, train, overrides)
         students.append("distill-d4ir")
@@ -89,6 +93,24 @@ def plan(out: Path, shards: Path, overrides: dict[str, list[str]] | None = None,
                            "--out", out / "eval" / name)
         stages.append(Stage(f"eval-{name}", argv, out / "eval" / name / "metrics.json"))
     return stages
+
+
+def data_free_stages(out: Path, shards: Path, ddp: str, nproc: int, train, overrides) -> list[Stage]:
+    """papers/002: dream inputs from the teacher alone, distil a student on them, and prune the
+    teacher (calibrated on the dreamed inputs) and distil it back on them. No training image is read."""
+    dreamed, teacher = out / "dream-shards", out / "teacher" / "model"
+    dream_args = [f"out_dir={dreamed}", f"teacher={teacher}", *overrides.get("dream", [])]
+    prune_args = [f"out_dir={out / 'prune'}", f"model={teacher}", f"calib_shards={dreamed}", *overrides.get("prune", [])]
+    return [
+        Stage("dream", _accelerate(ddp, nproc, "dream", "--config", "configs/dream/demo.yaml", *dream_args),
+              dreamed / "manifest.json"),
+        train("distill-dream", "distill", "configs/distill/demo-dream.yaml", ddp, f"data.train_shards={dreamed}",
+              f"data.eval_shards={shards}", f"teacher={teacher}"),
+        Stage("prune", _accelerate(ddp, nproc, "prune", "--config", "configs/prune/demo.yaml", *prune_args),
+              out / "prune" / "prune.json"),
+        train("distill-pruned", "distill", "configs/distill/demo-pruned.yaml", ddp, f"data.train_shards={dreamed}",
+              f"data.eval_shards={shards}", f"teacher={teacher}", f"init={out / 'prune' / 'model'}"),
+    ]
 
 
 def d4ir_stages(out: Path, shards: Path, sd_path: Path, ddp: str, nproc: int, train, overrides) -> list[Stage]:
@@ -187,14 +209,37 @@ def run(out="runs/demo", shards="shards/demo", overrides=None, synth_args: tuple
     print(f"[{len(stages) + 1}/{len(stages) + 1}] report", flush=True)
     evals = [s.done.parent for s in stages if s.name.startswith("eval-")]
     table = report.gather(evals)
+    table["targets"], table["notes"] = data_free_targets(table)
     if sd_path is None:
-        table["notes"] = ["No data-free (D4IR) row: it needs real Stable Diffusion weights, and a random diffusion "
-                          "model makes images with no weather in them. Rerun with --sd-path DIR (a local diffusers "
-                          "folder) to add it."]
+        table["notes"].append("No D4IR row: it needs real Stable Diffusion weights, and a random diffusion model "
+                              "makes images with no weather in them. Rerun with --sd-path DIR (a local diffusers "
+                              "folder) to add it.")
     text = report.markdown(table)
     report.write(table, text, out / "report.md")
     print(f"\n{text}\nreport: {_display([str(out / 'report.md')])} (+ .json); total {time.time() - start:.0f} s")
     return table
+
+
+def data_free_targets(table: dict) -> tuple[dict, list[str]]:
+    """The data-free rows against their targets: the dreamed student's share of kd's gain over
+    identity (target 50%), and the pruned teacher's FLOPs cut (target 40%) and PSNR drop."""
+    rows = {r["name"]: r for r in table["rows"]}
+    psnr = {name: r["mean"]["psnr"] for name, r in rows.items()}
+    targets, notes = {}, []
+    if {"distill-kd", "distill-dream"} <= psnr.keys():
+        kd_gain, dream_gain = psnr["distill-kd"] - psnr["identity"], psnr["distill-dream"] - psnr["identity"]
+        share = dream_gain / kd_gain if kd_gain > 0 else float("nan")
+        targets["dream_share_of_kd_gain"] = share
+        notes.append(f"distill-dream (data-free: dreamed inputs only, never a training image): {dream_gain:+.2f} dB "
+                     f"over identity, {share:.0%} of distill-kd's {kd_gain:+.2f} dB (target: at least 50%).")
+    if {"teacher", "prune", "distill-pruned"} <= psnr.keys():
+        cut = 1 - rows["distill-pruned"]["cost"]["gflops"] / rows["teacher"]["cost"]["gflops"]
+        drop, raw = psnr["teacher"] - psnr["distill-pruned"], psnr["teacher"] - psnr["prune"]
+        targets.update(pruned_flops_cut=cut, pruned_psnr_drop=drop, pruned_psnr_drop_before_distill=raw)
+        notes.append(f"distill-pruned: the teacher pruned by {cut:.0%} of its FLOPs (target: at least 40%), then "
+                     f"distilled on the dreamed inputs: {drop:.2f} dB below the teacher (prune, before "
+                     f"distillation: {raw:.2f} dB below).")
+    return targets, notes
 
 
 # `--quick`: the same stages and launches on a tiny set for a few steps; checks an install in minutes.
@@ -202,8 +247,12 @@ _QUICK_TRAIN = ["train.max_steps=4", "train.eval_every=2", "train.log_every=1", 
                 "train.warmup_steps=1", "tracker.kind=none"]
 QUICK = {
     "synth_args": ("--train", 16, "--test", 1, "--size", 48, "--test-size", 64),
-    "overrides": {"teacher": [*_QUICK_TRAIN, "loss.srd_start=2"], "vq": _QUICK_TRAIN, "adapter": _QUICK_TRAIN,
-                  "distill-d4ir": _QUICK_TRAIN, "synth": ["size=32", "steps=4", "max_images=8", "shard_size=8"],
+    "overrides": {"teacher": [*_QUICK_TRAIN, "loss.srd_start=2", "stats.batches=2"], "vq": _QUICK_TRAIN,
+                  "adapter": _QUICK_TRAIN, "distill-d4ir": _QUICK_TRAIN,
+                  "synth": ["size=32", "steps=4", "max_images=8", "shard_size=8"],
+                  "dream": ["samples=16", "size=32", "batch_size=4", "shard_size=4", "iterations=3"],
+                  "prune": ["calib_samples=4", "calib_size=32", "flops_size=64"],
+                  "distill-dream": _QUICK_TRAIN, "distill-pruned": _QUICK_TRAIN,
                   **{f"distill-{o}": _QUICK_TRAIN for o in STUDENTS}},
 }
 
