@@ -4,25 +4,31 @@
 #   shards ─┬─> teacher ─┬─> distill-kd ───> eval-distill-kd
 #           ├─> vq ──────┴─> distill-dckd ─> eval-distill-dckd
 #           └─> distill-scratch ───────────> eval-distill-scratch
-#               teacher ───────────────────> eval-teacher
+#               teacher ─┬─────────────────> eval-teacher
+#                        └─> dream (array) ─┬─> distill-dream ──────────> eval-distill-dream
+#                                           └─> prune ─┬─> distill-pruned ─> eval-distill-pruned
+#                                                      └─> eval-prune
 #
 #   slurm/submit-pipeline.sh [--out runs/pipeline] [--shards shards/demo] [--config-set demo]
-#                            [--hold] [--sbatch-arg ARG]... [-- key=value ...]
+#                            [--dream-tasks 2] [--hold] [--sbatch-arg ARG]... [-- key=value ...]
 #
-# --config-set NAME uses configs/teacher/NAME.yaml, configs/vq/NAME.yaml and
-# configs/distill/NAME-{scratch,kd,dckd}.yaml. --sbatch-arg is passed to every sbatch (partition,
+# --config-set NAME uses configs/teacher/NAME.yaml, configs/vq/NAME.yaml,
+# configs/distill/NAME-{scratch,kd,dckd,dream,pruned}.yaml, configs/dream/NAME.yaml and
+# configs/prune/NAME.yaml. --dream-tasks sets the dream array's size (each task dreams its own
+# slice of the shards). --sbatch-arg is passed to every sbatch (partition,
 # account, or sizes). key=value after -- go to every training stage. --hold submits held
 # (release with `scontrol release JOBID`). The shards job is skipped when the set exists.
 # Prints one line per job (stage, job id) and writes them to OUT/slurm-jobs.tsv.
 set -euo pipefail
 shopt -s inherit_errexit  # a failing sbatch inside $(submit ...) must stop the script
 
-out=runs/pipeline shards=shards/demo config_set=demo hold=() extra=() overrides=()
+out=runs/pipeline shards=shards/demo config_set=demo dream_tasks=2 hold=() extra=() overrides=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) out=$2; shift 2 ;;
         --shards) shards=$2; shift 2 ;;
         --config-set) config_set=$2; shift 2 ;;
+        --dream-tasks) dream_tasks=$2; shift 2 ;;
         --hold) hold=(--hold); shift ;;
         --sbatch-arg) extra+=("$2"); shift 2 ;;
         --) shift; overrides=("$@"); break ;;
@@ -30,22 +36,26 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ -f slurm/common.sh ] || { echo "submit-pipeline: run from the repository root" >&2; exit 2; }
-for f in configs/teacher/$config_set.yaml configs/vq/$config_set.yaml configs/distill/$config_set-{scratch,kd,dckd}.yaml; do
+for f in configs/{teacher,vq,dream,prune}/$config_set.yaml configs/distill/$config_set-{scratch,kd,dckd,dream,pruned}.yaml; do
     [ -f "$f" ] || { echo "submit-pipeline: $f not found (--config-set $config_set)" >&2; exit 2; }
 done
 mkdir -p "$out" slurm/logs
 jobs_file=$out/slurm-jobs.tsv
 : >"$jobs_file"
 
-# submit NAME AFTER TEMPLATE ARGS... -> prints the job id; AFTER is a colon-separated id list or ""
+# submit NAME AFTER [--SBATCH-OPTION...] TEMPLATE ARGS... -> prints the job id; AFTER is a
+# colon-separated id list or ""
 submit() {
-    local name=$1 after=$2 template=$3
-    shift 3
+    local name=$1 after=$2 own=()
+    shift 2
+    while [[ $1 == --* ]]; do own+=("$1"); shift; done
+    local template=$1
+    shift
     local dep=()
     [ -n "$after" ] && dep=(--dependency="afterok:$after" --kill-on-invalid-dep=yes)
     local id
     id=$(sbatch --parsable ${hold[@]+"${hold[@]}"} ${dep[@]+"${dep[@]}"} --job-name="wkd-$name" \
-        ${extra[@]+"${extra[@]}"} "slurm/$template" "$@")
+        ${extra[@]+"${extra[@]}"} ${own[@]+"${own[@]}"} "slurm/$template" "$@")
     id=${id%%;*}
     [ -n "$id" ] || { echo "submit-pipeline: sbatch gave no job id for $name" >&2; exit 1; }
     printf '%s\t%s\n' "$name" "$id" | tee -a "$jobs_file" >&2
@@ -70,4 +80,22 @@ for objective in scratch kd dckd; do
     submit "eval-distill-$objective" "$student" eval.sbatch --model "$out/distill-$objective/model" \
         --shards "$shards" --out "$out/eval/distill-$objective" >/dev/null
 done
+
+# Data-free: dream from the teacher alone (an array: each task writes its own shards), then distil a
+# student on the dreamed inputs, and prune the teacher (calibrated on them) and distil it back.
+dreamed=$out/dream-shards
+dream=$(submit dream "$teacher" --array="0-$((dream_tasks - 1))" array.sbatch dream \
+    --config "configs/dream/$config_set.yaml" out_dir="$dreamed" teacher="$out/teacher/model")
+on_dreams=("${train[@]}" data.train_shards="$dreamed" data.eval_shards="$shards" teacher="$out/teacher/model")
+student=$(submit distill-dream "$dream" distill.sbatch --config "configs/distill/$config_set-dream.yaml" \
+    out_dir="$out/distill-dream" "${on_dreams[@]}")
+submit eval-distill-dream "$student" eval.sbatch --model "$out/distill-dream/model" --shards "$shards" \
+    --out "$out/eval/distill-dream" >/dev/null
+pruned=$(submit prune "$dream" prune.sbatch --config "configs/prune/$config_set.yaml" out_dir="$out/prune" \
+    model="$out/teacher/model" calib_shards="$dreamed")
+submit eval-prune "$pruned" eval.sbatch --model "$out/prune/model" --shards "$shards" --out "$out/eval/prune" >/dev/null
+student=$(submit distill-pruned "$pruned" distill.sbatch --config "configs/distill/$config_set-pruned.yaml" \
+    out_dir="$out/distill-pruned" init="$out/prune/model" "${on_dreams[@]}")
+submit eval-distill-pruned "$student" eval.sbatch --model "$out/distill-pruned/model" --shards "$shards" \
+    --out "$out/eval/distill-pruned" >/dev/null
 echo "submitted; when the evals are done: weatherkd report $out/eval/* --out $out/report.md" >&2

@@ -132,18 +132,38 @@ def test_pipeline_submitter_chains_every_stage(cluster, tmp_path):
         proc = sh(["slurm/submit-pipeline.sh", "--out", out, "--shards", shards, "--hold"], cluster)
         jobs = dict(line.split("\t") for line in (out / "slurm-jobs.tsv").read_text().splitlines())
         assert list(jobs) == ["shards", "teacher", "vq", "eval-teacher", "distill-scratch", "eval-distill-scratch",
-                              "distill-kd", "eval-distill-kd", "distill-dckd", "eval-distill-dckd"], proc.stderr
+                              "distill-kd", "eval-distill-kd", "distill-dckd", "eval-distill-dckd", "dream",
+                              "distill-dream", "eval-distill-dream", "prune", "eval-prune", "distill-pruned",
+                              "eval-distill-pruned"], proc.stderr
         deps = {name: re.search(r"Dependency=(\S+)", job_state(cluster, jid)).group(1) for name, jid in jobs.items()}
         assert deps["shards"] == "(null)"
         assert deps["teacher"] == f"afterok:{jobs['shards']}(unfulfilled)"
         assert deps["distill-kd"] == f"afterok:{jobs['teacher']}(unfulfilled),afterok:{jobs['vq']}(unfulfilled)"
         assert deps["eval-distill-dckd"] == f"afterok:{jobs['distill-dckd']}(unfulfilled)"
         assert f"out_dir={out}/distill-kd" in job_state(cluster, jobs["distill-kd"])
+        # The data-free branch: a 2-task dream array after the teacher; prune and distill-dream after all of it.
+        assert deps["dream"] == f"afterok:{jobs['teacher']}(unfulfilled)"
+        assert "ArrayTaskId=0-1" in job_state(cluster, jobs["dream"])
+        assert deps["prune"] == deps["distill-dream"] == f"afterok:{jobs['dream']}_*(unfulfilled)"
+        assert deps["distill-pruned"] == f"afterok:{jobs['prune']}(unfulfilled)"
+        assert f"init={out}/prune/model" in job_state(cluster, jobs["distill-pruned"])
     finally:
         tsv = out / "slurm-jobs.tsv"
         ids = [ln.split("\t")[1] for ln in tsv.read_text().splitlines()] if tsv.exists() else []
         if ids:
             sh(["scancel", *ids], cluster, check=False)
+
+
+def run_array(cluster, tmp_path, tasks: tuple[int, int], *stage_args) -> dict[int, str]:
+    """``slurm/array.sbatch STAGE_ARGS`` as array tasks ``tasks[0]..tasks[1]``; their logs once all completed."""
+    job = submit(cluster, f"--array={tasks[0]}-{tasks[1]}", f"--export={JOB_ENV}", f"--output={tmp_path}/%A_%a.out",
+                 "slurm/array.sbatch", *stage_args)
+    logs = {}
+    for task in range(tasks[0], tasks[1] + 1):
+        log = tmp_path / f"{job}_{task}.out"
+        assert wait_for(cluster, f"{job}_{task}", 300, log) == "COMPLETED", log.read_text()[-3000:]
+        logs[task] = log.read_text()
+    return logs
 
 
 def test_array_template_splits_synthesis_across_tasks(cluster, tmp_path):
@@ -152,14 +172,19 @@ def test_array_template_splits_synthesis_across_tasks(cluster, tmp_path):
 
     parts = save_d4ir_parts(tmp_path)
     out = tmp_path / "synth"
-    job = submit(cluster, "--array=3-4", f"--export={JOB_ENV}", f"--output={tmp_path}/%A_%a.out",
-                 "slurm/array.sbatch", "synth", "--config", "configs/synth/demo.yaml", f"out_dir={out}",
-                 f"sd_path={parts['sd']}", f"adapter={parts['adapter']}", f"clean={parts['clean']}", "teacher=",
-                 "size=32", "steps=2", "strength=0.5", "shard_size=3", "batch_size=3")
-    for task in ("3", "4"):
-        log = tmp_path / f"{job}_{task}.out"
-        assert wait_for(cluster, f"{job}_{task}", 300, log) == "COMPLETED", log.read_text()[-3000:]
-    logs = {t: (tmp_path / f"{job}_{t}.out").read_text() for t in ("3", "4")}
-    assert "task 0/2: 4 of its 4 shards" in logs["3"] and "task 1/2: 3 of its 3 shards" in logs["4"]
+    logs = run_array(cluster, tmp_path, (3, 4), "synth", "--config", "configs/synth/demo.yaml", f"out_dir={out}",
+                     f"sd_path={parts['sd']}", f"adapter={parts['adapter']}", f"clean={parts['clean']}", "teacher=",
+                     "size=32", "steps=2", "strength=0.5", "shard_size=3", "batch_size=3")
+    assert "task 0/2: 4 of its 4 shards" in logs[3] and "task 1/2: 3 of its 3 shards" in logs[4]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["splits"] == {"train": {"mixed": 21}} and len(manifest["shards"]) == 7
+
+
+def test_array_template_splits_dreaming_across_tasks(cluster, tiny_teacher, tmp_path):
+    out = tmp_path / "dream"
+    logs = run_array(cluster, tmp_path, (0, 1), "dream", "--config", "configs/dream/demo.yaml", f"out_dir={out}",
+                     f"teacher={tiny_teacher}", "samples=6", "size=32", "batch_size=2", "shard_size=2",
+                     "iterations=2")
+    assert "task 0/2: 2 of its 2 shards" in logs[0] and "task 1/2: 1 of its 1 shards" in logs[1]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"] == {"train": {"mixed": 6}} and manifest["created_by"]["stage"] == "dream"
