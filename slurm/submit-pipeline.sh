@@ -39,6 +39,7 @@ done
 for f in configs/{teacher,vq,dream,prune}/$config_set.yaml configs/distill/$config_set-{scratch,kd,dckd,dream,pruned}.yaml; do
     [ -f "$f" ] || { echo "submit-pipeline: $f not found (--config-set $config_set)" >&2; exit 2; }
 done
+[[ $dream_tasks =~ ^[1-9][0-9]*$ ]] || { echo "submit-pipeline: --dream-tasks must be a positive integer" >&2; exit 2; }
 mkdir -p "$out" slurm/logs
 jobs_file=$out/slurm-jobs.tsv
 : >"$jobs_file"

@@ -51,6 +51,24 @@ def test_a_pruned_conv_net_exports_and_reloads_exactly(tmp_path):
         assert torch.equal(again(x), small(x)) and again(x).shape == x.shape
 
 
+def test_pruning_a_batchnorm_net_keeps_its_running_statistics(calib, tmp_path):
+    net = models.build("unet_bn", size="tiny")
+    bns = {n: m for n, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    for m in bns.values():
+        m.running_mean.copy_(torch.arange(m.num_features, dtype=torch.float32))  # channel i remembers i
+    models.save(net, tmp_path / "net")
+    prune.run(cfgmod.load(prune.Config, None, [f"model={tmp_path / 'net'}", f"out_dir={tmp_path / 'out'}",
+                                               f"calib_shards={calib}", "calib_samples=4", "calib_size=32",
+                                               "flops_size=64"]))
+    small = dict(models.load(tmp_path / "out" / "model").named_modules())
+    narrowed = 0
+    for name, bn in bns.items():
+        kept = small[name].running_mean.tolist()
+        assert kept == sorted(kept) and set(kept) <= set(range(bn.num_features))  # the kept channels' own
+        narrowed += len(kept) < bn.num_features
+    assert narrowed > 0
+
+
 def test_two_processes_prune_the_teacher_by_the_requested_flops(tiny_teacher, calib, tmp_path):
     out = tmp_path / "prune"
     accelerate_launch(["weatherkd", "prune", "--config", "configs/prune/demo.yaml", f"model={tiny_teacher}",

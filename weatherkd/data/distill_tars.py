@@ -6,7 +6,8 @@ shards with ``j % T == t``, where (t, T) comes from ``slice.index/count`` (the S
 template sets them), else SLURM_ARRAY_TASK_*, else the accelerate rank and world size. Each shard
 is written to a temp file and renamed, then its sidecar ``<shard>.json``; a shard with its sidecar
 is skipped on rerun. A stage derives every random choice from (seed, k) (``sample_seed``), so a
-killed job resumes to a byte-identical set. Whoever finds every sidecar present writes
+killed job resumes to a byte-identical set on CPU (GPU kernels that add up in nondeterministic
+order make a rewritten shard equivalent, not identical). Whoever finds every sidecar present writes
 ``manifest.json``.
 """
 

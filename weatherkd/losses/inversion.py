@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from weatherkd.models.feature_stats import channel_moments
 
 
-def statistics(features: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+def statistics(features: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
     """‖μ − μ*‖₂ + ‖σ² − σ²*‖₂ over channels: the batch's moments against the recorded ones."""
-    m, v = channel_moments(features)
+    m, v = channel_moments(features, channel_dim)
     return torch.linalg.vector_norm(m - mean) + torch.linalg.vector_norm(v - var)
 
 

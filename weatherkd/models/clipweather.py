@@ -137,9 +137,13 @@ class EncoderStage(nn.Module):
             t = block(t, h, w)
         return self.norm(t).transpose(1, 2).reshape(b, c, h, w)
 
-    @property
-    def residual_map(self) -> torch.Tensor | None:
-        return self.blocks[-1].ffn.residual_map
+    def pop_residual_map(self) -> torch.Tensor | None:
+        """The last block's SAR output from the latest forward; clears every block's, so no tensor
+        (and no autograd graph) stays on the modules between forwards (deepcopy needs that)."""
+        latest = self.blocks[-1].ffn.residual_map
+        for block in self.blocks:
+            block.ffn.residual_map = None
+        return latest
 
 
 class CWPBlock(nn.Module):
@@ -243,9 +247,10 @@ class ClipWeatherNet(nn.Module):
         y = self.up1(self.up2(self.up3(y, feats[2]), feats[1]), feats[0])
         y = F.interpolate(y, size=padded.shape[-2:], mode="bilinear", align_corners=False)
         out = (padded + self.head(torch.cat([y, self.stem(padded)], 1)))[..., :h, :w]
+        residual_maps = [stage.pop_residual_map() for stage in self.stages]
         if not return_aux:
             return out
-        aux = {"residual_maps": [st.residual_map for st in self.stages]}
+        aux = {"residual_maps": residual_maps}
         if embedded is not None:
             aux["prior_embedding"] = F.normalize(self.text_proj(embedded).float(), dim=-1)
             aux["logit_scale"] = self.logit_scale.exp().clamp(max=100)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -28,11 +29,15 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _NORMS = (nn.LayerNorm, nn.GroupNorm, *_BN)
 
 
-def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and (biased) variance: channels are dim 1 of a (B, C, H, W) map and the
-    last dim of a (B, N, C) token sequence."""
-    x = x.float()
-    x = x.transpose(0, 1).flatten(1) if x.ndim == 4 else x.reshape(-1, x.shape[-1]).T  # (C, positions)
+def channel_dim(module: nn.Module) -> int:
+    """Where a layer's input keeps its channels: last for LayerNorm and Linear (token sequences,
+    channels-last maps), dim 1 for convolutions, BatchNorm and GroupNorm."""
+    return -1 if isinstance(module, (nn.LayerNorm, nn.Linear)) else 1
+
+
+def channel_moments(x: torch.Tensor, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (biased) variance over every other dimension; channels are ``dim``."""
+    x = x.float().movedim(dim, 0).flatten(1)  # (C, positions)
     return x.mean(1), x.var(1, unbiased=False)
 
 
@@ -45,7 +50,8 @@ def select_layers(model: nn.Module, patterns: Iterable[str] = ("*",)) -> list[st
 
 
 class Taps:
-    """Captures the input of each named module on every forward (kept with its autograd graph)."""
+    """Captures the input of each named module on every forward (kept with its autograd graph).
+    A module called more than once per forward keeps its last input."""
 
     def __init__(self, model: nn.Module, names: list[str]):
         modules = dict(model.named_modules())
@@ -53,6 +59,7 @@ class Taps:
         if missing:
             raise UserError(f"no such layers in the model: {', '.join(missing[:5])}")
         self.names, self.features = list(names), {}
+        self.dims = {n: channel_dim(modules[n]) for n in names}
         self.order: list[str] = []  # execution order of the last forward
         self.handles = [modules[n].register_forward_pre_hook(self._hook(n)) for n in names]
 
@@ -100,14 +107,15 @@ def record(model: nn.Module, batches: Iterable[dict], weathers: list[str], layer
             weather = batch["weather"].cpu()
             ran.update(taps.order)
             for n in taps.order:
-                per_sample = _per_sample_sums(taps.features[n]).cpu()
+                per_sample = _per_sample_sums(taps.features[n], taps.dims[n]).cpu()
                 sums[(ALL, n)] += per_sample.sum(0)
                 for i, w in enumerate(weathers):
                     sums[(w, n)] += per_sample[weather == i].sum(0)
+    if all_reduce is not None:  # one collective for everything, in the same key order on every rank
+        flat = all_reduce(torch.cat(list(sums.values())))
+        sums = dict(zip(sums, flat.split([v.numel() for v in sums.values()])))
     out = {}
     for (g, n), packed in sums.items():
-        if all_reduce is not None:
-            packed = all_reduce(packed)
         count, c = packed[0], (packed.numel() - 1) // 2
         if count == 0 or n not in ran:
             continue  # a weather this data never showed, or a layer that never ran
@@ -117,10 +125,10 @@ def record(model: nn.Module, batches: Iterable[dict], weathers: list[str], layer
     return out
 
 
-def _per_sample_sums(x: torch.Tensor) -> torch.Tensor:
-    """(B, 1 + 2C): positions, Σx and Σx² per channel, for each sample of a map or token sequence."""
-    x = x.double()
-    x = x.flatten(2).transpose(1, 2) if x.ndim == 4 else x.reshape(x.shape[0], -1, x.shape[-1])
+def _per_sample_sums(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, 1 + 2C): positions, Σx and Σx² per channel (dim ``dim``), for each sample."""
+    x = x.double().movedim(dim, -1)
+    x = x.reshape(x.shape[0], -1, x.shape[-1])
     count = torch.full((x.shape[0], 1), float(x.shape[1]), dtype=torch.float64, device=x.device)
     return torch.cat([count, x.sum(1), x.pow(2).sum(1)], 1)
 
@@ -147,8 +155,6 @@ def load(model_dir) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(model_dir) / STATS_FILE
     if not path.is_file():
         raise UserError(f"{model_dir} has no {STATS_FILE}")
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
     return load_file(str(path)), meta

@@ -73,7 +73,7 @@ def init_student(path: str) -> torch.nn.Module:
     (e.g. a teacher's weather-text head) are frozen, so DDP does not wait for their gradients."""
     student = _load(path, "init")
     probe = copy.deepcopy(student).train()  # a copy: a forward may leave tensors on modules
-    probe(torch.rand(1, 3, 32, 32)).float().mean().backward()
+    probe(torch.rand(2, 3, 32, 32)).float().mean().backward()
     reached = {n for n, p in probe.named_parameters() if p.grad is not None}
     for n, p in student.named_parameters():
         p.requires_grad_(p.requires_grad and n in reached)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -82,6 +83,8 @@ def load_targets(cfg: Config, teacher: torch.nn.Module) -> tuple[dict[str, torch
                             "stage writes it at export (stats.batches > 0)")
         return feature_stats.load(cfg.teacher)[0], "recorded"
     stats = feature_stats.batchnorm_stats(teacher)
+    if not stats and cfg.stats == "batchnorm":
+        raise UserError(f"stats: batchnorm, but {cfg.teacher} has no BatchNorm layers; use stats: auto")
     if not stats:
         raise UserError(f"{cfg.teacher} has no BatchNorm layers and no recorded {feature_stats.STATS_FILE}: there "
                         "are no statistics to invert towards. Re-export the teacher with `weatherkd teacher` "
@@ -98,9 +101,12 @@ class Dreamer(ShardedJob):
         self.cfg = cfg
         if not cfg.teacher:
             raise UserError("teacher is not set: give an exported teacher directory")
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # One GPU per process: accelerate launch sets LOCAL_RANK; an array task sees one GPU.
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+            else torch.device("cpu")
         self.teacher = models.load(cfg.teacher).to(self.device).eval().requires_grad_(False)
-        self.targets, source = load_targets(cfg, self.teacher)
+        targets, source = load_targets(cfg, self.teacher)
+        self.targets = {k: v.to(self.device) for k, v in targets.items()}
         known = models.registry.read_spec(cfg.teacher).get("weathers") or getattr(self.teacher, "weathers", [])
         self.weathers = cfg.weathers or list(known)
         if not self.weathers:
@@ -111,14 +117,18 @@ class Dreamer(ShardedJob):
         if not self.layers:
             raise UserError(f"layers {cfg.layers} match none of the teacher's {len(feature_stats.layers_in(self.targets))} "
                             f"layers with statistics (e.g. {feature_stats.layers_in(self.targets)[:3]})")
-        self.classifier = [getattr(self.teacher, "weathers", []).index(w) if w in getattr(self.teacher, "weathers", [])
-                           else None for w in self.weathers]
+        classes = getattr(self.teacher, "weathers", [])  # what the teacher's own weather classifier knows
+        self.classifier = [classes.index(w) if w in classes else None for w in self.weathers]
         if cfg.w_weather and not any(c is not None for c in self.classifier):
             log.warning("the teacher has no weather classifier for %s: weather comes from statistics alone",
                         self.weathers)
         self.taps = feature_stats.Taps(self.teacher, list(dict.fromkeys(self.layers + ([cfg.ortho_layer] if
                                                                                       cfg.ortho_layer else []))))
         self.order, self.ortho_layer = self._probe()
+        # DeepInversion weights the first layer up. For the CLIP-guided teacher that is the
+        # restoration net's first layer, not the frozen CLIP tower's (which runs first).
+        net_layers = [n for n in self.order if n.startswith("net.")] if isinstance(self.teacher, ClipWeather) else []
+        self.first_layer = (net_layers or self.order)[0]
         self.prov = {"teacher": sha256_file(Path(cfg.teacher) / models.registry.WEIGHTS)[:16], "stats": source,
                      "iterations": cfg.iterations, "size": cfg.size, "init": cfg.init, "w_ortho": cfg.w_ortho}
         log.info("dream: %d layers with %s statistics, deep features at %s, weathers %s", len(self.layers), source,
@@ -129,10 +139,14 @@ class Dreamer(ShardedJob):
         with torch.no_grad():
             self.forward(torch.full((2, 3, self.cfg.size, self.cfg.size), 0.5, device=self.device))
         order = [n for n in self.taps.order if n in self.layers]
+        if not order:
+            raise UserError(f"none of the layers {self.layers[:3]}... runs in the teacher's forward; check `layers`")
         if self.cfg.ortho_layer:
+            if self.cfg.ortho_layer not in self.taps.features:
+                raise UserError(f"ortho_layer '{self.cfg.ortho_layer}' does not run in the teacher's forward")
             return order, self.cfg.ortho_layer
-        positions = {n: self.taps.features[n][0].numel() // self.taps.features[n].shape[1 if
-                     self.taps.features[n].ndim == 4 else -1] for n in order}
+        positions = {n: self.taps.features[n][0].numel() // self.taps.features[n].shape[self.taps.dims[n]]
+                     for n in order}
         fewest = min(positions.values())
         return order, [n for n in order if positions[n] == fewest][-1]
 
@@ -160,6 +174,7 @@ class Dreamer(ShardedJob):
         """Optimise the batch for samples ``ks``: (images, total loss per iteration, last terms)."""
         cfg, p = self.cfg, self.cfg.priors
         weather = torch.tensor([k % len(self.weathers) for k in ks], device=self.device)
+        groups = self.stat_groups(weather)
         x = self.initial(ks).requires_grad_(True)
         opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9))
         g = torch.Generator().manual_seed(sample_seed(cfg.seed, -1 - ks[0]))  # jitter and flips, reproducibly
@@ -172,7 +187,7 @@ class Dreamer(ShardedJob):
             if p.flip and torch.rand((), generator=g) < 0.5:
                 view = view.flip(3)
             _, logits = self.forward(view)
-            terms = {"stats": cfg.w_stats * self.stats_loss(weather), "tv": p.w_tv * I.total_variation(x),
+            terms = {"stats": cfg.w_stats * self.stats_loss(groups), "tv": p.w_tv * I.total_variation(x),
                      "l2": p.w_l2 * I.l2_prior(x)}
             if cfg.w_ortho:
                 terms["ortho"] = cfg.w_ortho * I.orthogonality(self.taps.features[self.ortho_layer])
@@ -187,21 +202,31 @@ class Dreamer(ShardedJob):
             history.append(float(loss.detach()))
         return x.detach(), history, {k: float(v.detach()) for k, v in terms.items()}
 
-    def stats_loss(self, weather: torch.Tensor) -> torch.Tensor:
-        """Each weather's rows against that weather's statistics (or the batch against the overall ones)."""
+    def stat_groups(self, weather: torch.Tensor) -> list[tuple[str, torch.Tensor | None]]:
+        """(statistics group, the batch rows matched to it; None: all): each weather's rows to its own
+        statistics where the teacher recorded them, every other row together to the overall ones."""
+        if not self.cfg.per_weather:
+            return [(feature_stats.ALL, None)]
+        groups, rest = [], torch.zeros_like(weather, dtype=torch.bool)
+        for w in weather.unique().tolist():
+            if f"{self.weathers[w]}/{self.order[0]}/mean" in self.targets:
+                groups.append((self.weathers[w], weather == w))
+            else:
+                rest |= weather == w
+        if rest.all():
+            return [(feature_stats.ALL, None)]
+        return groups + ([(feature_stats.ALL, rest)] if rest.any() else [])
+
+    def stats_loss(self, groups: list[tuple[str, torch.Tensor | None]]) -> torch.Tensor:
         total = 0.0
-        for i, name in enumerate(self.order):
-            feats = self.taps.features[name]
-            scale = self.cfg.first_layer_weight if i == 0 else 1.0
-            groups = [(self.weathers[w], weather == w) for w in weather.unique().tolist()] if self.cfg.per_weather \
-                else [(feature_stats.ALL, None)]
+        for name in self.order:
+            feats, dim = self.taps.features[name], self.taps.dims[name]
+            scale = self.cfg.first_layer_weight if name == self.first_layer else 1.0
             for group, rows in groups:
-                if f"{group}/{name}/mean" not in self.targets:
-                    group, rows = feature_stats.ALL, None
                 f = feats if rows is None else feats[rows]
                 share = 1.0 if rows is None else float(rows.float().mean())
-                mean, var = (self.targets[f"{group}/{name}/{m}"].to(f.device) for m in ("mean", "var"))
-                total = total + scale * share * I.statistics(f, mean, var)
+                mean, var = self.targets[f"{group}/{name}/mean"], self.targets[f"{group}/{name}/var"]
+                total = total + scale * share * I.statistics(f, mean, var, dim)
         return total / len(self.order)
 
     def weather_loss(self, logits: torch.Tensor, weather: torch.Tensor) -> torch.Tensor:

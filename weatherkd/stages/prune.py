@@ -64,13 +64,13 @@ class Config:
 class Pruner:
     """DepGraph pruning of one network; every call prunes a fresh copy of the original."""
 
-    def __init__(self, model: nn.Module, cfg: Config):
-        self.model, self.cfg = model.eval(), cfg
+    def __init__(self, model: nn.Module, cfg: Config, device: torch.device | str = "cpu"):
+        self.model, self.cfg, self.device = model.to(device).eval(), cfg, device
         # A bundle with a frozen CLIP tower: only the restoration net is pruned, fed the tower's output.
         self.bundle = isinstance(model, ClipWeather)
         net = model.net if self.bundle else model
         self.keep = cfg.keep + (CLIPWEATHER_KEEP if isinstance(net, ClipWeatherNet) else [])
-        self.probe_input = torch.rand(1, 3, 64, 64)
+        self.probe_input = torch.rand(1, 3, 64, 64, device=device)
         self.groups = [name for name, _ in self._pruner(copy.deepcopy(model), {}).groups()]
         if not self.groups:
             raise UserError(f"no prunable channel groups in {cfg.model} once {self.keep} are kept")
@@ -98,7 +98,7 @@ class Pruner:
         return model
 
     def flops(self, model: nn.Module) -> int:
-        return cost.flops(model, self.cfg.flops_size)
+        return cost.flops(model, self.cfg.flops_size, self.device)
 
 
 class _Run:
@@ -141,8 +141,9 @@ def allocate(sensitivity: dict[str, float], reduction_at, target: float, max_rat
              steps: int = 30) -> tuple[dict[str, float], float]:
     """Per-group ratios ``min(max_ratio, λ · median(s) / s_g)`` for the smallest ``λ`` whose FLOPs
     reduction (``reduction_at(ratios)``) reaches ``target``: bisection, the reduction grows with λ."""
-    mid = statistics.median(sensitivity.values())
-    floor = max(mid * 1e-3, 1e-12)  # a group whose pruning changed nothing measurable is not free
+    measurable = [s for s in sensitivity.values() if s > 0]
+    mid = statistics.median(measurable) if measurable else 1.0
+    floor = mid * 1e-3  # a group whose pruning changed nothing measurable is still not free
 
     def ratios(lam: float) -> dict[str, float]:
         return {g: min(max_ratio, lam * mid / max(s, floor)) for g, s in sensitivity.items()}
@@ -150,7 +151,8 @@ def allocate(sensitivity: dict[str, float], reduction_at, target: float, max_rat
     most = reduction_at(ratios(1e9))
     if most < target:
         raise UserError(f"even pruning every group by max_ratio={max_ratio} removes only {most:.1%} of the "
-                        f"FLOPs, short of flops_reduction={target:.0%}: raise max_ratio or keep fewer layers")
+                        f"FLOPs (the rest is in layers that stay whole, e.g. a frozen CLIP tower), short of "
+                        f"flops_reduction={target:.0%}: raise max_ratio, keep fewer layers or lower the target")
     lo, hi = 0.0, 1.0
     while reduction_at(ratios(hi)) < target:
         lo, hi = hi, hi * 2
@@ -168,9 +170,9 @@ def run(cfg: Config) -> int:
     acc = make_accelerator()
     torch.manual_seed(cfg.seed)
     spec = read_spec(cfg.model)
-    original = models.load(cfg.model)
-    inputs = calibration_inputs(cfg)
-    pruner = Pruner(original, cfg)
+    original = models.load(cfg.model).to(acc.device)
+    inputs = calibration_inputs(cfg).to(acc.device)
+    pruner = Pruner(original, cfg, acc.device)
     with torch.no_grad():
         reference = original(inputs).clamp(0, 1)
     base_flops = pruner.flops(original)
@@ -197,10 +199,8 @@ def run(cfg: Config) -> int:
 
     ratios, lam = allocate(sensitivity, reduction_at, cfg.flops_reduction, cfg.max_ratio)
     model = pruner.prune(ratios)
-    model.train()
-    model(inputs[:2]).mean().backward()  # it must still train, not just run
-    model.zero_grad(set_to_none=True)
-    model.eval()
+    check = copy.deepcopy(model).train()  # it must still train, not just run (a copy: BN statistics stay)
+    check(inputs[:2]).mean().backward()
     after_flops = pruner.flops(model)
     report = {
         "model": cfg.model, "flops_size": cfg.flops_size,
