@@ -69,6 +69,7 @@ def test_resume_is_bit_exact_and_ranks_agree(launch, tiny_set, tmp_path):
     assert model(torch.rand(1, 3, 20, 28)).shape == (1, 3, 20, 28)
     spec = json.loads((split / "model" / "model.json").read_text())
     assert spec["arch"] == "residual_cnn" and spec["kwargs"] == {"width": 8, "depth": 3}
+    assert not (split / "model" / "feature_stats.safetensors").exists()  # a net without norm layers: nothing to record
 
 
 def test_zero1_trains_and_exports(tiny_set, tmp_path):

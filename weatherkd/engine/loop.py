@@ -401,6 +401,10 @@ class Engine:
         loader = train_loader(d.train_shards, d.train_split, d.weathers, plain, cfg.seed + 1, acc.process_index,
                               acc.num_processes, want.batches, d.num_workers)
         exported = models.load(path).to(acc.device).eval()
+        if not feature_stats.select_layers(exported, want.layers):
+            log.info("no layer of the exported model matches stats.layers %s: no feature statistics recorded",
+                     want.layers)
+            return
         batches = (self.to_device(b) for b in loader.epoch(0, 0))
         reduce = (lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu()) if acc.num_processes > 1 else None
         stats = feature_stats.record(exported, batches, self.weathers, want.layers, reduce)
