@@ -122,8 +122,8 @@ class Dreamer(ShardedJob):
         if cfg.w_weather and not any(c is not None for c in self.classifier):
             log.warning("the teacher has no weather classifier for %s: weather comes from statistics alone",
                         self.weathers)
-        self.taps = feature_stats.Taps(self.teacher, list(dict.fromkeys(self.layers + ([cfg.ortho_layer] if
-                                                                                      cfg.ortho_layer else []))))
+        extra = [cfg.ortho_layer] if cfg.ortho_layer and cfg.ortho_layer not in self.layers else []
+        self.taps = feature_stats.Taps(self.teacher, self.layers + extra)
         self.order, self.ortho_layer = self._probe()
         # DeepInversion weights the first layer up. For the CLIP-guided teacher that is the
         # restoration net's first layer, not the frozen CLIP tower's (which runs first).
