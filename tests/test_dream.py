@@ -30,7 +30,7 @@ def test_inversion_loss_decreases_towards_recorded_statistics(tiny_teacher, tmp_
     def statistics_term(images) -> float:
         with torch.no_grad():
             d.forward(images)
-            return float(d.stats_loss(d.stat_groups(weather)))
+            return float(d.stats_loss(d.batch_groups(weather)))
 
     before = statistics_term(d.initial(ks))
     x, history, terms = d.dream(ks)

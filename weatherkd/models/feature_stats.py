@@ -58,7 +58,7 @@ class Taps:
         missing = [n for n in names if n not in modules]
         if missing:
             raise UserError(f"no such layers in the model: {', '.join(missing[:5])}")
-        self.names, self.features = list(names), {}
+        self.features: dict[str, torch.Tensor] = {}
         self.dims = {n: channel_dim(modules[n]) for n in names}
         self.order: list[str] = []  # execution order of the last forward
         self.handles = [modules[n].register_forward_pre_hook(self._hook(n)) for n in names]

@@ -173,8 +173,10 @@ class Dreamer(ShardedJob):
     def dream(self, ks: list[int]) -> tuple[torch.Tensor, list[float], dict[str, float]]:
         """Optimise the batch for samples ``ks``: (images, total loss per iteration, last terms)."""
         cfg, p = self.cfg, self.cfg.priors
+        # Everything per batch that needs the host is settled here: the loop below never syncs.
         weather = torch.tensor([k % len(self.weathers) for k in ks], device=self.device)
-        groups = self.stat_groups(weather)
+        groups = self.batch_groups(weather)
+        classes = self.classifier_targets(ks)
         x = self.initial(ks).requires_grad_(True)
         opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9))
         g = torch.Generator().manual_seed(sample_seed(cfg.seed, -1 - ks[0]))  # jitter and flips, reproducibly
@@ -191,15 +193,16 @@ class Dreamer(ShardedJob):
                      "l2": p.w_l2 * I.l2_prior(x)}
             if cfg.w_ortho:
                 terms["ortho"] = cfg.w_ortho * I.orthogonality(self.taps.features[self.ortho_layer])
-            if cfg.w_weather and logits is not None:
-                terms["weather"] = cfg.w_weather * self.weather_loss(logits, weather)
+            if cfg.w_weather and logits is not None and classes is not None:
+                terms["weather"] = cfg.w_weather * F.cross_entropy(logits.float(), classes, ignore_index=-100)
             loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             with torch.no_grad():
                 x.clamp_(0, 1)
-            history.append(float(loss.detach()))
+            history.append(loss.detach())
+        history = torch.stack(history).tolist() if history else []
         return x.detach(), history, {k: float(v.detach()) for k, v in terms.items()}
 
     def stat_groups(self, weather: torch.Tensor) -> list[tuple[str, torch.Tensor | None]]:
@@ -207,6 +210,7 @@ class Dreamer(ShardedJob):
         statistics where the teacher recorded them, every other row together to the overall ones."""
         if not self.cfg.per_weather:
             return [(feature_stats.ALL, None)]
+        weather = weather.cpu()
         groups, rest = [], torch.zeros_like(weather, dtype=torch.bool)
         for w in weather.unique().tolist():
             if f"{self.weathers[w]}/{self.order[0]}/mean" in self.targets:
@@ -217,22 +221,29 @@ class Dreamer(ShardedJob):
             return [(feature_stats.ALL, None)]
         return groups + ([(feature_stats.ALL, rest)] if rest.any() else [])
 
-    def stats_loss(self, groups: list[tuple[str, torch.Tensor | None]]) -> torch.Tensor:
+    def batch_groups(self, weather: torch.Tensor) -> list[tuple[str, torch.Tensor | None, float]]:
+        """``stat_groups`` as (group, row indices on the device, share of the batch): indexing with
+        them inside the loop needs no host sync, unlike a boolean mask."""
+        return [(group, None if rows is None else rows.nonzero().squeeze(1).to(self.device),
+                 1.0 if rows is None else float(rows.float().mean())) for group, rows in self.stat_groups(weather)]
+
+    def stats_loss(self, groups: list[tuple[str, torch.Tensor | None, float]]) -> torch.Tensor:
         total = 0.0
         for name in self.order:
             feats, dim = self.taps.features[name], self.taps.dims[name]
             scale = self.cfg.first_layer_weight if name == self.first_layer else 1.0
-            for group, rows in groups:
-                f = feats if rows is None else feats[rows]
-                share = 1.0 if rows is None else float(rows.float().mean())
+            for group, rows, share in groups:
+                f = feats if rows is None else feats.index_select(0, rows)
                 mean, var = self.targets[f"{group}/{name}/mean"], self.targets[f"{group}/{name}/var"]
                 total = total + scale * share * I.statistics(f, mean, var, dim)
         return total / len(self.order)
 
-    def weather_loss(self, logits: torch.Tensor, weather: torch.Tensor) -> torch.Tensor:
-        target = torch.tensor([self.classifier[w] if self.classifier[w] is not None else -100 for w in weather.tolist()],
-                              device=logits.device)
-        return F.cross_entropy(logits.float(), target, ignore_index=-100) if (target >= 0).any() else logits.sum() * 0
+    def classifier_targets(self, ks: list[int]) -> torch.Tensor | None:
+        """The teacher's class index of each sample's weather (-100: one it cannot classify)."""
+        targets = [self.classifier[k % len(self.weathers)] for k in ks]
+        if all(t is None for t in targets):
+            return None
+        return torch.tensor([-100 if t is None else t for t in targets], device=self.device)
 
     def generate(self, ks: list[int]) -> list[dict]:
         x, history, terms = self.dream(ks)

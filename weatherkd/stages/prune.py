@@ -71,7 +71,7 @@ class Pruner:
         net = model.net if self.bundle else model
         self.keep = cfg.keep + (CLIPWEATHER_KEEP if isinstance(net, ClipWeatherNet) else [])
         self.probe_input = torch.rand(1, 3, 64, 64, device=device)
-        self.groups = [name for name, _ in self._pruner(copy.deepcopy(model), {}).groups()]
+        self.groups = self._pruner(copy.deepcopy(model), {}).groups()
         if not self.groups:
             raise UserError(f"no prunable channel groups in {cfg.model} once {self.keep} are kept")
 
@@ -106,10 +106,11 @@ class _Run:
         self.pruner = pruner
         self.names = {m: n for n, m in named.items()}
 
-    def groups(self) -> list[tuple[str, object]]:
+    def groups(self) -> list[str]:
+        """The prunable channel groups, each named by its root layer (the key of a ratio)."""
         p = self.pruner
         found = p.DG.get_all_groups(ignored_layers=p.ignored_layers, root_module_types=p.root_module_types)
-        return [(self.names[g[0].dep.target.module], g) for g in found]
+        return [self.names[g[0].dep.target.module] for g in found]
 
 
 def _out_channels(m: nn.Module) -> int:
