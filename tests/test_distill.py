@@ -102,7 +102,9 @@ def test_dckd_under_ddp_resumes_with_all_kd_state(kd_inputs, tmp_path):
                                                              "history.every=[1,2]", "history.milestones=[4]"])
     recipe = DistillRecipe(cfg)
     assert [recipe.history_interval(s) for s in (1, 3, 4, 5, 8)] == [1, 1, 2, 2, 2]
-    state = torch.load(split / "checkpoints" / "step-0000008" / "custom_checkpoint_2.pkl", weights_only=False)
+    from weatherkd.engine import checkpoint
+
+    state = checkpoint.load_state_tree(split / "checkpoints" / "step-0000008")["recipe"]
     assert state["history_updates"] == 6 and "history" in state
     spec = json.loads((split / "model" / "model.json").read_text())
     assert spec["arch"] == "unet_bn" and spec["objective"] == "dckd"

@@ -24,16 +24,17 @@ def calib(tmp_path_factory):
 
 def test_allocation_prunes_insensitive_groups_more_and_meets_the_target():
     sensitivity = {"a": 1.0, "b": 4.0, "c": 0.25}
-    width = {"a": 1.0, "b": 1.0, "c": 1.0}
 
-    def reduction(ratios):  # each group a third of the FLOPs, removed in proportion
-        return sum(ratios[g] * width[g] for g in ratios) / 3
+    def evaluate(ratios):  # each group a third of the FLOPs, removed in whole channels of 16
+        reduction = sum(int(16 * r) / 16 for r in ratios.values()) / 3
+        return reduction, dict(ratios)
 
-    ratios, _ = prune.allocate(sensitivity, reduction, 0.4, max_ratio=0.8)
-    assert reduction(ratios) == pytest.approx(0.4, abs=1e-3)
+    ratios, _, measured_at = prune.allocate(sensitivity, evaluate, 0.4, max_ratio=0.8)
+    assert measured_at == ratios  # what is returned is what was measured
+    assert evaluate(ratios)[0] >= 0.4  # the target is met on the rounded channel counts, not approximately
     assert ratios["c"] > ratios["a"] > ratios["b"]
     with pytest.raises(UserError, match="raise max_ratio"):
-        prune.allocate(sensitivity, reduction, 0.9, max_ratio=0.8)
+        prune.allocate(sensitivity, evaluate, 0.9, max_ratio=0.8)
 
 
 def test_a_pruned_conv_net_exports_and_reloads_exactly(tmp_path):
@@ -75,7 +76,7 @@ def test_two_processes_prune_the_teacher_by_the_requested_flops(tiny_teacher, ca
                        f"out_dir={out}", f"calib_shards={calib}", "calib_samples=6", "calib_size=32",
                        "flops_size=64", "flops_reduction=0.4"], module=True)
     report = json.loads((out / "prune.json").read_text())
-    assert 0.4 <= report["flops"]["reduction"] < 0.5, report["flops"]
+    assert report["flops"]["reduction"] >= 0.4, report["flops"]  # what prune guarantees, on any machine
     assert report["params"]["after"] < report["params"]["before"]
     ratios = [g["ratio"] for g in report["groups"].values()]
     assert len(report["groups"]) >= 10 and len(set(round(r, 4) for r in ratios)) > 3  # adaptive, not one ratio

@@ -67,6 +67,8 @@ def _add_shards(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--shard-size", type=int, default=None, help="samples per tar")
     s.add_argument("--overwrite", action="store_true", help="replace an existing complete set")
+    s.add_argument("--skip-bad", action="store_true",
+                   help="skip, count and list (in the manifest) source images that cannot be read")
 
     s = ssub.add_parser("ingest", help="convert an AllWeather/TransWeather or paired-folder dataset to shards")
     s.add_argument("--layout", required=True, choices=["allweather", "paired"])
@@ -77,6 +79,8 @@ def _add_shards(sub) -> None:
     s.add_argument("--split", default="train")
     s.add_argument("--weather", default=None, help="weather of every sample (default: inferred from the path)")
     s.add_argument("--skip-missing", action="store_true", help="skip and count pairs whose partner is missing")
+    s.add_argument("--skip-bad", action="store_true",
+                   help="skip, count and list (in the manifest) pairs with an unreadable or truncated image")
     s.add_argument("--shard-size", type=int, default=None)
     s.add_argument("--overwrite", action="store_true")
 

@@ -214,11 +214,23 @@ def to_dict(cfg) -> dict:
 # ---------------------------------------------------------------------------
 
 
+def parse_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` (tags such as ``!!python/object`` are refused, never run), with a
+    syntax error reported as one line: the source, line and column, and what is wrong."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{where}: invalid YAML: {what}") from None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like dotted.key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    value = parse_yaml(raw, f"override '{text}'") if raw != "" else ""
     return key.strip().split("."), value
 
 
@@ -239,7 +251,11 @@ def load(cls, path: str | os.PathLike | None = None, overrides: list[str] = ()):
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from None
+        data = parse_yaml(text, str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         source = str(path)

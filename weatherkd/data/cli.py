@@ -22,8 +22,10 @@ def _synth(args) -> int:
         value = getattr(args, name)
         if value is not None:
             setattr(spec, name, value)
-    manifest = build(args.out, args.source, spec, overwrite=args.overwrite)
-    log.info("wrote %s: %s", args.out, json.dumps(manifest["splits"]))
+    manifest = build(args.out, args.source, spec, overwrite=args.overwrite, skip_bad=args.skip_bad)
+    bad = manifest["created_by"].get("skipped_bad", [])
+    log.info("wrote %s: %s%s", args.out, json.dumps(manifest["splits"]),
+             f" (skipped {len(bad)} unreadable images)" if bad else "")
     return 0
 
 
@@ -32,9 +34,10 @@ def _ingest(args) -> int:
 
     manifest = ingest(args.layout, args.root, args.out, split=args.split, list_file=args.list_file,
                       target_root=args.target_root, weather=args.weather, skip_missing=args.skip_missing,
-                      shard_size=args.shard_size or 256, overwrite=args.overwrite)
-    skipped = manifest["created_by"].get("skipped_missing", 0)
-    log.info("wrote %s: %s (skipped %d pairs with a missing file)", args.out, json.dumps(manifest["splits"]), skipped)
+                      skip_bad=args.skip_bad, shard_size=args.shard_size or 256, overwrite=args.overwrite)
+    created = manifest["created_by"]
+    log.info("wrote %s: %s (skipped %d pairs with a missing file, %d with an unreadable image)", args.out,
+             json.dumps(manifest["splits"]), created.get("skipped_missing", 0), len(created.get("skipped_bad", [])))
     return 0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from weatherkd.config import CANONICAL_WEATHERS
-from weatherkd.data.samples import IMAGE_EXTS, decode_image, encode_sample
+from weatherkd.data.samples import IMAGE_EXTS, BadImage, encode_sample, read_image_file
 from weatherkd.data.shards import ShardSetError, ShardSetWriter
 from weatherkd.logs import get_logger, progress
 
@@ -77,7 +77,9 @@ def _key(split: str, index: int, path: Path) -> str:
 
 def ingest(layout: str, root: str, out: str, split: str = "train", list_file: str | None = None,
            target_root: str | None = None, weather: str | None = None, skip_missing: bool = False,
-           shard_size: int = 256, overwrite: bool = False) -> dict:
+           skip_bad: bool = False, shard_size: int = 256, overwrite: bool = False) -> dict:
+    """``skip_missing``/``skip_bad``: skip pairs with an absent / undecodable file, count them and
+    list the bad files in the manifest, instead of stopping at the first one."""
     root_p = Path(root)
     if not root_p.is_dir():
         raise ShardSetError(f"dataset root not found: {root_p}")
@@ -96,7 +98,7 @@ def ingest(layout: str, root: str, out: str, split: str = "train", list_file: st
     weathers = [w for w in CANONICAL_WEATHERS if w in weathers_of] + sorted(set(weathers_of) - set(CANONICAL_WEATHERS))
     writer = ShardSetWriter(out, weathers, shard_size, overwrite,
                             creator={"layout": layout, "root": str(root_p.resolve()), "list": list_file})
-    missing = 0
+    missing, bad = 0, []
     for i, ((inp, tgt), w) in enumerate(progress(list(zip(pairs, weathers_of)), desc="shards ingest", unit="pair")):
         absent = [p for p in (inp, tgt) if not p.is_file()]
         if absent:
@@ -104,7 +106,14 @@ def ingest(layout: str, root: str, out: str, split: str = "train", list_file: st
                 raise ShardSetError(f"missing file {absent[0]} (pair of {inp}); pass --skip-missing to skip and count")
             missing += 1
             continue
-        input_img, target_img = decode_image(inp.read_bytes()), decode_image(tgt.read_bytes())
+        try:
+            input_img, target_img = read_image_file(inp), read_image_file(tgt)
+        except BadImage as e:
+            if not skip_bad:
+                raise BadImage(f"{e}; pass --skip-bad to skip and count such pairs") from None
+            log.warning("skipping a pair: %s", e)
+            bad.append(str(e))
+            continue
         if input_img.shape != target_img.shape:
             raise ShardSetError(f"{inp} is {input_img.shape[:2]} but its target {tgt} is {target_img.shape[:2]}")
         meta = {"source": layout, "weather": w, "params": None, "origin": str(inp.relative_to(root_p)), "seed": None}
@@ -112,7 +121,11 @@ def ingest(layout: str, root: str, out: str, split: str = "train", list_file: st
                                target=np.ascontiguousarray(target_img))
         writer.add(split, w, sample)
     writer.creator["skipped_missing"] = missing
+    writer.creator["skipped_bad"] = bad
     manifest = writer.close()
     if missing:
         log.warning("skipped %d pairs with a missing partner file", missing)
+    if bad:
+        log.warning("skipped %d pairs with an unreadable image (listed in the manifest's created_by.skipped_bad)",
+                    len(bad))
     return manifest

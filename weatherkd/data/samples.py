@@ -8,6 +8,8 @@ import json
 import numpy as np
 from PIL import Image
 
+from weatherkd.errors import UserError
+
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 # Every image member of a sample, in the DESIGN schema.
 IMAGE_FIELDS = ("input", "target", "teacher")
@@ -34,6 +36,22 @@ def decode_image(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
         im.load()  # forces a full decode, so truncated files fail here, not later
         return np.array(im if im.mode == "RGB" else im.convert("RGB"))
+
+
+class BadImage(UserError):
+    """An image file that cannot be read or fully decoded (missing, truncated, not an image)."""
+
+
+def read_image_file(path) -> np.ndarray:
+    """Decode a whole image file to uint8 RGB; any failure is a ``BadImage`` naming the file."""
+    try:
+        with open(path, "rb") as f:
+            return decode_image(f.read())
+    # PIL reports broken files as OSError (truncated, unidentified), ValueError, SyntaxError (bad
+    # PNG chunks) or its DecompressionBombError; all mean the same thing here.
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise BadImage(f"{path}: unreadable image ({reason})") from None
 
 
 def decode_member(ext: str, data: bytes):

@@ -15,7 +15,7 @@ from PIL import Image
 
 from weatherkd.config import CANONICAL_WEATHERS
 from weatherkd.data import weather as weather_models
-from weatherkd.data.samples import IMAGE_EXTS, encode_sample, to_uint8
+from weatherkd.data.samples import IMAGE_EXTS, BadImage, encode_sample, read_image_file, to_uint8
 from weatherkd.data.shards import ShardSetError, ShardSetWriter
 from weatherkd.logs import get_logger, progress
 
@@ -53,8 +53,9 @@ class SynthSpec:
     params: weather_models.WeatherParams = field(default_factory=weather_models.WeatherParams)
 
 
-def load_photos(source: str) -> list[tuple[str, np.ndarray]]:
-    """(name, float32 H×W×3 in [0, 1]) for every photo in the source."""
+def load_photos(source: str, skip_bad: bool = False, bad: list | None = None) -> list[tuple[str, np.ndarray]]:
+    """(name, float32 H×W×3 in [0, 1]) for every photo in the source. An unreadable file stops
+    with its name, or with ``skip_bad`` is skipped and its error appended to ``bad``."""
     if source == "builtin":
         import skimage.data
 
@@ -68,7 +69,19 @@ def load_photos(source: str) -> list[tuple[str, np.ndarray]]:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTS)
     if not files:
         raise ShardSetError(f"no images ({', '.join(IMAGE_EXTS)}) found under {root}")
-    return [(str(p.relative_to(root)), np.asarray(Image.open(p).convert("RGB"), np.float32) / 255.0) for p in files]
+    photos = []
+    for p in files:
+        try:
+            photos.append((str(p.relative_to(root)), read_image_file(p).astype(np.float32) / 255.0))
+        except BadImage as e:
+            if not skip_bad:
+                raise BadImage(f"{e}; pass --skip-bad to skip and count such files") from None
+            log.warning("skipping %s", e)
+            if bad is not None:
+                bad.append(str(e))
+    if not photos:
+        raise ShardSetError(f"none of the {len(files)} images under {root} could be read")
+    return photos
 
 
 def _resize(img: np.ndarray, scale: float) -> np.ndarray:
@@ -96,11 +109,13 @@ def _test_image(img: np.ndarray, longest: int) -> np.ndarray:
     return img[: h - h % 8, : w - w % 8]  # multiples of 8 keep every model's down/upsampling exact
 
 
-def build(out: str, source: str, spec: SynthSpec, overwrite: bool = False, creator: dict | None = None) -> dict:
+def build(out: str, source: str, spec: SynthSpec, overwrite: bool = False, creator: dict | None = None,
+          skip_bad: bool = False) -> dict:
     for w in spec.weathers:
         if w not in weather_models.MODELS:
             raise ShardSetError(f"unknown weather '{w}'; known: {', '.join(weather_models.MODELS)}")
-    photos = load_photos(source)
+    bad: list[str] = []
+    photos = load_photos(source, skip_bad, bad)
     if len(photos) <= spec.test_photos:
         raise ShardSetError(f"{len(photos)} photos cannot hold out {spec.test_photos} for testing")
     order = np.random.default_rng(spec.seed).permutation(len(photos))
@@ -116,7 +131,7 @@ def build(out: str, source: str, spec: SynthSpec, overwrite: bool = False, creat
     writer = ShardSetWriter(out, spec.weathers, spec.shard_size, overwrite,
                             creator={"source": source, "spec": _spec_dict(spec),
                                      "train_photos": [n for n, _ in train_photos],
-                                     "test_photos": [n for n, _ in test_photos]})
+                                     "test_photos": [n for n, _ in test_photos], "skipped_bad": bad})
     total = spec.train * len(spec.weathers) + spec.test * len(spec.weathers)
     bar = progress(total=total, desc="shards synth", unit="img")
     for i in range(spec.train):

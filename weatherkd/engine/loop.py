@@ -21,16 +21,18 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from weatherkd import config as cfgmod
 from weatherkd import models, tracking
 from weatherkd.data.stream import TrainSpec, eval_loader, train_loader
-from weatherkd.engine import checkpoint, validate
+from weatherkd.engine import checkpoint, failpoints, validate
 from weatherkd.engine.preempt import EXIT_PREEMPTED, Preemption
 from weatherkd.engine.recipe import Recipe
+from weatherkd.engine.run_lock import RunLock, RunLocked
 from weatherkd.engine.schedule import build_scheduler
+from weatherkd.errors import UserError
 from weatherkd.io import atomic_write_json
 from weatherkd.logs import get_logger, progress
 from weatherkd.models import feature_stats
@@ -65,19 +67,6 @@ class Window:
             self.sums[k] = self.sums.get(k, 0) + v
 
 
-class _StageState:
-    """Adapts a recipe's extra state to accelerate's checkpoint registry."""
-
-    def __init__(self, recipe: Recipe):
-        self.recipe = recipe
-
-    def state_dict(self) -> dict:
-        return self.recipe.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.recipe.load_state_dict(state)
-
-
 def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, log_with=None,
                      project_dir: str | None = None) -> Accelerator:
     """An Accelerator that joins the launcher's process group on GPU or CPU alike."""
@@ -110,12 +99,28 @@ class Engine:
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         self.acc = accelerator or build_accelerator(cfg)
+        self.lock = RunLock(self.out_dir)
+        self.hold_out_dir()
         set_seed(cfg.seed)
         self.recipe = make_recipe(cfg)
         self.progress = Progress()
         self.weathers: list[str] = []
 
     # ------------------------------------------------------------------ setup
+
+    def hold_out_dir(self) -> None:
+        """Rank 0 locks out_dir for the life of the run; every rank gets its answer, so a second
+        run on a busy folder stops at once, on every rank, before it writes anything."""
+        refusal = [None]
+        if self.acc.is_main_process:
+            try:
+                self.lock.acquire()
+            except RunLocked as e:
+                refusal = [str(e)]
+        if self.acc.num_processes > 1:
+            refusal = broadcast_object_list(refusal)
+        if refusal[0]:
+            raise RunLocked(refusal[0])
 
     @property
     def deepspeed(self) -> bool:
@@ -161,9 +166,6 @@ class Engine:
             model = torch.compile(model)
         # The scheduler stays out of prepare(): accelerate would step it once per process.
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        acc.register_for_checkpointing(self.scheduler, self.progress, _StageState(self.recipe))
-        if self.ema is not None:
-            acc.register_for_checkpointing(self.ema)
         self.tracker = tracking.Tracker(acc, cfg.tracker, self.out_dir, cfgmod.to_dict(cfg))
         self.preemption = Preemption(self.out_dir)
 
@@ -240,6 +242,7 @@ class Engine:
                 sys.exit(EXIT_PREEMPTED)
             window.add(self.train_step(batches, window))
             step = self.progress.step
+            failpoints.reached("train.step", step)
             bar.update()
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 self.log_train(window, step)
@@ -255,6 +258,8 @@ class Engine:
         self.export()
         self.write_metrics(metrics)
         self.tracker.finish()
+        self.acc.wait_for_everyone()
+        self.lock.release()
         return metrics
 
     def train_step(self, batches, timer: "Window") -> dict[str, torch.Tensor]:
@@ -365,14 +370,43 @@ class Engine:
 
     # ------------------------------------------------------------------ checkpoints and export
 
+    def state_dict(self) -> dict:
+        """The engine's own state in a checkpoint, beside accelerate's model/optimizer/RNG files."""
+        return {"progress": self.progress.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "recipe": self.recipe.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.progress.load_state_dict(state["progress"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.recipe.load_state_dict(state["recipe"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise checkpoint.CheckpointError("the checkpoint has no EMA state, but train.ema_decay > 0 now")
+            self.ema.load_state_dict(state["ema"])
+
     def save(self) -> None:
-        checkpoint.save(self.acc, self.ckpt_root, self.progress.step, self.cfg.ckpt.keep)
+        checkpoint.save(self.acc, self.ckpt_root, self.progress.step, self.cfg.ckpt.keep, self.state_dict())
 
     def resume(self) -> None:
-        path = checkpoint.resolve(self.cfg.resume, self.ckpt_root)
+        """Rank 0 picks the newest checkpoint that verifies and holds no pickled code; every rank
+        then loads it with torch.load forced to weights_only."""
+        decision = [None, None]
+        if self.acc.is_main_process:
+            try:
+                path = checkpoint.choose(self.cfg.resume, self.ckpt_root)
+                if path is not None:
+                    checkpoint.refuse_pickled_code(path)
+                decision = [str(path) if path else None, None]
+            except UserError as e:
+                decision = [None, str(e)]
+        if self.acc.num_processes > 1:
+            decision = broadcast_object_list(decision)
+        path, refusal = decision
+        if refusal:
+            raise checkpoint.CheckpointError(refusal)
         if path is None:
             return
-        self.acc.load_state(str(path))
+        self.load_state_dict(checkpoint.load(self.acc, Path(path)))
         log.info("resumed from %s at step %d (target %d)", path, self.progress.step, self.cfg.train.max_steps)
 
     def export(self) -> Path:

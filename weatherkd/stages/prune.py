@@ -20,7 +20,7 @@ import statistics
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from accelerate.utils import gather_object
@@ -138,10 +138,15 @@ def calibration_inputs(cfg: Config) -> torch.Tensor:
     return torch.cat(images)
 
 
-def allocate(sensitivity: dict[str, float], reduction_at, target: float, max_ratio: float,
-             steps: int = 30) -> tuple[dict[str, float], float]:
+def allocate(sensitivity: dict[str, float], evaluate, target: float, max_ratio: float,
+             steps: int = 30) -> tuple[dict[str, float], float, Any]:
     """Per-group ratios ``min(max_ratio, λ · median(s) / s_g)`` for the smallest ``λ`` whose FLOPs
-    reduction (``reduction_at(ratios)``) reaches ``target``: bisection, the reduction grows with λ."""
+    reduction reaches ``target``, by bisection (the reduction grows with λ).
+
+    ``evaluate(ratios) -> (reduction, result)`` prunes and measures; the ``result`` returned is
+    the one whose reduction was measured at the returned ratios, so what the caller keeps is
+    exactly what met the target (re-pruning could round a channel count the other way).
+    """
     measurable = [s for s in sensitivity.values() if s > 0]
     mid = statistics.median(measurable) if measurable else 1.0
     floor = mid * 1e-3  # a group whose pruning changed nothing measurable is still not free
@@ -149,18 +154,24 @@ def allocate(sensitivity: dict[str, float], reduction_at, target: float, max_rat
     def ratios(lam: float) -> dict[str, float]:
         return {g: min(max_ratio, lam * mid / max(s, floor)) for g, s in sensitivity.items()}
 
-    most = reduction_at(ratios(1e9))
+    most, _ = evaluate(ratios(1e9))
     if most < target:
         raise UserError(f"even pruning every group by max_ratio={max_ratio} removes only {most:.1%} of the "
                         f"FLOPs (the rest is in layers that stay whole, e.g. a frozen CLIP tower), short of "
                         f"flops_reduction={target:.0%}: raise max_ratio, keep fewer layers or lower the target")
     lo, hi = 0.0, 1.0
-    while reduction_at(ratios(hi)) < target:
+    reached, best = evaluate(ratios(hi))
+    while reached < target:
         lo, hi = hi, hi * 2
+        reached, best = evaluate(ratios(hi))
     for _ in range(steps):
         lam = (lo + hi) / 2
-        lo, hi = (lo, lam) if reduction_at(ratios(lam)) >= target else (lam, hi)
-    return ratios(hi), hi
+        reduction, result = evaluate(ratios(lam))
+        if reduction >= target:
+            hi, best = lam, result
+        else:
+            lo = lam
+    return ratios(hi), hi, best
 
 
 def run(cfg: Config) -> int:
@@ -189,20 +200,16 @@ def run(cfg: Config) -> int:
     per_group = {g: {"distortion": d, "flops_saved": s} for g, d, s in measured}
     sensitivity = {g: v["distortion"] / max(v["flops_saved"], 1e-9) for g, v in per_group.items()}
 
-    # 2. Ratios for the target, then the pruned network (every rank computes the same; rank 0 writes).
-    cache: dict[tuple, float] = {}
+    # 2. Ratios for the target, measured on each pruned network itself; the one kept is the one
+    # measured (every rank computes the same; rank 0 writes).
+    def evaluate(ratios: dict[str, float]) -> tuple[float, tuple[nn.Module, int]]:
+        candidate = pruner.prune(ratios)
+        flops = pruner.flops(candidate)
+        return 1 - flops / base_flops, (candidate, flops)
 
-    def reduction_at(ratios: dict[str, float]) -> float:
-        key = tuple(round(r, 6) for r in ratios.values())
-        if key not in cache:
-            cache[key] = 1 - pruner.flops(pruner.prune(ratios)) / base_flops
-        return cache[key]
-
-    ratios, lam = allocate(sensitivity, reduction_at, cfg.flops_reduction, cfg.max_ratio)
-    model = pruner.prune(ratios)
+    ratios, lam, (model, after_flops) = allocate(sensitivity, evaluate, cfg.flops_reduction, cfg.max_ratio)
     check = copy.deepcopy(model).train()  # it must still train, not just run (a copy: BN statistics stay)
     check(inputs[:2]).mean().backward()
-    after_flops = pruner.flops(model)
     report = {
         "model": cfg.model, "flops_size": cfg.flops_size,
         "flops": {"before": base_flops, "after": after_flops, "reduction": 1 - after_flops / base_flops},

@@ -1,0 +1,298 @@
+"""The fault-injection tier (`pytest -m faults`): real processes, real files, no mocks.
+
+Hard kills at chosen moments (``WEATHERKD_FAILPOINT`` SIGKILLs the launcher and every rank at
+once), corrupt and hostile checkpoints, two runs on one folder, unreadable images, malformed YAML.
+"""
+
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import REPO, accelerate_launch, cli_env, free_port, run_cli
+
+from weatherkd.engine import checkpoint
+from weatherkd.engine.run_lock import LOCK_FILE, RunLock, RunLocked
+from weatherkd.io import sha256_file
+
+pytestmark = pytest.mark.faults
+CONFIG = "configs/teacher/test.yaml"
+RUN = ["train.max_steps=8", "ckpt.every=2", "ckpt.keep=2", "train.ema_decay=0.9", "train.eval_every=0",
+       "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("faults") / "shards"
+    run_cli("shards", "synth", "--out", out, "--train", 8, "--test", 1, "--size", 32, "--test-size", 48)
+    return out
+
+
+def teacher(out: Path, shards: Path, *overrides, failpoint: str | None = None, launch: str = "cpu-ddp",
+            check: bool = True):
+    env = cli_env(**({"WEATHERKD_FAILPOINT": failpoint} if failpoint else {}))
+    return accelerate_launch(["weatherkd", "teacher", "--config", CONFIG, f"out_dir={out}",
+                              f"data.train_shards={shards}", *overrides], config=f"launch/{launch}.yaml",
+                             module=True, env=env, check=check)
+
+
+def steps(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+
+
+def assert_same_weights(a: Path, b: Path):
+    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_hard_kills_at_any_moment_then_a_corrupt_latest_resume_bit_exact(tiny_set, tmp_path):
+    straight, run = tmp_path / "straight", tmp_path / "killed"
+    teacher(straight, tiny_set, *RUN)
+
+    # 1. Killed while writing the step-4 checkpoint: every rank's state is on disk, no manifest yet.
+    killed = teacher(run, tiny_set, *RUN, failpoint="checkpoint.state_written:4", check=False)
+    assert killed.returncode != 0
+    assert steps(run) == ["step-0000002"] and list((run / "checkpoints").glob(".step-0000004.tmp"))
+    assert (run / LOCK_FILE).is_file()  # a SIGKILLed run leaves its lock behind
+
+    # 2. Resumed from step 2 (taking over the dead run's lock); killed after the step-6 checkpoint
+    #    got its name but before `latest` moved.
+    killed = teacher(run, tiny_set, *RUN, failpoint="checkpoint.renamed:6", check=False)
+    assert killed.returncode != 0 and "is no longer running" in killed.stderr, killed.stderr[-3000:]
+    assert "resumed from" in killed.stderr and "step-0000002" in killed.stderr
+    assert steps(run) == ["step-0000002", "step-0000004", "step-0000006"]  # killed before rotation, too
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000004"
+
+    # 3. Resumed from step 6 (the newest that verifies, whatever `latest` says); killed mid-training.
+    killed = teacher(run, tiny_set, *RUN, failpoint="train.step:7", check=False)
+    assert killed.returncode != 0 and "step-0000006 at step 6" in killed.stderr, killed.stderr[-3000:]
+
+    # 4. The latest checkpoint is truncated: resume names it, falls back to step 4, and finishes.
+    weights = run / "checkpoints" / "step-0000006" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    done = teacher(run, tiny_set, *RUN)
+    assert "step-0000006 does not verify" in done.stderr and "model.safetensors is 100 bytes" in done.stderr
+    assert "step-0000004 at step 4" in done.stderr
+    assert_same_weights(straight, run)
+    assert json.loads((run / "metrics.json").read_text())["ranks_in_sync"]
+    assert steps(run) == ["step-0000006", "step-0000008"] and not list((run / "checkpoints").glob(".*.tmp"))
+    assert not (run / LOCK_FILE).exists()  # released at the end
+
+
+def test_deleted_files_fall_back_to_the_newest_checkpoint_that_verifies(tiny_set, tmp_path):
+    run = tmp_path / "run"
+    teacher(run, tiny_set, "train.max_steps=4", "ckpt.every=2", "ckpt.keep=2", launch="cpu-ddp")
+    root = run / "checkpoints"
+    assert checkpoint.choose("auto", root) == root / "step-0000004"
+    manifest = json.loads((root / "step-0000004" / checkpoint.MANIFEST).read_text())
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl",
+            "engine_state.json", "engine_state.safetensors"} <= set(manifest["files"])
+    (root / "step-0000004" / "random_states_1.pkl").unlink()
+    assert checkpoint.choose("auto", root) == root / "step-0000002"
+    with pytest.raises(checkpoint.CheckpointError, match="random_states_1.pkl is missing"):
+        checkpoint.choose(str(root / "step-0000004"), root)  # a checkpoint asked for by name does not fall back
+    (root / "step-0000002" / checkpoint.MANIFEST).unlink()
+    with pytest.raises(checkpoint.CheckpointError, match=f"no checkpoint under {root} verifies"):
+        checkpoint.choose("auto", root)
+    proc = teacher(run, tiny_set, "train.max_steps=6", check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and errors and f'File "{REPO / "weatherkd"}' not in proc.stderr  # no traceback of ours
+    assert f"no checkpoint under {root} verifies" in errors[0]
+
+
+class _Payload:
+    """Unpickling this runs a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _plant(path: Path, marker: Path, ckpt: Path):
+    """A hostile but self-consistent checkpoint: the payload, and a manifest that vouches for it."""
+    torch.save({"state": _Payload(marker)}, path)
+    _vouch(path, ckpt)
+
+
+def _vouch(path: Path, ckpt: Path):
+    manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())
+    rel = str(path.relative_to(ckpt))
+    manifest["files"][rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    (ckpt / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_checkpoint_cannot_run_code_on_any_rank_under_zero(tiny_set, tmp_path):
+    run = tmp_path / "zero2"
+    teacher(run, tiny_set, "train.max_steps=2", "ckpt.every=2", "train.ema_decay=0.9", launch="cpu-zero2")
+    ckpt = run / "checkpoints" / "step-0000002"
+    assert not list(ckpt.rglob("custom_checkpoint_*"))  # the engine's own state is JSON + safetensors
+    marker = tmp_path / "PWNED"
+    # Rank 1's optimizer shard: only rank 1 would ever read it.
+    (shard,) = ckpt.glob("pytorch_model/zero_pp_rank_1_*optim_states.pt")
+    original = shard.read_bytes()
+    _plant(shard, marker, ckpt)
+    proc = teacher(run, tiny_set, "train.max_steps=4", "ckpt.every=2", "train.ema_decay=0.9", launch="cpu-zero2",
+                   check=False)
+    assert proc.returncode != 0 and not marker.exists()
+    assert f"error: {shard} holds pickled posix.system" in proc.stderr, proc.stderr[-3000:]
+
+    # The file the original report planted (accelerate's custom state, which the engine no longer
+    # writes or reads) is refused all the same; so is a raw pickle that is not a torch archive.
+    shard.write_bytes(original)
+    _vouch(shard, ckpt)
+    _plant(ckpt / "custom_checkpoint_0.pkl", marker, ckpt)
+    assert checkpoint.choose("auto", run / "checkpoints") == ckpt  # it verifies: the manifest vouches for it
+    with pytest.raises(checkpoint.CheckpointError, match="custom_checkpoint_0.pkl holds pickled posix.system"):
+        checkpoint.refuse_pickled_code(ckpt)
+    (ckpt / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(checkpoint.CheckpointError, match="not a torch archive"):
+        checkpoint.refuse_pickled_code(ckpt)
+    # And beneath the scan: torch.load inside the engine's load is weights_only, even when a library asks
+    # for weights_only=False.
+    _plant(shard, marker, ckpt)
+    with checkpoint.weights_only_loads(), pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        torch.load(shard, weights_only=False)
+    assert not marker.exists()
+
+
+def _background(out: Path, shards: Path, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch/cpu-ddp.yaml"),
+           "--main_process_port", str(free_port()), "-m", "weatherkd", "teacher", "--config", CONFIG,
+           f"out_dir={out}", f"data.train_shards={shards}", "train.max_steps=100000", "train.log_every=1",
+           "train.eval_every=0", "ckpt.every=100000", "ckpt.preempt_check_every=1"]
+    with open(log, "w") as f:  # a file, not a pipe: an unread pipe fills and stalls the run
+        return subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=cli_env(),
+                                start_new_session=True)
+
+
+def test_a_second_run_on_a_busy_out_dir_stops_at_once_naming_the_holder(tiny_set, tmp_path):
+    run, log = tmp_path / "busy", tmp_path / "first.log"
+    first = _background(run, tiny_set, log)
+    try:
+        deadline = time.time() + 120
+        while "step 1 " not in log.read_text():
+            assert first.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        holder = json.loads((run / LOCK_FILE).read_text())
+        assert holder["host"] == socket.gethostname() and holder["pid"] != first.pid  # rank 0, not the launcher
+        config = (run / "config.yaml").read_text()
+        second = teacher(run, tiny_set, "train.max_steps=2", "train.log_every=1", check=False)
+        assert second.returncode != 0
+        errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
+        assert errors and all(f"in use by another run (PID {holder['pid']} on {holder['host']}" in e for e in errors)
+        assert len(errors) == 2  # both ranks got rank 0's answer
+        assert json.loads((run / LOCK_FILE).read_text()) == holder and (run / "config.yaml").read_text() == config
+        assert first.poll() is None  # the holder is undisturbed
+        (run / "STOP").touch()
+        first.wait(timeout=120)
+        assert not (run / LOCK_FILE).exists()  # a preempted run releases its lock on the way out
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, 9)
+
+
+def test_lock_records_from_other_hosts_and_slurm_requeues(tmp_path, monkeypatch):
+    record = {"host": "node-elsewhere", "pid": 4242, "slurm_job_id": "777", "started": time.time()}
+    (tmp_path / LOCK_FILE).write_text(json.dumps(record))
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(RunLocked, match="PID 4242 on node-elsewhere, SLURM job 777"):
+        RunLock(tmp_path).acquire()
+    monkeypatch.setenv("SLURM_JOB_ID", "777")  # the same job, requeued onto another node
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    mine = json.loads((tmp_path / LOCK_FILE).read_text())
+    assert mine["pid"] == os.getpid() and mine["slurm_job_id"] == "777"
+    with pytest.raises(RunLocked, match=f"in use by another run \\(PID {os.getpid()}"):
+        RunLock(tmp_path).acquire()  # held: even this process cannot take it twice
+    lock.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+# ---------------------------------------------------------------------------- bad input files
+
+
+def _truncated_copies(folder: Path, rng) -> None:
+    for name, fmt in (("bad_jpeg.jpg", "JPEG"), ("bad_png.png", "PNG")):
+        path = folder / name
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(path, fmt)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def one_error_line(proc) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[-1].startswith("error: "), proc.stderr[-3000:]
+    return lines[-1]
+
+
+def test_ingest_names_a_truncated_image_or_skips_and_counts_it(tmp_path):
+    rng = np.random.default_rng(0)
+    inputs, targets = tmp_path / "input", tmp_path / "gt"
+    inputs.mkdir(), targets.mkdir()
+    for name in ("good_a.png", "good_b.png"):
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(inputs / name)
+    _truncated_copies(inputs, rng)
+    for p in inputs.iterdir():  # every target is fine: the inputs are what is broken
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(targets / p.name,
+                                                                                 "JPEG" if p.suffix == ".jpg" else "PNG")
+    args = ["shards", "ingest", "--layout", "paired", "--root", inputs, "--target-root", targets, "--weather", "snow"]
+    line = one_error_line(run_cli(*args, "--out", tmp_path / "strict", check=False))
+    assert str(inputs / "bad_jpeg.jpg") in line and "--skip-bad" in line
+    assert not (tmp_path / "strict" / "manifest.json").exists()
+    run_cli(*args, "--out", tmp_path / "lenient", "--skip-bad")
+    manifest = json.loads((tmp_path / "lenient" / "manifest.json").read_text())
+    bad = manifest["created_by"]["skipped_bad"]
+    assert len(bad) == 2 and any("bad_jpeg.jpg" in b for b in bad) and any("bad_png.png" in b for b in bad)
+    assert manifest["splits"]["train"]["snow"] == 2
+    assert run_cli("shards", "inspect", tmp_path / "lenient").returncode == 0
+
+
+def test_synth_from_a_folder_names_or_skips_unreadable_photos(tmp_path):
+    rng = np.random.default_rng(1)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(photos / f"ok{i}.png")
+    _truncated_copies(photos, rng)
+    args = ["shards", "synth", "--source", photos, "--train", 2, "--test", 1, "--size", 32, "--test-size", 48]
+    line = one_error_line(run_cli(*args, "--out", tmp_path / "strict", check=False))
+    assert "bad_jpeg.jpg" in line and "unreadable image" in line
+    run_cli(*args, "--out", tmp_path / "lenient", "--skip-bad")
+    manifest = json.loads((tmp_path / "lenient" / "manifest.json").read_text())
+    assert len(manifest["created_by"]["skipped_bad"]) == 2
+
+
+@pytest.mark.parametrize("text, where", [("seed: 1\n  out_dir: x\n", ":2:10: invalid YAML: mapping values"),
+                                         ("data: [1, 2\n", ":2:1: invalid YAML: expected ','"),
+                                         ("seed: !!python/object/apply:os.system ['touch {marker}']\n",
+                                          ":1:7: invalid YAML: could not determine a constructor")])
+def test_malformed_yaml_names_file_line_and_column(tmp_path, text, where):
+    from weatherkd import config as cfgmod
+    from weatherkd.stages.teacher import Config
+
+    marker = tmp_path / "PWNED"
+    config = tmp_path / "bad.yaml"
+    config.write_text(text.format(marker=marker))
+    with pytest.raises(cfgmod.ConfigError) as e:
+        cfgmod.load(Config, config)
+    assert str(e.value).startswith(f"{config}{where}") and "\n" not in str(e.value)
+    assert not marker.exists()
+
+
+def test_malformed_yaml_is_one_line_on_the_command_line(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("train:\n  max_steps: 4\n lr: 1\n")
+    line = one_error_line(run_cli("teacher", "--config", config, "train.max_steps=2", check=False))
+    assert line.startswith(f"error: {config}:3:") and "invalid YAML" in line

@@ -1,0 +1,35 @@
+"""Named moments at which a fault-injection test hard-kills a whole run.
+
+``WEATHERKD_FAILPOINT=NAME:STEP`` (e.g. ``checkpoint.state_written:4``): when rank 0 reaches
+``NAME`` at optimizer step ``STEP``, it SIGKILLs the launcher and every process under it, itself
+last, as a node that loses power would. Nothing gets to clean up. Unset, a failpoint is one
+dictionary lookup. The points: ``train.step`` (after an optimizer step), ``checkpoint.state_written``
+(every rank's state is on disk, the manifest is not), ``checkpoint.renamed`` (the checkpoint has its
+final name, ``latest`` still names the previous one).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "WEATHERKD_FAILPOINT"
+
+
+def reached(name: str, step: int) -> None:
+    want = os.environ.get(ENV)
+    if not want or want != f"{name}:{step}" or int(os.environ.get("RANK", "0")) != 0:
+        return
+    import psutil
+
+    me = psutil.Process()
+    # Under a launcher (torchrun/accelerate), the parent is the agent that would restart or
+    # clean up; it goes first, then every worker it started.
+    root = me.parent() if "LOCAL_RANK" in os.environ else me
+    victims = [p for p in [root, *root.children(recursive=True)] if p.pid != me.pid]
+    for p in victims:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    os.kill(os.getpid(), signal.SIGKILL)
