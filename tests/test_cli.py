@@ -19,17 +19,26 @@ def test_help_lists_every_stage():
     assert same.replace("weatherkd", "") == out.replace("weatherkd", "")
 
 
-def test_unbuilt_stage_says_so_and_exits_2():
-    from weatherkd.cli import _stage_module, NotBuilt
+def test_every_registered_stage_exists_and_the_cli_reads_the_registry():
+    from weatherkd import stages
 
-    for stage in ["teacher", "distill", "vq", "adapter", "synth", "dream", "prune"]:
-        try:
-            _stage_module(stage)
-        except NotBuilt:
-            proc = run_cli(stage, "--config", "x.yaml", check=False)
-            assert proc.returncode == 2 and "not built yet" in proc.stderr
+    assert sorted(stages.STAGES) == sorted(STAGES)
+    for name, stage in stages.STAGES.items():
+        module = stage.load()  # every stage is built
+        assert hasattr(module, "run" if stage.configured else "run_cli"), name
+        if stage.configured:
+            assert stage.config_class is module.Config
+    assert stages.of_kind("train") == ["teacher", "distill", "vq", "adapter"]
+    assert stages.of_kind("job") == ["synth", "dream"]
+
+
+def test_unknown_bench_and_untrainable_bench_step_are_one_line(tmp_path):
     proc = run_cli("bench", "no-such-bench", check=False)
-    assert proc.returncode == 2 and "not built yet" in proc.stderr
+    assert proc.returncode == 2 and "invalid choice: 'no-such-bench'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("bench", "step", "--config", "configs/dream/demo.yaml", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert lines[-1].startswith("error: bench step times") and "teacher, distill, vq, adapter" in lines[-1]
 
 
 def test_user_errors_are_one_line_without_traceback(tmp_path):

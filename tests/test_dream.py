@@ -112,6 +112,12 @@ def test_two_processes_write_a_resumable_dreamed_set(tiny_teacher, tmp_path):
     assert manifest["splits"] == {"train": {"mixed": 10}} and len(manifest["shards"]) == 3
     assert manifest["created_by"]["stage"] == "dream" and manifest["has_target"] == {"train": False}
     run_cli("shards", "inspect", out)
+    # Each rank ran on its own device: the one accelerate's placement gives its local rank.
+    tasks = [json.loads((out / "tasks" / f"task-{t}-of-2.json").read_text()) for t in (0, 1)]
+    assert [t["rank"] for t in tasks] == [0, 1] and [t["local_rank"] for t in tasks] == [0, 1]
+    expected = [f"cuda:{t['local_rank']}" if torch.cuda.is_available() else "cpu" for t in tasks]
+    devices = [t["device"] if torch.cuda.is_available() else torch.device(t["device"]).type for t in tasks]
+    assert devices == expected and all("finished" in t for t in tasks)
     from weatherkd.data.check import iter_tar
 
     samples = list(iter_tar(out / "train-mixed-000000.tar"))

@@ -40,7 +40,7 @@ def test_allocation_prunes_insensitive_groups_more_and_meets_the_target():
 def test_a_pruned_conv_net_exports_and_reloads_exactly(tmp_path):
     net = models.build("unet_bn", size="tiny").eval()
     models.save(net, tmp_path / "net")
-    cfg = cfgmod.load(prune.Config, None, [f"model={tmp_path / 'net'}", "flops_size=64"])
+    cfg = cfgmod.load(prune.Config, None, [f"network={tmp_path / 'net'}", "flops_size=64"])
     p = prune.Pruner(models.load(tmp_path / "net"), cfg)
     small = p.prune({g: 0.5 for g in p.groups}).eval()
     assert cost.flops(small, 64) < 0.6 * cost.flops(net, 64)
@@ -58,7 +58,7 @@ def test_pruning_a_batchnorm_net_keeps_its_running_statistics(calib, tmp_path):
     for m in bns.values():
         m.running_mean.copy_(torch.arange(m.num_features, dtype=torch.float32))  # channel i remembers i
     models.save(net, tmp_path / "net")
-    prune.run(cfgmod.load(prune.Config, None, [f"model={tmp_path / 'net'}", f"out_dir={tmp_path / 'out'}",
+    prune.run(cfgmod.load(prune.Config, None, [f"network={tmp_path / 'net'}", f"out_dir={tmp_path / 'out'}",
                                                f"calib_shards={calib}", "calib_samples=4", "calib_size=32",
                                                "flops_size=64"]))
     small = dict(models.load(tmp_path / "out" / "model").named_modules())
@@ -72,7 +72,7 @@ def test_pruning_a_batchnorm_net_keeps_its_running_statistics(calib, tmp_path):
 
 def test_two_processes_prune_the_teacher_by_the_requested_flops(tiny_teacher, calib, tmp_path):
     out = tmp_path / "prune"
-    accelerate_launch(["weatherkd", "prune", "--config", "configs/prune/demo.yaml", f"model={tiny_teacher}",
+    accelerate_launch(["weatherkd", "prune", "--config", "configs/prune/demo.yaml", f"network={tiny_teacher}",
                        f"out_dir={out}", f"calib_shards={calib}", "calib_samples=6", "calib_size=32",
                        "flops_size=64", "flops_reduction=0.4"], module=True)
     report = json.loads((out / "prune.json").read_text())
@@ -95,7 +95,7 @@ def test_two_processes_prune_the_teacher_by_the_requested_flops(tiny_teacher, ca
 
 
 def test_the_pruned_teacher_is_distilled_on_targetless_tars(tiny_teacher, calib, builtin_set, tmp_path):
-    accelerate_launch(["weatherkd", "prune", "--config", "configs/prune/demo.yaml", f"model={tiny_teacher}",
+    accelerate_launch(["weatherkd", "prune", "--config", "configs/prune/demo.yaml", f"network={tiny_teacher}",
                        f"out_dir={tmp_path / 'prune'}", f"calib_shards={calib}", "calib_samples=4",
                        "calib_size=32", "flops_size=64"], module=True, nproc=1)
     out = tmp_path / "distill"

@@ -69,6 +69,19 @@ def test_two_array_tasks_together_write_the_same_set(parts, reference, tmp_path)
     assert merged["shards"] == ref["shards"] and merged["splits"] == ref["splits"]
 
 
+def test_two_launched_processes_each_on_their_own_device_write_the_same_set(parts, reference, tmp_path):
+    out = tmp_path / "launched"
+    accelerate_launch(["weatherkd", *synth_args(parts, out)], module=True)
+    assert tars(out) == tars(reference)
+    tasks = [json.loads((out / "tasks" / f"task-{t}-of-2.json").read_text()) for t in (0, 1)]
+    assert [(t["rank"], t["local_rank"], t["world_size"]) for t in tasks] == [(0, 0, 2), (1, 1, 2)]
+    # What accelerate's placement gives each local rank (the engine's own rule): never all on cuda:0.
+    expected = [f"cuda:{t['local_rank']}" if torch.cuda.is_available() else "cpu" for t in tasks]
+    devices = [t["device"] if torch.cuda.is_available() else torch.device(t["device"]).type for t in tasks]
+    assert devices == expected
+    assert tasks[0]["shards"] == [0, 2, 4, 6] and tasks[1]["shards"] == [1, 3, 5]
+
+
 def test_a_job_killed_mid_shard_resumes_to_an_identical_set(parts, reference, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "weatherkd", *synth_args(parts, out)], cwd=REPO, env=cli_env(),

@@ -20,10 +20,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from weatherkd import stages
 from weatherkd.data.augment import paired_crop_flip
 from weatherkd.data.check import iter_tar
 from weatherkd.data.shards import open_set
 from weatherkd.data.stream import TrainSpec, train_loader
+from weatherkd.errors import UserError
+from weatherkd.placement import dtype_named, place
 
 
 class NaiveFolderPairs(Dataset):
@@ -112,7 +115,7 @@ def bench_kd_overhead(argv: list[str]) -> dict:
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
     base = cfgmod.load(Config, a.config, a.overrides)
-    spec = TrainSpec(crop=base.data.crop, batch_size=base.data.batch_size, shuffle_buffer=16)
+    spec = TrainSpec.of(base.data, shuffle_buffer=16, flip=True, cutmix_prob=0.0)
     loader = train_loader(base.data.train_shards, base.data.train_split, None, spec, 0, 0, 1, 1, 0)
     batch = next(iter(loader.epoch(0)))
     result = {"bench": "kd-overhead", "student": base.model.arch, "size": base.model.size,
@@ -142,10 +145,6 @@ def bench_kd_overhead(argv: list[str]) -> dict:
     return result
 
 
-def _device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def bench_model(argv: list[str]) -> dict:
     """Parameters, FLOPs at 256×256, median latency and peak memory of an exported model."""
     from weatherkd import cost, models
@@ -157,7 +156,7 @@ def bench_model(argv: list[str]) -> dict:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     a = p.parse_args(argv)
-    device = _device(a.device)
+    device = place(a.device).device
     spec = models.read_spec(a.model)
     model = models.load(a.model).to(device).eval()
     peak = cost.peak_memory_mb(model, a.size, a.batch, device)  # first: before other forwards warm the heap
@@ -177,7 +176,6 @@ def bench_step(argv: list[str]) -> dict:
     """
     from weatherkd import config as cfgmod
     from weatherkd import cost
-    from weatherkd.cli import TRAINING_STAGES, _stage_module
     from weatherkd.engine.loop import Engine, Window
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -189,24 +187,26 @@ def bench_step(argv: list[str]) -> dict:
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
     stage = a.stage or Path(a.config).resolve().parent.name
-    if stage not in TRAINING_STAGES:
-        raise SystemExit(f"weatherkd bench step: cannot tell the stage of {a.config}; pass --stage")
-    module = _stage_module(stage)
+    trainable = stages.of_kind("train")
+    if stage not in trainable:
+        raise UserError(f"bench step times the engine's training step; {a.config} is a '{stage}' config "
+                        f"(pass --stage if its folder does not say): it can bench {', '.join(trainable)}")
+    module = stages.get(stage).load()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = cfgmod.load(module.Config, a.config, [*a.overrides, f"out_dir={tmp}", "tracker.kind=none"])
         engine = Engine(cfg, module.RECIPE)
-        engine.prepare()
+        engine.build()
         batches, window = engine.train_batches(), Window()
         for _ in range(a.warmup):
             engine.train_step(batches, window)
         counter = FlopCounterMode(display=False)
         with counter:
             engine.train_step(batches, Window())
-        timer, device = Window(), engine.acc.device
+        window, device = Window(), engine.acc.device
         cost.sync(device)
         start = time.perf_counter()
         for _ in range(a.steps):
-            engine.train_step(batches, timer)
+            engine.train_step(batches, window)
         cost.sync(device)
         seconds = time.perf_counter() - start
         peak = cost.matmul_peak_flops(device, engine.compute_dtype)
@@ -215,8 +215,8 @@ def bench_step(argv: list[str]) -> dict:
     return {"bench": "step", "stage": stage, "config": a.config, "arch": cfg.model.arch, "size": cfg.model.size,
             "device": str(device), "threads": torch.get_num_threads(), "dtype": str(engine.compute_dtype),
             "batch_size": cfg.data.batch_size, "crop": cfg.data.crop, "steps": a.steps,
-            "seconds_per_step": seconds / a.steps, "samples_per_s": timer.samples / seconds,
-            "data_wait_frac": timer.data_s / seconds, "gflops_per_step": flops / 1e9,
+            "seconds_per_step": seconds / a.steps, "samples_per_s": window.samples / seconds,
+            "data_wait_frac": window.data_s / seconds, "gflops_per_step": flops / 1e9,
             "achieved_gflops_per_s": achieved / 1e9, "matmul_peak_gflops_per_s": peak / 1e9, "mfu": achieved / peak}
 
 
@@ -237,9 +237,8 @@ def bench_synth(argv: list[str]) -> dict:
     p.add_argument("--strength", type=float, default=0.6)
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     a = p.parse_args(argv)
-    device = _device(None)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-             "auto": torch.float16 if device.type == "cuda" else torch.float32}[a.dtype]
+    device = place().device
+    dtype = dtype_named(a.dtype, device)
     sd = diffusion.load(a.sd_path, device, dtype)
     images = torch.rand(a.images, 3, a.size, a.size, generator=torch.Generator().manual_seed(0))
     prompts = torch.randn(a.images, 8, sd.prompt_width, generator=torch.Generator().manual_seed(1))
@@ -277,15 +276,12 @@ def bench_synth(argv: list[str]) -> dict:
 
 BENCHES = {"loader": bench_loader, "kd-overhead": bench_kd_overhead, "model": bench_model, "step": bench_step,
            "synth": bench_synth}
+assert list(BENCHES) == stages.BENCH_NAMES  # the registry lists them for the command line
 
 
-def run(what: str, argv: list[str]) -> int:
-    if what not in BENCHES:
-        from weatherkd.cli import NotBuilt
-
-        raise NotBuilt(f"weatherkd bench {what}: not built yet (available: {', '.join(BENCHES)})")
+def run_cli(args) -> int:
     with _stdout_to_stderr():
-        result = BENCHES[what](argv)
+        result = BENCHES[args.what](args.rest)
     print(json.dumps(result, indent=2))
     return 0
 

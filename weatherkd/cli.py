@@ -3,57 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-from weatherkd import __version__
+from weatherkd import __version__, stages
 from weatherkd.errors import UserError
 
-# Config-driven stages: `weatherkd <stage> --config FILE [key=value ...]`.
-# A stage whose module does not exist yet says so and exits 2.
-TRAINING_STAGES = {
-    "teacher": "train the CLIP-guided weather-removal teacher (DeepSpeed ZeRO)",
-    "distill": "distil a student from an exported teacher (KD / DCKD, DDP)",
-    "vq": "train the VQ autoencoder used by DCKD",
-    "adapter": "train the D4IR degradation-prompt adapter",
-    "synth": "synthesise distillation tars with degradation-prompted Stable Diffusion",
-    "dream": "synthesise distillation tars by inverting the teacher",
-    "prune": "adaptively prune a trained network into a student initialisation",
-}
 
-# Commands that are not a training stage, and the module whose run_cli(args) carries them out.
-COMMAND_MODULES = {"eval": "weatherkd.stages.evaluate", "report": "weatherkd.report", "demo": "weatherkd.demo"}
-
-NOT_BUILT_EXIT = 2
-
-
-class NotBuilt(Exception):
-    """Raised by a subcommand whose implementation has not landed yet."""
-
-
-def _not_built(what: str):
-    raise NotBuilt(f"weatherkd {what}: not built yet. See the open issues; nothing was run.")
-
-
-def _stage_module(name: str):
-    try:
-        return importlib.import_module(f"weatherkd.stages.{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"weatherkd.stages.{name}" or e.name == "weatherkd.stages":
-            _not_built(name)
-        raise
-
-
-def _run_training_stage(args) -> int:
+def _run_configured(args) -> int:
     from weatherkd import config as cfgmod
 
-    module = _stage_module(args.stage)
-    cfg = cfgmod.load(module.Config, args.config, args.overrides)
-    return module.run(cfg) or 0
+    stage = stages.get(args.command)
+    cfg = cfgmod.load(stage.config_class, args.config, args.overrides)
+    return stage.load().run(cfg) or 0
 
 
 def _add_shards(sub) -> None:
-    p = sub.add_parser("shards", help="build, ingest, inspect and check WebDataset shard sets")
+    p = sub.add_parser("shards", help=stages.get("shards").help)
     ssub = p.add_subparsers(dest="shards_cmd", required=True, metavar="{synth,ingest,inspect,leakage}")
 
     s = ssub.add_parser("synth", help="degrade clean photos with physical weather models into a train/test set")
@@ -93,16 +58,6 @@ def _add_shards(sub) -> None:
     s.add_argument("--max-distance", type=int, default=None, help="Hamming distance at which hashes match")
 
 
-def _run_shards(args) -> int:
-    try:
-        from weatherkd.data import cli as shards_cli
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("weatherkd.data"):
-            _not_built("shards")
-        raise
-    return shards_cli.run(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="weatherkd",
@@ -112,13 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
 
     _add_shards(sub)
-    for name, help_text in TRAINING_STAGES.items():
-        p = sub.add_parser(name, help=help_text)
+    for name in stages.configured():
+        p = sub.add_parser(name, help=stages.get(name).help)
         p.add_argument("--config", required=True, help=f"YAML under configs/{name}/")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-        p.set_defaults(stage=name)
 
-    p = sub.add_parser("eval", help="evaluate an exported model on a shard set (accelerate launch splits it)")
+    p = sub.add_parser("eval", help=stages.get("eval").help)
     p.add_argument("--model", required=True, help="exported model directory (model.json + model.safetensors)")
     p.add_argument("--shards", required=True, help="shard-set directory")
     p.add_argument("--protocol", default="rgb", choices=["rgb", "y"], help="PSNR/SSIM protocol (see metrics.py)")
@@ -129,16 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=0, help="evaluate only the first N samples (0: all)")
     p.add_argument("--workers", type=int, default=1, help="loader workers per process")
 
-    p = sub.add_parser("bench", help="benchmarks, printed as JSON")
-    p.add_argument("what", help="loader | model | step | kd-overhead | synth")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser("bench", help=stages.get("bench").help)
+    p.add_argument("what", choices=stages.BENCH_NAMES, help="which benchmark")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="its own flags (weatherkd bench WHAT --help)")
 
-    p = sub.add_parser("report", help="gather several runs into one comparison table (markdown + JSON)")
+    p = sub.add_parser("report", help=stages.get("report").help)
     p.add_argument("runs", nargs="+", help="run directories (out_dir of a stage) or `weatherkd eval` outputs")
     p.add_argument("--out", default=None, help="markdown file to write; the JSON goes next to it")
     p.add_argument("--latency-size", type=int, default=256, help="image side for the latency column")
 
-    p = sub.add_parser("demo", help="the whole pipeline on the embedded default data; rerun to resume")
+    p = sub.add_parser("demo", help=stages.get("demo").help)
     p.add_argument("--out", default=None, help="runs, evaluations, logs and the report (default: runs/demo)")
     p.add_argument("--shards", default=None, help="where the default shard set is built (default: shards/demo)")
     p.add_argument("--sd-path", default=None,
@@ -149,21 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_bench(args) -> int:
-    from weatherkd import bench
-
-    return bench.run(args.what, args.rest)
-
-
 def _dispatch(args) -> int:
-    if args.command == "shards":
-        return _run_shards(args)
-    if args.command in TRAINING_STAGES:
-        return _run_training_stage(args)
-    if args.command == "bench":
-        return _run_bench(args)
-    module = importlib.import_module(COMMAND_MODULES[args.command])
-    return module.run_cli(args) or 0
+    stage = stages.get(args.command)
+    if stage.configured:
+        return _run_configured(args)
+    return stage.load().run_cli(args) or 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,9 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except NotBuilt as e:
-        print(str(e), file=sys.stderr)
-        return NOT_BUILT_EXIT
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -91,17 +91,30 @@ class TrackerConfig:
 @dataclass
 class ModelConfig:
     arch: str = ""
-    size: str = "tiny"
+    size: Optional[str] = None  # the arch's size preset; unset: the arch's default. An arch without sizes refuses it.
     kwargs: dict[str, Any] = field(default_factory=dict)
     allow_random_init: bool = False  # build random pretrained towers (tests/demo) instead of failing
 
+    def arch_kwargs(self) -> dict[str, Any]:
+        """What the arch is built with: ``size`` (when set) and ``kwargs``."""
+        return ({"size": self.size} if self.size is not None else {}) | self.kwargs
+
 
 @dataclass
-class StageConfig:
-    """Fields every stage has. Stage configs subclass this and add their own sections."""
+class RunConfig:
+    """What every config-driven run has (training stages, jobs, prune): where it writes, its seed."""
 
     out_dir: str = "runs/unnamed"
     seed: int = 0
+
+    def check(self) -> None:
+        """Checks across several keys, run when the config is loaded; raise ``ConfigError``."""
+
+
+@dataclass
+class StageConfig(RunConfig):
+    """Fields every training stage has. Stage configs subclass this and add their own sections."""
+
     resume: str = "auto"  # auto | none | path to a checkpoint directory
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -109,17 +122,15 @@ class StageConfig:
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
 
+    def built_arch(self) -> str:
+        """The registered arch that ``model.size``/``model.kwargs`` go to."""
+        return self.model.arch
 
-# Stage name -> config class. Stages register their own subclass when they are built.
-STAGE_CONFIGS: dict[str, type] = {}
+    def check(self) -> None:
+        if self.model.arch:
+            from weatherkd.models import registry
 
-
-def register_stage_config(name: str):
-    def wrap(cls):
-        STAGE_CONFIGS[name] = cls
-        return cls
-
-    return wrap
+            registry.check_kwargs(self.built_arch(), self.model.arch_kwargs())
 
 
 # ---------------------------------------------------------------------------
@@ -266,6 +277,12 @@ def load(cls, path: str | os.PathLike | None = None, overrides: list[str] = ()):
         merged = to_dict(cfg)
         apply_override(merged, keys, value)
         cfg = build(cls, merged, f"override '{item}'")
+    if hasattr(cfg, "check"):
+        try:
+            cfg.check()
+        except UserError as e:
+            where = f"{source}{' + overrides' if overrides else ''}"
+            raise ConfigError(f"{where}: {e}") from None
     return cfg
 
 

@@ -58,9 +58,9 @@ def _accelerate(launch_config: str, nproc: int, *args) -> list[str]:
 
 def _max_steps(stage: str, config: str, overrides: list[str]) -> int:
     from weatherkd import config as cfgmod
-    from weatherkd.cli import _stage_module
+    from weatherkd import stages
 
-    return cfgmod.load(_stage_module(stage).Config, ROOT / config, overrides).train.max_steps
+    return cfgmod.load(stages.get(stage).config_class, ROOT / config, overrides).train.max_steps
 
 
 def plan(out: Path, shards: Path, overrides: dict[str, list[str]] | None = None,
@@ -100,7 +100,7 @@ def data_free_stages(out: Path, shards: Path, ddp: str, nproc: int, train, overr
     teacher (calibrated on the dreamed inputs) and distil it back on them. No training image is read."""
     dreamed, teacher = out / "dream-shards", out / "teacher" / "model"
     dream_args = [f"out_dir={dreamed}", f"teacher={teacher}", *overrides.get("dream", [])]
-    prune_args = [f"out_dir={out / 'prune'}", f"model={teacher}", f"calib_shards={dreamed}", *overrides.get("prune", [])]
+    prune_args = [f"out_dir={out / 'prune'}", f"network={teacher}", f"calib_shards={dreamed}", *overrides.get("prune", [])]
     return [
         Stage("dream", _accelerate(ddp, nproc, "dream", "--config", "configs/dream/demo.yaml", *dream_args),
               dreamed / "manifest.json"),

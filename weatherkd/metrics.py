@@ -43,7 +43,7 @@ def psnr_batch(pred: torch.Tensor, target: torch.Tensor, protocol: str = "rgb", 
     return 10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5, device=None) -> torch.Tensor:
+def gaussian_window(size: int = 11, sigma: float = 1.5, device=None) -> torch.Tensor:
     coords = torch.arange(size, dtype=torch.float64, device=device) - size // 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
     g = g / g.sum()
@@ -57,7 +57,7 @@ def ssim_batch(pred: torch.Tensor, target: torch.Tensor, protocol: str = "rgb", 
     c = a.shape[1]
     if min(a.shape[-2:]) < 11:
         raise ValueError(f"SSIM needs images of at least 11×11 pixels, got {tuple(a.shape[-2:])}")
-    window = _gaussian_window(device=a.device).expand(c, 1, 11, 11)
+    window = gaussian_window(device=a.device).expand(c, 1, 11, 11)
 
     def blur(x):
         return F.conv2d(x, window, groups=c)

@@ -17,6 +17,7 @@ import torch
 from weatherkd import cost, models
 from weatherkd.errors import UserError
 from weatherkd.io import atomic_write_json, atomic_write_text
+from weatherkd.placement import place
 
 
 def _load_run(run_dir: Path) -> dict:
@@ -42,7 +43,7 @@ def gather(run_dirs: list, latency_size: int = 256, device: str | None = None) -
         if len(seen) > 1:
             raise UserError(f"runs were evaluated on different data ({what}: {', '.join(sorted(seen))}); "
                             "evaluate them on the same shard set and split with `weatherkd eval`")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(place(device).device)
     for r in runs:
         r["cost"] = cost.summary(models.load(r["model"]), latency_size=latency_size, device=device)
     first = runs[0]["metrics"]

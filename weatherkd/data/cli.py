@@ -10,12 +10,12 @@ from weatherkd.logs import get_logger
 log = get_logger(__name__)
 
 
-def run(args) -> int:
+def run_cli(args) -> int:
     return {"synth": _synth, "ingest": _ingest, "inspect": _inspect, "leakage": _leakage}[args.shards_cmd](args)
 
 
 def _synth(args) -> int:
-    from weatherkd.data.synth import SynthSpec, build
+    from weatherkd.data.photo_set import SynthSpec, build
 
     spec = SynthSpec(seed=args.seed)
     for name in ("weathers", "train", "test", "size", "test_size", "shard_size"):

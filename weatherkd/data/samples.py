@@ -28,7 +28,11 @@ def encode_png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def to_uint8(img: np.ndarray) -> np.ndarray:
+def to_uint8(img) -> np.ndarray:
+    """A float image in [0, 1] -> uint8 H×W×C, rounded to nearest: numpy H×W×C, or a torch C×H×W
+    tensor on any device and in any dtype (a model's output)."""
+    if not isinstance(img, np.ndarray):
+        img = img.detach().float().permute(1, 2, 0).cpu().numpy()
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 

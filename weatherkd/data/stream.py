@@ -17,6 +17,7 @@ broadcast what these pipelines already split.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 from dataclasses import dataclass
@@ -134,6 +135,11 @@ class TrainSpec:
     flip: bool = True
     cutmix_prob: float = 0.0
     cutmix_max_frac: float = 0.5
+
+    @classmethod
+    def of(cls, data, **changes) -> "TrainSpec":
+        """What a stage's ``data`` config section says (its fields of the same names), with ``changes``."""
+        return cls(**{**{f.name: getattr(data, f.name) for f in dataclasses.fields(cls)}, **changes})
 
 
 class TrainStream(IterableDataset):

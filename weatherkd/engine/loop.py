@@ -1,18 +1,20 @@
-"""The one training loop every stage runs on.
+"""The one training loop: every training stage (teacher, vq, distill, adapter) runs on it.
 
 A stage defines a ``Recipe`` (model, frozen helpers, ``step(batch) -> losses``)
 and calls ``Engine(cfg, MyRecipe).fit()``. The engine seeds every RNG before it
 builds the recipe, so model initialisation is reproducible too. The launch config decides whether this
 is one process, DDP or DeepSpeed ZeRO; the loop reads the same either way:
 
-    setup -> resume -> [step -> log -> validate -> checkpoint -> preempted?]* -> export
+    lock out_dir -> build -> resume -> [step -> log -> validate -> checkpoint -> preempted?]* -> export
+
+Sharded generation jobs (synth, dream) are not trained: they share the job runner in
+``weatherkd.stages.job``. prune, eval, report and bench are commands (``weatherkd.stages``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import resource
 import sys
 import time
@@ -21,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from weatherkd import config as cfgmod
@@ -35,7 +37,7 @@ from weatherkd.engine.schedule import build_scheduler
 from weatherkd.errors import UserError
 from weatherkd.io import atomic_write_json
 from weatherkd.logs import get_logger, progress
-from weatherkd.models import feature_stats
+from weatherkd.placement import dtype_named, make_accelerator
 
 log = get_logger(__name__)
 
@@ -65,27 +67,6 @@ class Window:
         self.steps += 1
         for k, v in losses.items():
             self.sums[k] = self.sums.get(k, 0) + v
-
-
-def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, log_with=None,
-                     project_dir: str | None = None) -> Accelerator:
-    """An Accelerator that joins the launcher's process group on GPU or CPU alike."""
-    no_gpu = not torch.cuda.is_available()
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    # Without a GPU, ranks must meet over gloo. Under DDP, cpu=True does that; without it each rank
-    # silently believes it is rank 0 of 1. Under DeepSpeed, cpu=True would quietly drop the
-    # DeepSpeed plugin (plain multi-CPU data parallel instead of ZeRO), so it stays False and the
-    # gloo backend is asked for explicitly; DeepSpeed then runs on its CPU accelerator.
-    cpu = no_gpu and not deepspeed
-    if deepspeed:  # the same trap through the environment (accelerate launch --cpu sets it)
-        os.environ.pop("ACCELERATE_USE_CPU", None)
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if no_gpu and launched else []
-    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
-                      log_with=log_with, project_dir=project_dir, kwargs_handlers=handlers)
-    if deepspeed and acc.state.deepspeed_plugin is None:
-        raise RuntimeError("launched with a DeepSpeed config, but accelerate set DeepSpeed aside")
-    return acc
 
 
 def build_accelerator(cfg) -> Accelerator:
@@ -142,8 +123,7 @@ class Engine:
         if acc.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             cfgmod.save(cfg, self.out_dir / "config.yaml")
-        self.compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision,
-                                                                                   torch.float32)
+        self.compute_dtype = dtype_named(cfg.train.mixed_precision, self.acc.device)
         self._freeze_helpers()
 
         model = self.recipe.model
@@ -187,8 +167,7 @@ class Engine:
     def _loaders(self):
         cfg, acc = self.cfg, self.acc
         d = cfg.data
-        spec = TrainSpec(crop=d.crop, batch_size=d.batch_size, shuffle_buffer=d.shuffle_buffer, flip=d.flip,
-                         cutmix_prob=d.cutmix_prob, cutmix_max_frac=d.cutmix_max_frac)
+        spec = TrainSpec.of(d)
         # An epoch is one checkpoint interval: a resume at a checkpoint starts a fresh epoch, with no replay.
         per_epoch = max(1, cfg.ckpt.every) * cfg.train.grad_accum
         self.train_loader = train_loader(d.train_shards, d.train_split, d.weathers, spec, cfg.seed,
@@ -217,14 +196,14 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
 
-    def prepare(self) -> None:
+    def build(self) -> None:
         """Everything before the first step: models, optimizer, tracker, loaders."""
         self.setup()
         self._loaders()
 
     def fit(self) -> dict:
         cfg, acc = self.cfg, self.acc
-        self.prepare()
+        self.build()
         self.resume()
         batches = self.train_batches()
         window = Window()
@@ -262,7 +241,7 @@ class Engine:
         self.lock.release()
         return metrics
 
-    def train_step(self, batches, timer: "Window") -> dict[str, torch.Tensor]:
+    def train_step(self, batches, window: "Window") -> dict[str, torch.Tensor]:
         """One optimizer step over ``grad_accum`` micro-batches."""
         acc, model = self.acc, self.model
         model.train()
@@ -271,7 +250,7 @@ class Engine:
         for _ in range(self.cfg.train.grad_accum):
             t0 = time.perf_counter()
             batch = self.to_device(next(batches))
-            timer.data_s += time.perf_counter() - t0
+            window.data_s += time.perf_counter() - t0
             self.progress.micro += 1
             with acc.accumulate(model), acc.autocast():
                 losses = self.recipe.step(model, batch, self.progress.step)
@@ -282,7 +261,7 @@ class Engine:
                 self.optimizer.zero_grad(set_to_none=True)
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0) + v.detach().float() / self.cfg.train.grad_accum
-            timer.samples += batch["input"].shape[0]
+            window.samples += batch["input"].shape[0]
         self.scheduler.step()
         self.progress.step += 1
         if self.ema is not None:
@@ -290,7 +269,7 @@ class Engine:
             with self.gathered_params():
                 self.ema.update_parameters(acc.unwrap_model(model))
         self.recipe.after_step(self.progress.step, acc.unwrap_model(model), self.ema_module)
-        timer.total_s += time.perf_counter() - start
+        window.total_s += time.perf_counter() - start
         return totals
 
     def sync_buffers(self) -> None:
@@ -422,34 +401,8 @@ class Engine:
             models.save(module, path, state_dict=state, extra=extra)
             log.info("exported %s", path)
         acc.wait_for_everyone()
-        if self.recipe.feature_stats is not None and self.recipe.feature_stats.batches > 0:
-            self.record_feature_stats(path)
+        self.recipe.after_export(self, path)
         return path
-
-    def record_feature_stats(self, path: Path) -> None:
-        """Feature statistics of the exported model (as users load it) on un-augmented training
-        crops, every rank recording its own batches; saved next to the weights."""
-        cfg, acc, want = self.cfg, self.acc, self.recipe.feature_stats
-        d = cfg.data
-        plain = TrainSpec(crop=d.crop, batch_size=d.batch_size, shuffle_buffer=d.shuffle_buffer, flip=False)
-        loader = train_loader(d.train_shards, d.train_split, d.weathers, plain, cfg.seed + 1, acc.process_index,
-                              acc.num_processes, want.batches, d.num_workers)
-        exported = models.load(path).to(acc.device).eval()
-        if not feature_stats.select_layers(exported, want.layers):
-            log.info("no layer of the exported model matches stats.layers %s: no feature statistics recorded",
-                     want.layers)
-            return
-        batches = (self.to_device(b) for b in loader.epoch(0, 0))
-        reduce = (lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu()) if acc.num_processes > 1 else None
-        stats = feature_stats.record(exported, batches, self.weathers, want.layers, reduce)
-        if acc.is_main_process:
-            feature_stats.save(stats, path, {"layers": feature_stats.layers_in(stats), "weathers": self.weathers,
-                                             "batches": want.batches * acc.num_processes,
-                                             "batch_size": d.batch_size, "crop": d.crop,
-                                             "shards": str(d.train_shards)})
-            log.info("recorded feature statistics of %d layers in %s", len(feature_stats.layers_in(stats)),
-                     path / feature_stats.STATS_FILE)
-        acc.wait_for_everyone()
 
     def rank_checksums(self) -> list[str]:
         """A hash of every rank's trained parameters. They must all agree; a launch that silently

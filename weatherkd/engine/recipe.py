@@ -2,19 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
-
-
-@dataclass
-class FeatureStatsConfig:
-    """Per-layer feature statistics to record on the training data once the model is exported
-    (what teacher inversion matches, for a model without BatchNorm). See models/feature_stats.py."""
-
-    batches: int = 16  # per rank; 0: record nothing
-    layers: list[str] = field(default_factory=lambda: ["*"])  # globs over normalisation layers, or exact names
 
 
 class Recipe:
@@ -27,13 +16,11 @@ class Recipe:
       and leaves them out of ``accelerator.prepare``.
     - ``random_init``: True when a pretrained tower was replaced by random weights; every
       result this run writes says so.
-    - ``feature_stats``: set to record feature statistics of the exported model.
     """
 
     model: nn.Module
     frozen: dict[str, nn.Module]
     random_init: bool = False
-    feature_stats: FeatureStatsConfig | None = None
 
     def __init__(self, model: nn.Module, frozen: dict[str, nn.Module] | None = None):
         self.model = model
@@ -70,3 +57,8 @@ class Recipe:
     def export_extra(self) -> dict:
         """Extra fields for model.json."""
         return {}
+
+    def after_export(self, engine, path) -> None:
+        """Called on every rank once ``path`` (the exported model) is complete, e.g. to record
+        something about the model as users load it next to its weights. ``engine`` gives the
+        accelerator, config, data and device placement."""

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from weatherkd.errors import UserError
-from weatherkd.metrics import _gaussian_window
+from weatherkd.metrics import gaussian_window
 
 PIXEL = {"smooth_l1": F.smooth_l1_loss, "l1": F.l1_loss, "l2": F.mse_loss}
 
@@ -18,7 +18,7 @@ PIXEL = {"smooth_l1": F.smooth_l1_loss, "l1": F.l1_loss, "l2": F.mse_loss}
 def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Differentiable per-image SSIM on [0, 1] images (11×11 Gaussian, σ 1.5, valid region)."""
     c = pred.shape[1]
-    window = _gaussian_window(device=pred.device).to(pred.dtype).expand(c, 1, 11, 11)
+    window = gaussian_window(device=pred.device).to(pred.dtype).expand(c, 1, 11, 11)
 
     def blur(x):
         return F.conv2d(x, window, groups=c)

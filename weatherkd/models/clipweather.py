@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from weatherkd.models.padding import pad_to_multiple
 from weatherkd.models.registry import register
 
 SIZES = {
@@ -35,15 +36,6 @@ SIZES = {
                  cwp_blocks=2, prior_tokens=16, mlp_ratio=4, decoder=64),
 }
 PAD_MULTIPLE = 32  # total stride of the encoder
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> tuple[torch.Tensor, tuple[int, int]]:
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph or pw:
-        mode = "reflect" if ph < h and pw < w else "replicate"
-        x = F.pad(x, (0, pw, 0, ph), mode=mode)
-    return x, (h, w)
 
 
 class EfficientAttention(nn.Module):
@@ -95,17 +87,16 @@ class SARFFN(nn.Module):
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
         self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
         self.sar = SpatiallyAdaptiveResidual(dim, kernels) if sar else None
-        self.residual_map: torch.Tensor | None = None  # the SAR output, read by the CLIP-SRD loss
 
-    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The FFN output and the SAR residual map (what the CLIP-SRD loss reads), or None without SAR."""
         b, n, c = x.shape
         y = self.fc1(x).transpose(1, 2).reshape(b, -1, h, w)
         y = self.fc2(F.gelu(self.dw(y)).flatten(2).transpose(1, 2))
-        if self.sar is not None:
-            r = self.sar(x.transpose(1, 2).reshape(b, c, h, w))
-            self.residual_map = r
-            y = y + r.flatten(2).transpose(1, 2)
-        return y
+        if self.sar is None:
+            return y, None
+        r = self.sar(x.transpose(1, 2).reshape(b, c, h, w))
+        return y + r.flatten(2).transpose(1, 2), r
 
 
 class EncoderBlock(nn.Module):
@@ -115,9 +106,10 @@ class EncoderBlock(nn.Module):
         self.attn = EfficientAttention(dim, heads, sr)
         self.ffn = SARFFN(dim, ratio, sar)
 
-    def forward(self, x, h, w):
+    def forward(self, x, h, w) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x + self.attn(self.norm1(x), h, w)
-        return x + self.ffn(self.norm2(x), h, w)
+        y, residual = self.ffn(self.norm2(x), h, w)
+        return x + y, residual
 
 
 class EncoderStage(nn.Module):
@@ -129,21 +121,15 @@ class EncoderStage(nn.Module):
         self.blocks = nn.ModuleList(EncoderBlock(dim, heads, sr, ratio, sar) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stage's features and its last block's SAR residual map (None without SAR)."""
         x = self.embed(x)
         b, c, h, w = x.shape
         t = self.embed_norm(x.flatten(2).transpose(1, 2))
+        residual = None
         for block in self.blocks:
-            t = block(t, h, w)
-        return self.norm(t).transpose(1, 2).reshape(b, c, h, w)
-
-    def pop_residual_map(self) -> torch.Tensor | None:
-        """The last block's SAR output from the latest forward; clears every block's, so no tensor
-        (and no autograd graph) stays on the modules between forwards (deepcopy needs that)."""
-        latest = self.blocks[-1].ffn.residual_map
-        for block in self.blocks:
-            block.ffn.residual_map = None
-        return latest
+            t, residual = block(t, h, w)
+        return self.norm(t).transpose(1, 2).reshape(b, c, h, w), residual
 
 
 class CWPBlock(nn.Module):
@@ -182,6 +168,11 @@ class ResidualConv(nn.Module):
 
 class ClipWeatherNet(nn.Module):
     """The trainable part of the teacher. ``prior`` is the CLIP ViT class token (B, prior_dim)."""
+
+    # Layers whose output channels structured pruning must keep: attention splits channels into
+    # heads, the SAR bank views its output as K kernels per channel, stage embeddings set the width
+    # attention runs at, and the prior/text projections meet the frozen CLIP tower.
+    prune_keep = ("*.embed", "*.attn.*", "*.sar.*", "prior_*", "text_proj")
 
     def __init__(self, size: str = "tiny", prior_dim: int = 768, text_dim: int = 512, use_clip_prior: bool = True,
                  sar: bool = True, sar_kernels: int = 3):
@@ -228,11 +219,12 @@ class ClipWeatherNet(nn.Module):
         return torch.cat([a * clip_tokens, (1 - a) * learned], dim=1)
 
     def forward(self, x: torch.Tensor, prior: torch.Tensor | None = None, return_aux: bool = False):
-        padded, (h, w) = pad_to_multiple(x)
-        feats, t = [], padded
+        padded, (h, w) = pad_to_multiple(x, PAD_MULTIPLE, mode="reflect")
+        feats, residual_maps, t = [], [], padded
         for stage in self.stages:
-            t = stage(t)
+            t, residual = stage(t)
             feats.append(t)
+            residual_maps.append(residual)
         b, c, h4, w4 = feats[3].shape
         tokens = feats[3].flatten(2).transpose(1, 2)
         embedded = None
@@ -247,7 +239,6 @@ class ClipWeatherNet(nn.Module):
         y = self.up1(self.up2(self.up3(y, feats[2]), feats[1]), feats[0])
         y = F.interpolate(y, size=padded.shape[-2:], mode="bilinear", align_corners=False)
         out = (padded + self.head(torch.cat([y, self.stem(padded)], 1)))[..., :h, :w]
-        residual_maps = [stage.pop_residual_map() for stage in self.stages]
         if not return_aux:
             return out
         aux = {"residual_maps": residual_maps}
@@ -257,9 +248,7 @@ class ClipWeatherNet(nn.Module):
         return out, aux
 
 
-@register("clipweather_net")
-def clipweather_net(**kwargs) -> ClipWeatherNet:
-    return ClipWeatherNet(**kwargs)
+register("clipweather_net")(ClipWeatherNet)
 
 
 @register("transweather")
@@ -286,6 +275,23 @@ class ClipWeather(nn.Module):
         self.weathers = list(weathers or [])
         if self.weathers:
             self.register_buffer("weather_text", torch.zeros(len(self.weathers), self.net.text_proj.out_features))
+
+    # Pruning and inversion read these instead of testing for this class: only ``net`` was trained
+    # (and is pruned), fed ``net_inputs(x)``; ``forward_with_weather`` is differentiable end to end.
+    trained_part = "net"
+
+    def net_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, self.prior(x).detach()
+
+    def load_parts(self, net_state: dict, prior_state: dict, weather_text: torch.Tensor | None = None) -> None:
+        """The trained net, the CLIP tower it was trained with and (with ``weathers``) the weather
+        prompts' text features; strict, so a part that does not fit fails here, not at load time."""
+        self.net.load_state_dict(net_state)
+        self.prior.load_state_dict(prior_state)
+        if self.weathers:
+            if weather_text is None:
+                raise ValueError("a clipweather model with weathers needs their text features")
+            self.weather_text.copy_(weather_text)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

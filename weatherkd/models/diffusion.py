@@ -7,13 +7,13 @@ nothing about shards or launching.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from weatherkd.errors import UserError
+from weatherkd.io import sha256_file
 
 PARTS = ("vae", "unet", "scheduler")
 
@@ -73,11 +73,7 @@ def file_hashes(path) -> dict[str, str]:
     for part in PARTS:
         for f in sorted((Path(path) / part).rglob("*")):
             if f.is_file():
-                digest = hashlib.sha256()
-                with open(f, "rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 20), b""):
-                        digest.update(chunk)
-                out[str(f.relative_to(path))] = digest.hexdigest()[:16]
+                out[str(f.relative_to(path))] = sha256_file(f)[:16]
     return out
 
 

@@ -49,6 +49,12 @@ class PromptAdapter(nn.Module):
         self.weathers = list(weathers)
         self.register_buffer("weather_prompts", torch.zeros(len(weathers), self.head.tokens, self.head.width))
 
+    def load_parts(self, head_state: dict, encoder_state: dict, weather_prompts: torch.Tensor) -> None:
+        """The trained head, its CLIP tower and the per-weather prompts; strict."""
+        self.head.load_state_dict(head_state)
+        self.encoder.load_state_dict(encoder_state)
+        self.weather_prompts.copy_(weather_prompts)
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Degraded images (B, 3, H, W) in [0, 1] -> prompt embeddings (B, tokens, width)."""

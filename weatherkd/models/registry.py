@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,27 @@ def build(arch: str, **kwargs) -> torch.nn.Module:
     model = ARCHS[arch](**kwargs)
     model.weatherkd_spec = {"arch": arch, "kwargs": dict(kwargs)}
     return model
+
+
+def arch_params(arch: str) -> set[str] | None:
+    """The keyword arguments ``arch`` is built with; None when it takes any (``**kwargs``)."""
+    params = inspect.signature(ARCHS[arch]).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def check_kwargs(arch: str, kwargs: dict) -> None:
+    """A config key the arch would not take is an error, not silently ignored."""
+    if arch not in ARCHS:
+        raise UserError(f"model.arch: unknown arch '{arch}'; registered: {', '.join(sorted(ARCHS))}")
+    accepted = arch_params(arch)
+    if accepted is None:
+        return
+    for key in kwargs:
+        if key not in accepted:
+            name = "model.size" if key == "size" else f"model.kwargs.{key}"
+            raise UserError(f"{name}: arch '{arch}' takes no '{key}' (it takes: {', '.join(sorted(accepted)) or 'nothing'})")
 
 
 def save(model: torch.nn.Module, path, state_dict: dict | None = None, extra: dict | None = None) -> Path:

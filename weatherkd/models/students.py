@@ -8,16 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from weatherkd.models.padding import pad_to_multiple
 from weatherkd.models.registry import register
 
 UNET_SIZES = {"tiny": (8, 12, 16), "small": (24, 32, 64), "base": (48, 64, 128)}
 NAF_SIZES = {"tiny": (8, (1, 1, 1), 1), "small": (24, (1, 1, 2), 2), "base": (48, (2, 2, 4), 4)}
-
-
-def _pad(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    return (F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x), h, w
 
 
 class ConvBNAct(nn.Sequential):
@@ -40,7 +35,7 @@ class UNetBN(nn.Module):
         nn.init.zeros_(self.out[0].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xp, h, w = _pad(x, 8)
+        xp, (h, w) = pad_to_multiple(x, 8)
         e1 = self.enc1(xp)
         e2 = self.enc2(e1)
         m = self.mid(e2)
@@ -100,7 +95,7 @@ class NAFNetSmall(nn.Module):
         self.multiple = 2 ** (len(enc_blocks) + 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xp, h, w = _pad(x, self.multiple)
+        xp, (h, w) = pad_to_multiple(x, self.multiple)
         y, skips = self.intro(xp), []
         for enc, down in zip(self.encoders, self.downs):
             y = enc(y)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from weatherkd.models.padding import pad_to_multiple
 from weatherkd.models.registry import register
 
 
@@ -57,9 +58,7 @@ class VQAutoencoder(nn.Module):
         return latent + (q - latent).detach(), loss  # straight-through
 
     def forward(self, x: torch.Tensor, return_loss: bool = False):
-        h, w = x.shape[-2:]
-        ph, pw = (-h) % self.multiple, (-w) % self.multiple
-        xp = F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+        xp, (h, w) = pad_to_multiple(x, self.multiple)
         q, vq_loss = self.quantize(self.features(xp)[-1])
         out = ((self.decoder(self.from_code(q)) + 1) / 2)[..., :h, :w]
         return (out, vq_loss) if return_loss else out

@@ -1,0 +1,77 @@
+"""The registry of everything ``weatherkd`` runs: one entry per stage or command.
+
+Three kinds (DESIGN.md):
+- ``train``: a training stage on the engine (``Engine(cfg, RECIPE).fit()``), config-driven;
+- ``job``: a sharded generation job writing distillation tars, config-driven;
+- ``command``: a plain function; ``prune`` is config-driven, the others parse their own flags.
+
+``cli.py``, ``bench.py``, ``demo.py`` and the tests read this table. Modules are imported only
+when a stage is used, so ``weatherkd --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Literal
+
+Kind = Literal["train", "job", "command"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    kind: Kind
+    module: str
+    help: str
+    configured: bool  # `weatherkd NAME --config FILE [key=value ...]`, with a `Config` class in its module
+
+    def load(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+    @property
+    def config_class(self) -> type:
+        if not self.configured:
+            raise TypeError(f"weatherkd {self.name} takes flags, not a config file")
+        return self.load().Config
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in [
+    Stage("shards", "command", "weatherkd.data.cli",
+          "build, ingest, inspect and check WebDataset shard sets", False),
+    Stage("teacher", "train", "weatherkd.stages.teacher",
+          "train the CLIP-guided weather-removal teacher (DeepSpeed ZeRO)", True),
+    Stage("distill", "train", "weatherkd.stages.distill",
+          "distil a student from an exported teacher (KD / DCKD, DDP)", True),
+    Stage("vq", "train", "weatherkd.stages.vq", "train the VQ autoencoder used by DCKD", True),
+    Stage("adapter", "train", "weatherkd.stages.adapter", "train the D4IR degradation-prompt adapter", True),
+    Stage("synth", "job", "weatherkd.stages.synth",
+          "synthesise distillation tars with degradation-prompted Stable Diffusion", True),
+    Stage("dream", "job", "weatherkd.stages.dream", "synthesise distillation tars by inverting the teacher", True),
+    Stage("prune", "command", "weatherkd.stages.prune",
+          "adaptively prune a trained network into a student initialisation", True),
+    Stage("eval", "command", "weatherkd.stages.evaluate",
+          "evaluate an exported model on a shard set (accelerate launch splits it)", False),
+    Stage("bench", "command", "weatherkd.bench", "benchmarks, printed as JSON", False),
+    Stage("report", "command", "weatherkd.report",
+          "gather several runs into one comparison table (markdown + JSON)", False),
+    Stage("demo", "command", "weatherkd.demo",
+          "the whole pipeline on the embedded default data; rerun to resume", False),
+]}
+
+
+# What `weatherkd bench` runs (argparse choices), listed here so the command line needs no torch import.
+BENCH_NAMES = ["loader", "kd-overhead", "model", "step", "synth"]
+
+
+def get(name: str) -> Stage:
+    return STAGES[name]
+
+
+def of_kind(*kinds: Kind) -> list[str]:
+    return [s.name for s in STAGES.values() if s.kind in kinds]
+
+
+def configured() -> list[str]:
+    return [s.name for s in STAGES.values() if s.configured]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from weatherkd import models
-from weatherkd.config import ModelConfig, StageConfig, register_stage_config
+from weatherkd.config import ModelConfig, StageConfig
 from weatherkd.data.shards import open_set
 from weatherkd.engine import Engine, Recipe
 from weatherkd.models import clip
@@ -47,7 +47,6 @@ class PromptConfig:
     grid: int = 4  # tiles per side when shuffling
 
 
-@register_stage_config("adapter")
 @dataclass
 class Config(StageConfig):
     out_dir: str = "runs/adapter"
@@ -139,13 +138,10 @@ class AdapterRecipe(Recipe):
 
     def export_model(self, model, state):
         """The adapter users load: CLIP tower + head + per-weather prompts, one ``prompt_adapter``."""
-        bundle = torch.nn.Module()
-        bundle.weatherkd_spec = {"arch": "prompt_adapter", "kwargs": {
-            "head": model.weatherkd_spec["kwargs"], "clip_image": self.cfg.model.clip.name, "weathers": self.weathers}}
-        merged = {f"head.{k}": v for k, v in state.items()}
-        merged.update({f"encoder.{k}": v for k, v in self.frozen["clip_image"].state_dict().items()})
-        merged["weather_prompts"] = self.weather_prompts
-        return bundle, merged
+        bundle = models.build("prompt_adapter", head=model.weatherkd_spec["kwargs"], clip_image=self.cfg.model.clip.name,
+                              weathers=self.weathers)
+        bundle.load_parts(state, self.frozen["clip_image"].state_dict(), self.weather_prompts)
+        return bundle, bundle.state_dict()
 
 
 RECIPE = AdapterRecipe

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from weatherkd import models
-from weatherkd.config import ModelConfig, StageConfig, register_stage_config
+from weatherkd.config import ModelConfig, StageConfig
 from weatherkd.engine import Engine, Recipe
 from weatherkd.errors import UserError
 from weatherkd.losses import distill as D
@@ -47,7 +47,6 @@ class DCKDConfig:
     eps: float = 1e-7
 
 
-@register_stage_config("distill")
 @dataclass
 class Config(StageConfig):
     out_dir: str = "runs/distill"
@@ -84,7 +83,7 @@ class DistillRecipe(Recipe):
     def __init__(self, cfg: Config):
         self.cfg = cfg
         student = init_student(cfg.init) if cfg.init else \
-            models.build(cfg.model.arch, **({"size": cfg.model.size} | cfg.model.kwargs))
+            models.build(cfg.model.arch, **cfg.model.arch_kwargs())
         frozen = {}
         if cfg.objective != "scratch":
             frozen["teacher"] = _load(cfg.teacher, "teacher")

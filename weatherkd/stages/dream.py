@@ -12,31 +12,29 @@ so that the teacher's internal feature statistics match those recorded from it:
 
 Output is a distillation set: ``input.png`` (the dreamed image), ``teacher.png`` (the teacher's
 restoration: the only target there is) and ``prov.json``. Sharding, SLURM array slices, atomic
-writes and resume: ``weatherkd.data.distill_tars``.
+writes and resume: the job runner, ``weatherkd.stages.job``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from weatherkd import models
-from weatherkd.data.distill_tars import ShardedJob, SliceConfig, sample_seed
-from weatherkd.data.samples import encode_sample
+from weatherkd.stages.job import ShardedJob, SliceConfig, sample_seed
+from weatherkd.data.samples import encode_sample, to_uint8
+from weatherkd.config import RunConfig
 from weatherkd.errors import UserError
 from weatherkd.io import sha256_file
 from weatherkd.logs import get_logger
 from weatherkd.losses import inversion as I
 from weatherkd.models import feature_stats
-from weatherkd.models.clipweather import ClipWeather
 
 log = get_logger(__name__)
 
@@ -50,9 +48,8 @@ class PriorConfig:
 
 
 @dataclass
-class Config:
+class Config(RunConfig):
     out_dir: str = "shards/dream"
-    seed: int = 0
     teacher: str = ""  # exported teacher directory
     samples: int = 256  # images to dream in all
     weathers: list[str] = field(default_factory=list)  # default: every weather the teacher knows
@@ -101,9 +98,6 @@ class Dreamer(ShardedJob):
         self.cfg = cfg
         if not cfg.teacher:
             raise UserError("teacher is not set: give an exported teacher directory")
-        # One GPU per process: accelerate launch sets LOCAL_RANK; an array task sees one GPU.
-        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
-            else torch.device("cpu")
         self.teacher = models.load(cfg.teacher).to(self.device).eval().requires_grad_(False)
         targets, source = load_targets(cfg, self.teacher)
         self.targets = {k: v.to(self.device) for k, v in targets.items()}
@@ -127,7 +121,8 @@ class Dreamer(ShardedJob):
         self.order, self.ortho_layer = self._probe()
         # DeepInversion weights the first layer up. For the CLIP-guided teacher that is the
         # restoration net's first layer, not the frozen CLIP tower's (which runs first).
-        net_layers = [n for n in self.order if n.startswith("net.")] if isinstance(self.teacher, ClipWeather) else []
+        target = getattr(self.teacher, "trained_part", None)  # the trained part of a bundle with a frozen tower
+        net_layers = [n for n in self.order if n.startswith(f"{target}.")] if target else []
         self.first_layer = (net_layers or self.order)[0]
         self.prov = {"teacher": sha256_file(Path(cfg.teacher) / models.registry.WEIGHTS)[:16], "stats": source,
                      "iterations": cfg.iterations, "size": cfg.size, "init": cfg.init, "w_ortho": cfg.w_ortho}
@@ -152,7 +147,7 @@ class Dreamer(ShardedJob):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.taps.clear()
-        if isinstance(self.teacher, ClipWeather):  # through the CLIP tower too, with the weather logits
+        if hasattr(self.teacher, "forward_with_weather"):  # through the CLIP tower too, with the weather logits
             return self.teacher.forward_with_weather(x)
         return self.teacher(x), None
 
@@ -255,13 +250,11 @@ class Dreamer(ShardedJob):
             prov = {**self.prov, "seed": sample_seed(self.cfg.seed, k), "weather": self.weathers[w],
                     "loss_first": history[0] if history else None, "loss_last": history[-1] if history else None,
                     "terms": terms}
-            samples.append(encode_sample(f"dream_{k:08d}", _uint8(x[i]), w, {"source": "dream"},
-                                         teacher=_uint8(restored[i]), prov=prov))
+            samples.append(encode_sample(f"dream_{k:08d}", to_uint8(x[i]), w, {"source": "dream"},
+                                         teacher=to_uint8(restored[i]), prov=prov))
         return samples
 
 
-def _uint8(img: torch.Tensor) -> np.ndarray:
-    return (img.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
 
 
 def run(cfg: Config) -> int:

@@ -21,7 +21,7 @@ from weatherkd import models
 from weatherkd.data.shards import open_set
 from weatherkd.data.stream import eval_loader
 from weatherkd.engine import validate
-from weatherkd.engine.loop import make_accelerator
+from weatherkd.placement import make_accelerator
 from weatherkd.errors import UserError
 from weatherkd.io import atomic_path, atomic_write_json, atomic_write_text
 from weatherkd.logs import get_logger

@@ -28,27 +28,20 @@ from torch import nn
 
 from weatherkd import cost, models
 from weatherkd.data.stream import eval_loader
-from weatherkd.engine.loop import make_accelerator
+from weatherkd.placement import make_accelerator
+from weatherkd.config import RunConfig
 from weatherkd.errors import UserError
 from weatherkd.io import atomic_write_json
 from weatherkd.logs import get_logger, progress
 from weatherkd.models import pruned
-from weatherkd.models.clipweather import ClipWeather, ClipWeatherNet
 from weatherkd.models.registry import read_spec
 
 log = get_logger(__name__)
 
-# Layers of the CLIP-guided teacher whose output channels stay: attention splits channels into
-# heads, the SAR bank views its output as K kernels per channel, stage embeddings set the width
-# attention runs at, and the prior/text projections meet the frozen CLIP tower.
-CLIPWEATHER_KEEP = ["*.embed", "*.attn.*", "*.sar.*", "prior_*", "text_proj"]
-
-
 @dataclass
-class Config:
+class Config(RunConfig):
     out_dir: str = "runs/prune"
-    seed: int = 0
-    model: str = ""  # exported network to prune
+    network: str = ""  # exported network (model directory) to prune
     calib_shards: str = ""  # calibration inputs: a shard set (dreamed tars keep pruning data-free)
     calib_split: str = "train"
     calib_samples: int = 32
@@ -60,26 +53,33 @@ class Config:
     importance: Literal["l1", "l2"] = "l1"  # which channels go, within a group (weight magnitude)
     keep: list[str] = field(default_factory=list)  # globs of layers whose output channels stay (added to defaults)
 
+    def check(self) -> None:
+        if not 0 < self.flops_reduction < 1:
+            raise UserError(f"flops_reduction must be in (0, 1), got {self.flops_reduction}")
+        if not 0 < self.probe_ratio < 1 or not 0 < self.max_ratio < 1:
+            raise UserError(f"probe_ratio ({self.probe_ratio}) and max_ratio ({self.max_ratio}) must be in (0, 1)")
+
 
 class Pruner:
     """DepGraph pruning of one network; every call prunes a fresh copy of the original."""
 
     def __init__(self, model: nn.Module, cfg: Config, device: torch.device | str = "cpu"):
         self.model, self.cfg, self.device = model.to(device).eval(), cfg, device
-        # A bundle with a frozen CLIP tower: only the restoration net is pruned, fed the tower's output.
-        self.bundle = isinstance(model, ClipWeather)
-        net = model.net if self.bundle else model
-        self.keep = cfg.keep + (CLIPWEATHER_KEEP if isinstance(net, ClipWeatherNet) else [])
+        # A model may name the part that is pruned (a bundle's trained net beside a frozen CLIP
+        # tower, fed by ``net_inputs``) and the layers whose output channels must stay.
+        self.target = getattr(model, "trained_part", None)
+        net = getattr(model, self.target) if self.target else model
+        self.keep = cfg.keep + list(getattr(net, "prune_keep", ()))
         self.probe_input = torch.rand(1, 3, 64, 64, device=device)
         self.groups = self._pruner(copy.deepcopy(model), {}).groups()
         if not self.groups:
-            raise UserError(f"no prunable channel groups in {cfg.model} once {self.keep} are kept")
+            raise UserError(f"no prunable channel groups in {cfg.network} once {self.keep} are kept")
 
-    def _pruner(self, model: nn.Module, ratios: dict[str, float]) -> "_Run":
+    def _pruner(self, model: nn.Module, ratios: dict[str, float]) -> "NamedPruner":
         import torch_pruning as tp
 
-        net = model.net if self.bundle else model
-        args = (self.probe_input, model.prior(self.probe_input).detach()) if self.bundle else self.probe_input
+        net = getattr(model, self.target) if self.target else model
+        args = model.net_inputs(self.probe_input) if self.target else self.probe_input
         named = dict(net.named_modules())
         ignored = [m for n, m in named.items() if any(fnmatch.fnmatch(n, p) for p in self.keep)
                    or (isinstance(m, (nn.Conv2d, nn.Linear)) and _out_channels(m) == 3)]  # image outputs stay
@@ -90,7 +90,7 @@ class Pruner:
             pruner = tp.pruner.MetaPruner(net, args, importance=importance, pruning_ratio=0.0,
                                           pruning_ratio_dict={named[n]: r for n, r in ratios.items()},
                                           ignored_layers=ignored, unwrapped_parameters=unwrapped)
-        return _Run(pruner, named)
+        return NamedPruner(pruner, named)
 
     def prune(self, ratios: dict[str, float]) -> nn.Module:
         model = copy.deepcopy(self.model)
@@ -101,7 +101,9 @@ class Pruner:
         return cost.flops(model, self.cfg.flops_size, self.device)
 
 
-class _Run:
+class NamedPruner:
+    """torch-pruning's pruner for one set of ratios, and the names of the modules it prunes."""
+
     def __init__(self, pruner, named: dict[str, nn.Module]):
         self.pruner = pruner
         self.names = {m: n for n, m in named.items()}
@@ -175,14 +177,12 @@ def allocate(sensitivity: dict[str, float], evaluate, target: float, max_ratio: 
 
 
 def run(cfg: Config) -> int:
-    if not cfg.model:
-        raise UserError("model is not set: give an exported model directory to prune")
-    if not 0 < cfg.flops_reduction < 1:
-        raise UserError(f"flops_reduction must be in (0, 1), got {cfg.flops_reduction}")
+    if not cfg.network:
+        raise UserError("network is not set: give an exported model directory to prune")
     acc = make_accelerator()
     torch.manual_seed(cfg.seed)
-    spec = read_spec(cfg.model)
-    original = models.load(cfg.model).to(acc.device)
+    spec = read_spec(cfg.network)
+    original = models.load(cfg.network).to(acc.device)
     inputs = calibration_inputs(cfg).to(acc.device)
     pruner = Pruner(original, cfg, acc.device)
     with torch.no_grad():
@@ -211,7 +211,7 @@ def run(cfg: Config) -> int:
     check = copy.deepcopy(model).train()  # it must still train, not just run (a copy: BN statistics stay)
     check(inputs[:2]).mean().backward()
     report = {
-        "model": cfg.model, "flops_size": cfg.flops_size,
+        "network": cfg.network, "flops_size": cfg.flops_size,
         "flops": {"before": base_flops, "after": after_flops, "reduction": 1 - after_flops / base_flops},
         "params": {"before": cost.params(original), "after": cost.params(model)},
         "target_reduction": cfg.flops_reduction, "lambda": lam,
@@ -222,10 +222,10 @@ def run(cfg: Config) -> int:
         out = Path(cfg.out_dir)
         model.weatherkd_spec = {"arch": "pruned", "kwargs": pruned.describe(model, spec)}
         extra = {k: spec[k] for k in ("weathers", "random_init") if k in spec}
-        models.save(model, out / "model", extra={**extra, "pruned_from": cfg.model,
+        models.save(model, out / "model", extra={**extra, "pruned_from": cfg.network,
                                                  "flops_reduction": report["flops"]["reduction"]})
         atomic_write_json(out / "prune.json", report)
-        log.info("pruned %s: GFLOPs@%d %.3f -> %.3f (-%.1f%%), params %.3fM -> %.3fM; exported %s", cfg.model,
+        log.info("pruned %s: GFLOPs@%d %.3f -> %.3f (-%.1f%%), params %.3fM -> %.3fM; exported %s", cfg.network,
                  cfg.flops_size, base_flops / 1e9, after_flops / 1e9, 100 * report["flops"]["reduction"],
                  report["params"]["before"] / 1e6, report["params"]["after"] / 1e6, out / "model")
     acc.wait_for_everyone()

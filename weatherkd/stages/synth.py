@@ -3,7 +3,7 @@
 ``teacher.png``, ``prov.json``).
 
 Sample ``k`` is clean image ``k // W`` under weather ``k % W``. Sharding, slices (SLURM array
-tasks or ranks), atomic writes, resume and the manifest: ``weatherkd.data.distill_tars``.
+tasks or ranks), atomic writes, resume and the manifest: the job runner, ``weatherkd.stages.job``.
 """
 
 from __future__ import annotations
@@ -18,18 +18,19 @@ import torch
 from PIL import Image
 
 from weatherkd import models
-from weatherkd.data.distill_tars import ShardedJob, SliceConfig, sample_seed
-from weatherkd.data.samples import decode_image, encode_sample
+from weatherkd.placement import dtype_named
+from weatherkd.stages.job import ShardedJob, SliceConfig, sample_seed
+from weatherkd.data.samples import decode_image, encode_sample, to_uint8
 from weatherkd.data.shards import open_set
+from weatherkd.config import RunConfig
 from weatherkd.errors import UserError
 from weatherkd.io import sha256_file
 from weatherkd.models import diffusion
 
 
 @dataclass
-class Config:
+class Config(RunConfig):
     out_dir: str = "shards/synth"
-    seed: int = 0
     sd_path: str = ""  # local diffusers Stable Diffusion folder (vae/, unet/, scheduler/)
     adapter: str = ""  # exported `weatherkd adapter` model: its per-weather prompts condition SD
     clean: str = ""  # clean images: a shard set (its targets, else its inputs) or a folder of images
@@ -46,6 +47,11 @@ class Config:
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
     teacher: str = ""  # exported teacher: cache its output as teacher.png
     slice: SliceConfig = field(default_factory=SliceConfig)
+
+    def check(self) -> None:
+        diffusion.check_schedule(self.strength, self.steps)
+        if self.size % 8:
+            raise UserError(f"size must be a multiple of 8 (the VAE downsamples by 8), got {self.size}")
 
 
 class CleanImages:
@@ -102,14 +108,10 @@ class Synthesiser(ShardedJob):
         super().__init__(cfg.out_dir, cfg.shard_size, cfg.batch_size, cfg.slice,
                          {k: v for k, v in vars(cfg).items() if k != "slice"})
         self.cfg = cfg
-        diffusion.check_schedule(cfg.strength, cfg.steps)
-        if cfg.size % 8:
-            raise UserError(f"size must be a multiple of 8 (the VAE downsamples by 8), got {cfg.size}")
         if not cfg.adapter:
             raise UserError("adapter is not set: give an exported `weatherkd adapter` model directory")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-                 "auto": torch.float16 if device == "cuda" else torch.float32}[cfg.dtype]
+        device = self.device
+        dtype = dtype_named(cfg.dtype, device)
         self.sd = diffusion.load(cfg.sd_path, device, dtype, cfg.attention)
         adapter = models.load(cfg.adapter)
         self.weathers = cfg.weathers or adapter.weathers
@@ -136,9 +138,8 @@ class Synthesiser(ShardedJob):
         teacher = self.teacher(out.to(next(self.teacher.parameters()).device)).clamp(0, 1) if self.teacher else None
         samples = []
         for i, k in enumerate(ks):
-            img = (out[i].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-            t_img = (teacher[i].permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8) \
-                if teacher is not None else None
+            img = to_uint8(out[i])
+            t_img = to_uint8(teacher[i]) if teacher is not None else None
             w = k % n_w
             prov = {**self.prov, "seed": sample_seed(cfg.seed, k), "weather": self.weathers[w],
                     "prompt_id": f"adapter:{self.prov['adapter']}:{self.weathers[w]}",

@@ -15,11 +15,25 @@ from typing import Literal
 import torch
 
 from weatherkd import models
-from weatherkd.config import ModelConfig, StageConfig, register_stage_config
+from weatherkd.config import ModelConfig, StageConfig
+from weatherkd.errors import UserError
 from weatherkd.data.shards import open_set
-from weatherkd.engine import Engine, FeatureStatsConfig, Recipe
+from weatherkd.data.stream import TrainSpec, train_loader
+from weatherkd.engine import Engine, Recipe
+from weatherkd.logs import get_logger
 from weatherkd.losses import restoration as L
-from weatherkd.models import clip
+from weatherkd.models import clip, feature_stats
+
+log = get_logger(__name__)
+
+
+@dataclass
+class FeatureStatsConfig:
+    """Per-layer feature statistics to record on the training data once the teacher is exported:
+    what `weatherkd dream` inverts towards, for a teacher without BatchNorm (models/feature_stats.py)."""
+
+    batches: int = 16  # per rank; 0: record nothing
+    layers: list[str] = field(default_factory=lambda: ["*"])  # globs over normalisation layers, or exact names
 
 
 @dataclass
@@ -47,7 +61,6 @@ class LossConfig:
     srd_start: int = 0  # optimizer step at which CLIP-SRD switches on (the paper: epoch 200 of 250)
 
 
-@register_stage_config("teacher")
 @dataclass
 class Config(StageConfig):
     out_dir: str = "runs/teacher"
@@ -55,6 +68,14 @@ class Config(StageConfig):
     loss: LossConfig = field(default_factory=LossConfig)
     # Feature statistics recorded on the training data at export: `weatherkd dream`'s targets.
     stats: FeatureStatsConfig = field(default_factory=FeatureStatsConfig)
+
+    def built_arch(self) -> str:
+        return "clipweather_net" if self.model.arch == "clipweather" else self.model.arch  # the bundle's trained net
+
+    def check(self) -> None:
+        super().check()
+        if self.model.arch != "clipweather" and (self.loss.w_text > 0 or self.loss.w_srd > 0):
+            raise UserError(f"loss.w_text and loss.w_srd need model.arch: clipweather, not '{self.model.arch}'")
 
 
 class TeacherRecipe(Recipe):
@@ -75,17 +96,14 @@ class TeacherRecipe(Recipe):
                 frozen["clip_residual"] = clip.ResidualFeatures(rn_model)
                 random_init = random_init or rn_random
             text_dim = image_model.text_projection.shape[1] if hasattr(image_model, "text_projection") else 512
-            net = models.build("clipweather_net", size=m.size, prior_dim=frozen["clip_image"].width,
-                               text_dim=int(text_dim), **m.kwargs)
+            net = models.build("clipweather_net", prior_dim=frozen["clip_image"].width, text_dim=int(text_dim),
+                               **m.arch_kwargs())
         else:
-            if loss.w_text > 0 or loss.w_srd > 0:
-                raise ValueError(f"loss.w_text and loss.w_srd need model.arch: clipweather, not '{m.arch}'")
-            net = models.build(m.arch, **({"size": m.size} if m.arch == "transweather" else {}), **m.kwargs)
+            net = models.build(m.arch, **m.arch_kwargs())
         if loss.w_perceptual > 0:
             frozen["vgg"] = L.Perceptual(loss.vgg_weights)
         super().__init__(net, frozen)
         self.random_init = random_init
-        self.feature_stats = cfg.stats
 
     @torch.no_grad()
     def clip_prior(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -126,16 +144,41 @@ class TeacherRecipe(Recipe):
         """Export net + CLIP image tower as one ``clipweather`` model that runs on images alone."""
         if "clip_image" not in self.frozen:
             return model, state
-        tower = self.frozen["clip_image"]
-        bundle_kwargs = {"net": model.weatherkd_spec["kwargs"], "clip_image": self.cfg.model.clip.image.name}
-        merged = {f"net.{k}": v for k, v in state.items()}
-        merged.update({f"prior.{k}": v for k, v in tower.state_dict().items()})
-        if self.text_features is not None:  # the teacher's own weather classifier, for `weatherkd dream`
-            bundle_kwargs["weathers"] = self.weathers
-            merged["weather_text"] = self.text_features.float().cpu()
-        bundle = torch.nn.Module()
-        bundle.weatherkd_spec = {"arch": "clipweather", "kwargs": bundle_kwargs}
-        return bundle, merged
+        # With its weathers' text features the teacher classifies weather itself (`weatherkd dream` uses that).
+        weathers = self.weathers if self.text_features is not None else None
+        bundle = models.build("clipweather", net=model.weatherkd_spec["kwargs"],
+                              clip_image=self.cfg.model.clip.image.name, weathers=weathers)
+        bundle.load_parts(state, self.frozen["clip_image"].state_dict(),
+                          self.text_features.float().cpu() if weathers else None)
+        return bundle, bundle.state_dict()
+
+
+    def after_export(self, engine, path) -> None:
+        """Feature statistics of the exported model (as users load it) on un-augmented training
+        crops, every rank recording its own batches; saved next to the weights."""
+        cfg, acc, want = self.cfg, engine.acc, self.cfg.stats
+        if want.batches <= 0:
+            return
+        d = cfg.data
+        plain = TrainSpec.of(d, flip=False, cutmix_prob=0.0)
+        loader = train_loader(d.train_shards, d.train_split, d.weathers, plain, cfg.seed + 1, acc.process_index,
+                              acc.num_processes, want.batches, d.num_workers)
+        exported = models.load(path).to(acc.device).eval()
+        if not feature_stats.select_layers(exported, want.layers):
+            log.info("no layer of the exported model matches stats.layers %s: no feature statistics recorded",
+                     want.layers)
+            return
+        batches = (engine.to_device(b) for b in loader.epoch(0, 0))
+        reduce = (lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu()) if acc.num_processes > 1 else None
+        stats = feature_stats.record(exported, batches, engine.weathers, want.layers, reduce)
+        if acc.is_main_process:
+            feature_stats.save(stats, path, {"layers": feature_stats.layers_in(stats), "weathers": engine.weathers,
+                                             "batches": want.batches * acc.num_processes,
+                                             "batch_size": d.batch_size, "crop": d.crop,
+                                             "shards": str(d.train_shards)})
+            log.info("recorded feature statistics of %d layers in %s", len(feature_stats.layers_in(stats)),
+                     path / feature_stats.STATS_FILE)
+        acc.wait_for_everyone()
 
 
 RECIPE = TeacherRecipe  # what `weatherkd bench step` builds for this stage

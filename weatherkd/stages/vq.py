@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 
 from weatherkd import models
-from weatherkd.config import ModelConfig, StageConfig, register_stage_config
+from weatherkd.config import ModelConfig, StageConfig
 from weatherkd.engine import Engine, Recipe
 
 
-@register_stage_config("vq")
 @dataclass
 class Config(StageConfig):
     out_dir: str = "runs/vq"

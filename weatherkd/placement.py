@@ -1,0 +1,76 @@
+"""One way to put a process on its device: the engine's Accelerator, and every other process
+(jobs, commands, benchmarks) through the same accelerate state.
+
+Under ``accelerate launch``/torchrun, rank ``r`` with local rank ``l`` runs on ``cuda:l`` (or the
+CPU, meeting the other ranks over gloo); alone, on ``cuda:0`` or the CPU. A SLURM array task is
+alone in this sense: it sees the GPUs SLURM gave it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+
+
+def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, log_with=None,
+                     project_dir: str | None = None) -> Accelerator:
+    """An Accelerator that joins the launcher's process group on GPU or CPU alike."""
+    no_gpu = not torch.cuda.is_available()
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    # Without a GPU, ranks must meet over gloo. Under DDP, cpu=True does that; without it each rank
+    # silently believes it is rank 0 of 1. Under DeepSpeed, cpu=True would quietly drop the
+    # DeepSpeed plugin (plain multi-CPU data parallel instead of ZeRO), so it stays False and the
+    # gloo backend is asked for explicitly; DeepSpeed then runs on its CPU accelerator.
+    cpu = no_gpu and not deepspeed
+    if deepspeed:  # the same trap through the environment (accelerate launch --cpu sets it)
+        os.environ.pop("ACCELERATE_USE_CPU", None)
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if no_gpu and launched else []
+    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
+                      log_with=log_with, project_dir=project_dir, kwargs_handlers=handlers)
+    if deepspeed and acc.state.deepspeed_plugin is None:
+        raise RuntimeError("launched with a DeepSpeed config, but accelerate set DeepSpeed aside")
+    return acc
+
+
+# Precision names as configs and flags spell them ("no" is accelerate's mixed_precision for fp32).
+DTYPES = {"fp32": torch.float32, "no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def dtype_named(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: fp16 on a GPU, fp32 on the CPU (where half precision is slower, not faster)."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process runs and which part of the work is its own."""
+
+    device: torch.device
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def record(self) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "rank": self.rank, "world_size": self.world_size,
+                "local_rank": self.local_rank, "device": str(self.device)}
+
+
+def place(device: str | None = None) -> Placement:
+    """This process's device, rank and world size, as the engine's Accelerator would set them.
+    ``device`` overrides the device alone (a benchmark's ``--device``)."""
+    acc = make_accelerator()
+    state = acc.state
+    return Placement(torch.device(device) if device else acc.device, state.process_index, state.num_processes,
+                     state.local_process_index)
