@@ -4,7 +4,7 @@
 #
 #   slurm/local-cluster.sh start      # installs slurm with apt if missing (root), starts, waits for idle nodes
 #   export SLURM_CONF=/tmp/weatherkd-slurm/slurm.conf
-#   sbatch --gpus-per-node=0 slurm/distill.sbatch --config configs/distill/demo-scratch.yaml
+#   sbatch --gpus-per-node=0 slurm/distill.sbatch --config configs/distill/demo.yaml objective=scratch
 #   slurm/local-cluster.sh stop
 #
 # Everything (config, state, spool, logs, pids) lives under $WEATHERKD_SLURM_DIR

@@ -18,6 +18,15 @@ from weatherkd.data.shards import ShardSetWriter
 
 REPO = Path(__file__).resolve().parents[1]
 PROCS = Path(__file__).parent / "procs"
+UNIT = Path(__file__).parent / "unit"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Two tiers: tests/unit/ runs in process (`pytest tests/unit`, under 2 minutes); everything
+    else launches real processes and is marked `launch` (`pytest -m launch`)."""
+    for item in items:
+        if UNIT not in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.launch)
 
 
 def free_port() -> int:
@@ -93,6 +102,17 @@ def make_set(path: Path, counts: dict[tuple[str, str], int], size: int = 12, sha
             sample = encode_sample(f"{split}_{w}_{i:04d}", img, list(weathers).index(w), {"i": i}, target=clean)
             writer.add(split, w, sample)
     return writer.close()
+
+
+def dreamer(teacher, tmp_path, *overrides):
+    """`weatherkd dream`'s Dreamer on the demo config, small."""
+    from weatherkd import config as cfgmod
+    from weatherkd.stages import dream
+
+    cfg = cfgmod.load(dream.Config, "configs/dream/demo.yaml",
+                      [f"teacher={teacher}", f"out_dir={tmp_path / 'dream'}", "size=32", "batch_size=6",
+                       *overrides])
+    return dream.Dreamer(cfg)
 
 
 @pytest.fixture(scope="session")

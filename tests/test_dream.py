@@ -6,19 +6,10 @@ import json
 import pytest
 import torch
 
-from conftest import accelerate_launch, run_cli
-from weatherkd import config as cfgmod
+from conftest import accelerate_launch, dreamer, run_cli
 from weatherkd import models
 from weatherkd.errors import UserError
 from weatherkd.losses import inversion as I
-from weatherkd.stages import dream
-
-
-def dreamer(teacher, tmp_path, *overrides) -> dream.Dreamer:
-    cfg = cfgmod.load(dream.Config, "configs/dream/demo.yaml",
-                      [f"teacher={teacher}", f"out_dir={tmp_path / 'dream'}", "size=32", "batch_size=6",
-                       *overrides])
-    return dream.Dreamer(cfg)
 
 
 def test_inversion_loss_decreases_towards_recorded_statistics(tiny_teacher, tmp_path):
@@ -61,36 +52,6 @@ def test_orthogonality_term_makes_dreamed_batches_diverse(tiny_teacher, tmp_path
 
     without, with_ortho = spread(0.0), spread(5.0)
     assert with_ortho > without * 1.05, (without, with_ortho)
-
-
-def test_orthogonality_and_priors_on_known_inputs():
-    same = torch.ones(4, 8)
-    assert float(I.orthogonality(same)) == pytest.approx(1.0)  # identical features: cosine 1 everywhere
-    assert float(I.orthogonality(torch.eye(4))) == 0.0
-    assert float(I.mean_pairwise_distance(torch.eye(4))) == pytest.approx(2 ** 0.5)
-    flat = torch.full((1, 3, 8, 8), 0.5)
-    assert float(I.total_variation(flat)) == 0.0 and float(I.l2_prior(flat)) == 0.0
-    x = torch.randn(2, 4, 8, 8)
-    m, v = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
-    assert float(I.statistics(x, m, v)) == pytest.approx(0.0, abs=1e-5)
-    assert float(I.statistics(x, m + 1, v)) == pytest.approx(2.0, rel=1e-4)  # ‖(1, 1, 1, 1)‖₂
-    assert float(I.statistics(x.permute(0, 2, 3, 1), m, v, channel_dim=-1)) == pytest.approx(0.0, abs=1e-5)
-
-
-def test_batchnorm_teacher_is_inverted_towards_its_running_statistics(tmp_path):
-    net = models.build("unet_bn", size="tiny")
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    models.save(net, tmp_path / "bn", extra={"weathers": ["rain_haze", "snow"]})
-    d = dreamer(tmp_path / "bn", tmp_path, "iterations=25", "w_ortho=0.5")
-    assert d.prov["stats"] == "batchnorm" and d.weathers == ["rain_haze", "snow"]
-    assert d.stat_groups(torch.tensor([0, 1, 0])) == [("all", None)]  # BN statistics are not per weather
-    first = d.order[0]
-    assert torch.equal(d.targets[f"all/{first}/mean"], dict(d.teacher.named_modules())[first].running_mean)
-    _, history, _ = d.dream(list(range(4)))
-    assert history[-1] < history[0]
 
 
 def test_clear_errors_for_a_teacher_without_statistics_and_bad_layers(tiny_teacher, tmp_path):

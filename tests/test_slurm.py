@@ -80,7 +80,7 @@ def distill_args(tmp_path_factory):
     shards = tmp_path_factory.mktemp("slurm-data") / "set"
     make_set(shards, {("train", w): 8 for w in ("rain_haze", "raindrop", "snow")}
              | {("test", w): 1 for w in ("rain_haze", "raindrop", "snow")}, size=40)
-    return ["--config", "configs/distill/demo-scratch.yaml", f"data.train_shards={shards}", "train.max_steps=60",
+    return ["--config", "configs/distill/demo.yaml", "objective=scratch", f"data.train_shards={shards}", "train.max_steps=60",
             "train.eval_every=0", "train.log_every=5", "ckpt.every=1000", "ckpt.preempt_check_every=5",
             "data.crop=32", "tracker.kind=none", "train.warmup_steps=2"]
 

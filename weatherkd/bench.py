@@ -109,7 +109,7 @@ def bench_kd_overhead(argv: list[str]) -> dict:
     from weatherkd.stages.distill import Config, DistillRecipe
 
     p = argparse.ArgumentParser(prog="weatherkd bench kd-overhead")
-    p.add_argument("--config", default="configs/distill/demo-dckd.yaml")
+    p.add_argument("--config", default="configs/distill/demo.yaml")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("overrides", nargs="*")

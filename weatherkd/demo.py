@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 
 from weatherkd import report
+from weatherkd.engine.loop import PROGRESS_FILE
 from weatherkd.errors import UserError
 from weatherkd.io import atomic_write_json
 from weatherkd.logs import progress
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: launch/ and configs/ live here
 STUDENTS = ("scratch", "kd", "dckd")
-_STEP = re.compile(r"weatherkd\.engine\.loop: step (\d+) ")
 _SHOW = re.compile(r"validation at step|resumed from|preempted")
 
 
@@ -41,6 +41,7 @@ class Stage:
     argv: list[str]  # the command, exactly as run
     done: Path  # exists once the stage has finished
     steps: int = 0  # training steps, for the progress bar (0: no bar)
+    progress: Path | None = None  # the engine's progress record for this stage (out_dir/progress.json)
 
 
 def _launcher() -> tuple[str, str, int]:
@@ -75,13 +76,15 @@ def plan(out: Path, shards: Path, overrides: dict[str, list[str]] | None = None,
     def train(name: str, stage: str, config: str, launch_config: str, *extra: str) -> Stage:
         args = [f"out_dir={out / name}", f"data.train_shards={shards}", *extra, *overrides.get(name, [])]
         argv = _accelerate(launch_config, nproc, stage, "--config", config, *args)
-        return Stage(name, argv, out / name / "metrics.json", _max_steps(stage, config, args))
+        return Stage(name, argv, out / name / "metrics.json", _max_steps(stage, config, args),
+                     out / name / PROGRESS_FILE)
 
     stages.append(train("teacher", "teacher", "configs/teacher/demo.yaml", zero))
     stages.append(train("vq", "vq", "configs/vq/demo.yaml", ddp))
     for objective in STUDENTS:
-        stages.append(train(f"distill-{objective}", "distill", f"configs/distill/demo-{objective}.yaml", ddp,
-                            f"teacher={out / 'teacher' / 'model'}", f"vq={out / 'vq' / 'model'}"))
+        stages.append(train(f"distill-{objective}", "distill", "configs/distill/demo.yaml", ddp,
+                            f"objective={objective}", f"teacher={out / 'teacher' / 'model'}",
+                            f"vq={out / 'vq' / 'model'}"))
     students = [f"distill-{o}" for o in STUDENTS]
     stages += data_free_stages(out, shards, ddp, nproc, train, overrides)
     students += ["distill-dream", "prune", "distill-pruned"]
@@ -127,7 +130,8 @@ def d4ir_stages(out: Path, shards: Path, sd_path: Path, ddp: str, nproc: int, tr
         train("adapter", "adapter", "configs/adapter/demo.yaml", ddp, f"prompt.width={width}"),
         Stage("synth", _accelerate(ddp, nproc, "synth", "--config", "configs/synth/demo.yaml", *synth_args),
               synth_out / "manifest.json"),
-        train("distill-d4ir", "distill", "configs/distill/demo-kd.yaml", ddp, f"data.train_shards={synth_out}",
+        train("distill-d4ir", "distill", "configs/distill/demo.yaml", ddp, "objective=kd",
+              f"data.train_shards={synth_out}",
               f"data.eval_shards={shards}", f"teacher={out / 'teacher' / 'model'}"),
     ]
 
@@ -153,6 +157,16 @@ def _executable(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", *argv]
 
 
+def _follow(bar, record: Path | None) -> None:
+    """Move the bar to the step in the engine's progress record (absent until the first log step)."""
+    try:
+        step = json.loads(record.read_text())["step"]
+    except (OSError, ValueError, KeyError, AttributeError):
+        return
+    if step > bar.n:
+        bar.update(step - bar.n)
+
+
 def run_stage(stage: Stage, log_path: Path, env: dict) -> None:
     """Run one stage with its output in ``log_path``; show its progress and key lines."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,12 +179,13 @@ def run_stage(stage: Stage, log_path: Path, env: dict) -> None:
         try:
             for line in proc.stdout:
                 log.write(line)
-                step = _STEP.search(line)
-                if bar is not None and step:
-                    bar.update(int(step.group(1)) - bar.n)
-                elif _SHOW.search(line) and "Traceback" not in line:
+                if bar is not None:
+                    _follow(bar, stage.progress)
+                if _SHOW.search(line) and "Traceback" not in line:
                     (bar.write if bar is not None else print)(f"  {line.rstrip()[-160:]}")
             rc = proc.wait()
+            if bar is not None:
+                _follow(bar, stage.progress)
         except BaseException:  # Ctrl-C: stop the whole stage, then let the interrupt through
             proc.terminate()
             proc.wait()

@@ -40,6 +40,7 @@ from weatherkd.logs import get_logger, progress
 from weatherkd.placement import dtype_named, make_accelerator
 
 log = get_logger(__name__)
+PROGRESS_FILE = "progress.json"  # out_dir/progress.json: the latest logged step, rewritten at each log line
 
 
 class Progress:
@@ -323,6 +324,9 @@ class Engine:
             scalars["perf/max_cuda_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
         scalars["data/corrupt_skipped"] = self.train_loader.corrupt
         self.tracker.log(scalars, step)
+        if acc.is_main_process:  # for programs that follow a run (the demo's progress bars): not the log text
+            atomic_write_json(self.out_dir / PROGRESS_FILE, {"step": step, "max_steps": self.cfg.train.max_steps,
+                                                              "time": time.time(), **scalars})
         log.info("step %d  %s", step, "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in scalars.items()))
 
     def validate(self, step: int) -> dict:

@@ -52,7 +52,8 @@ def check_kwargs(arch: str, kwargs: dict) -> None:
     for key in kwargs:
         if key not in accepted:
             name = "model.size" if key == "size" else f"model.kwargs.{key}"
-            raise UserError(f"{name}: arch '{arch}' takes no '{key}' (it takes: {', '.join(sorted(accepted)) or 'nothing'})")
+            takes = ", ".join(sorted(accepted)) or "nothing"
+            raise UserError(f"{name}: arch '{arch}' takes no '{key}' (it takes: {takes})")
 
 
 def save(model: torch.nn.Module, path, state_dict: dict | None = None, extra: dict | None = None) -> Path:

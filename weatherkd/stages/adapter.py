@@ -138,8 +138,8 @@ class AdapterRecipe(Recipe):
 
     def export_model(self, model, state):
         """The adapter users load: CLIP tower + head + per-weather prompts, one ``prompt_adapter``."""
-        bundle = models.build("prompt_adapter", head=model.weatherkd_spec["kwargs"], clip_image=self.cfg.model.clip.name,
-                              weathers=self.weathers)
+        bundle = models.build("prompt_adapter", head=model.weatherkd_spec["kwargs"],
+                              clip_image=self.cfg.model.clip.name, weathers=self.weathers)
         bundle.load_parts(state, self.frozen["clip_image"].state_dict(), self.weather_prompts)
         return bundle, bundle.state_dict()
 

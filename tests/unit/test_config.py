@@ -61,3 +61,20 @@ def test_shipped_configs_load(tmp_path):
     for path in sorted(Path(__file__).resolve().parents[1].glob("configs/*/*.yaml")):
         assert C.load(stages.get(path.parent.name).config_class, path) is not None, path
         assert yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize("text, where", [("seed: 1\n  out_dir: x\n", ":2:10: invalid YAML: mapping values"),
+                                         ("data: [1, 2\n", ":2:1: invalid YAML: expected ','"),
+                                         ("seed: !!python/object/apply:os.system ['touch {marker}']\n",
+                                          ":1:7: invalid YAML: could not determine a constructor")])
+def test_malformed_yaml_names_file_line_and_column(tmp_path, text, where):
+    from weatherkd import config as cfgmod
+    from weatherkd.stages.teacher import Config
+
+    marker = tmp_path / "PWNED"
+    config = tmp_path / "bad.yaml"
+    config.write_text(text.format(marker=marker))
+    with pytest.raises(cfgmod.ConfigError) as e:
+        cfgmod.load(Config, config)
+    assert str(e.value).startswith(f"{config}{where}") and "\n" not in str(e.value)
+    assert not marker.exists()
