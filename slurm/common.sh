@@ -17,7 +17,7 @@ WEATHERKD_BIN=${WEATHERKD_BIN:-.venv/bin}
 # stages check it at step boundaries (all ranks agree, all checkpoint) and delete it once their
 # checkpoint is saved. The exit code cannot tell us (torchrun turns the engine's 75 into 1), so the
 # consumed stop file is what says "checkpointed": only then does the job requeue itself, and the
-# rerun resumes from `latest`. A run that finished before it saw the file is not requeued.
+# rerun resumes from its newest checkpoint. A run that finished before it saw the file is not requeued.
 # Stages without checkpoints (shards, eval, arrays) are stopped and requeued to start over.
 # A plain scancel (TERM) cancels as usual.
 export WEATHERKD_STOP_FILE=${WEATHERKD_STOP_FILE:-$PWD/slurm/logs/${SLURM_JOB_ID}.stop}

@@ -36,7 +36,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ -f slurm/common.sh ] || { echo "submit-pipeline: run from the repository root" >&2; exit 2; }
-for f in configs/{teacher,vq,dream,prune}/$config_set.yaml configs/distill/$config_set-{scratch,kd,dckd,dream,pruned}.yaml; do
+for f in configs/{teacher,vq,dream,prune}/$config_set.yaml configs/distill/$config_set{,-dream,-pruned}.yaml; do
     [ -f "$f" ] || { echo "submit-pipeline: $f not found (--config-set $config_set)" >&2; exit 2; }
 done
 [[ $dream_tasks =~ ^[1-9][0-9]*$ ]] || { echo "submit-pipeline: --dream-tasks must be a positive integer" >&2; exit 2; }
@@ -76,8 +76,8 @@ submit eval-teacher "$teacher" eval.sbatch --model "$out/teacher/model" --shards
 for objective in scratch kd dckd; do
     after=$shards_job
     [ "$objective" != scratch ] && after="$teacher:$vq"
-    student=$(submit "distill-$objective" "$after" distill.sbatch --config "configs/distill/$config_set-$objective.yaml" \
-        out_dir="$out/distill-$objective" teacher="$out/teacher/model" vq="$out/vq/model" "${train[@]}")
+    student=$(submit "distill-$objective" "$after" distill.sbatch --config "configs/distill/$config_set.yaml" \
+        objective="$objective" out_dir="$out/distill-$objective" teacher="$out/teacher/model" vq="$out/vq/model" "${train[@]}")
     submit "eval-distill-$objective" "$student" eval.sbatch --model "$out/distill-$objective/model" \
         --shards "$shards" --out "$out/eval/distill-$objective" >/dev/null
 done
@@ -93,7 +93,7 @@ student=$(submit distill-dream "$dream" distill.sbatch --config "configs/distill
 submit eval-distill-dream "$student" eval.sbatch --model "$out/distill-dream/model" --shards "$shards" \
     --out "$out/eval/distill-dream" >/dev/null
 pruned=$(submit prune "$dream" prune.sbatch --config "configs/prune/$config_set.yaml" out_dir="$out/prune" \
-    model="$out/teacher/model" calib_shards="$dreamed")
+    network="$out/teacher/model" calib_shards="$dreamed")
 submit eval-prune "$pruned" eval.sbatch --model "$out/prune/model" --shards "$shards" --out "$out/eval/prune" >/dev/null
 student=$(submit distill-pruned "$pruned" distill.sbatch --config "configs/distill/$config_set-pruned.yaml" \
     out_dir="$out/distill-pruned" init="$out/prune/model" "${on_dreams[@]}")

@@ -11,15 +11,12 @@ from conftest import accelerate_launch, run_cli
 
 
 @pytest.fixture(scope="module")
-def kd_inputs(builtin_set, tmp_path_factory):
-    """A tiny teacher and VQ, trained and exported by the real stages."""
+def kd_inputs(builtin_set, tiny_teacher, tmp_path_factory):
+    """The session's tiny teacher and a VQ, trained and exported by the real stages."""
     root = tmp_path_factory.mktemp("kd")
-    run_cli("teacher", "--config", "configs/teacher/demo.yaml", f"out_dir={root / 'teacher'}",
-            f"data.train_shards={builtin_set}", "train.max_steps=4", "tracker.kind=none", "data.crop=32",
-            "train.eval_every=0")
     run_cli("vq", "--config", "configs/vq/demo.yaml", f"out_dir={root / 'vq'}", f"data.train_shards={builtin_set}",
             "train.max_steps=4", "tracker.kind=none", "data.crop=32")
-    return builtin_set, root / "teacher" / "model", root / "vq" / "model"
+    return builtin_set, tiny_teacher, root / "vq" / "model"
 
 
 def distill(out, shards, teacher, vq, *overrides):

@@ -110,8 +110,9 @@ def test_bench_model_reports_cost_of_the_exported_teacher(tmp_path):
 
 
 def test_bench_step_reports_throughput_and_mfu(builtin_set):
-    out = json.loads(run_cli("bench", "step", "--config", "configs/distill/demo.yaml", "--steps", 2, "objective=scratch",
-                             "--warmup", 1, f"data.train_shards={builtin_set}", "data.crop=32").stdout)
+    out = json.loads(run_cli("bench", "step", "--config", "configs/distill/demo.yaml", "--steps", 2,
+                             "--warmup", 1, "objective=scratch", f"data.train_shards={builtin_set}",
+                             "data.crop=32").stdout)
     assert out["stage"] == "distill" and out["arch"] == "unet_bn"
     assert out["samples_per_s"] > 0 and out["gflops_per_step"] > 0
     assert 0 < out["mfu"] < 1

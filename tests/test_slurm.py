@@ -141,6 +141,8 @@ def test_pipeline_submitter_chains_every_stage(cluster, tmp_path):
         assert deps["distill-kd"] == f"afterok:{jobs['teacher']}(unfulfilled),afterok:{jobs['vq']}(unfulfilled)"
         assert deps["eval-distill-dckd"] == f"afterok:{jobs['distill-dckd']}(unfulfilled)"
         assert f"out_dir={out}/distill-kd" in job_state(cluster, jobs["distill-kd"])
+        assert "configs/distill/demo.yaml objective=kd" in job_state(cluster, jobs["distill-kd"])
+        assert f"network={out}/teacher/model" in job_state(cluster, jobs["prune"])
         # The data-free branch: a 2-task dream array after the teacher; prune and distill-dream after all of it.
         assert deps["dream"] == f"afterok:{jobs['teacher']}(unfulfilled)"
         assert "ArrayTaskId=0-1" in job_state(cluster, jobs["dream"])

@@ -2,6 +2,7 @@
 saved in diffusers' layout and loaded back the way real weights are."""
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -100,11 +101,16 @@ def test_a_job_killed_mid_shard_resumes_to_an_identical_set(parts, reference, tm
 
 
 def test_bad_settings_are_clear_errors(parts, tmp_path):
-    cases = [(["strength=0.1", "steps=4"], "runs no denoising step"),
-             (["strength=1.5"], "strength must be in (0, 1]"),
-             ([f"sd_path={tmp_path}"], "is not a local diffusers Stable Diffusion folder"),
-             (["size=30"], "multiple of 8")]
-    for extra, message in cases:
+    from weatherkd import config as cfgmod
+    from weatherkd.stages import synth
+
+    # Checked when the config loads, before anything is built:
+    for extra, message in [(["strength=0.1", "steps=4"], "runs no denoising step"),
+                           (["strength=1.5"], "strength must be in (0, 1]"), (["size=30"], "multiple of 8")]:
+        with pytest.raises(cfgmod.ConfigError, match=re.escape(message)):
+            cfgmod.load(synth.Config, "configs/synth/demo.yaml", extra)
+    for extra, message in [(["size=30"], "multiple of 8"),
+                           ([f"sd_path={tmp_path}"], "is not a local diffusers Stable Diffusion folder")]:
         proc = run_cli(*synth_args(parts, tmp_path / "x", *extra), check=False)
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     wide = tmp_path / "wide-sd"

@@ -38,7 +38,8 @@ def test_frozen_towers_build_no_autograd_graph(tmp_path, builtin_set):
     assert recipe.model.stages[0].blocks[0].ffn.sar.mixer[-1].weight.grad is not None  # SRD reaches the SAR
 
 
-@pytest.mark.parametrize("launch", ["cpu-zero2", "cpu-zero3"])
+# ZeRO-3 here; the demo test trains the same teacher under ZeRO-2.
+@pytest.mark.parametrize("launch", ["cpu-zero3"])
 def test_teacher_stage_trains_exports_and_reports(launch, builtin_set, tmp_path):
     out = tmp_path / launch
     accelerate_launch(["weatherkd", "teacher", "--config", "configs/teacher/demo.yaml", f"out_dir={out}",

@@ -82,7 +82,7 @@ def bench_loader(argv: list[str]) -> dict:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batches", type=int, default=60)
     p.add_argument("--warmup", type=int, default=5)
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     spec = TrainSpec(crop=a.crop, batch_size=a.batch_size, shuffle_buffer=64)
     total = a.batches + a.warmup
     loader = train_loader(a.shards, a.split, None, spec, seed=0, rank=0, world_size=1,
@@ -113,7 +113,7 @@ def bench_kd_overhead(argv: list[str]) -> dict:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("overrides", nargs="*")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     base = cfgmod.load(Config, a.config, a.overrides)
     spec = TrainSpec.of(base.data, shuffle_buffer=16, flip=True, cutmix_prob=0.0)
     loader = train_loader(base.data.train_shards, base.data.train_split, None, spec, 0, 0, 1, 1, 0)
@@ -155,7 +155,7 @@ def bench_model(argv: list[str]) -> dict:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     device = place(a.device).device
     spec = models.read_spec(a.model)
     model = models.load(a.model).to(device).eval()
@@ -185,7 +185,7 @@ def bench_step(argv: list[str]) -> dict:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("overrides", nargs="*")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     stage = a.stage or Path(a.config).resolve().parent.name
     trainable = stages.of_kind("train")
     if stage not in trainable:
@@ -236,7 +236,7 @@ def bench_synth(argv: list[str]) -> dict:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--strength", type=float, default=0.6)
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     device = place().device
     dtype = dtype_named(a.dtype, device)
     sd = diffusion.load(a.sd_path, device, dtype)

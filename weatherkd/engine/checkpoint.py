@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import sys
 import zipfile
@@ -38,6 +39,7 @@ from weatherkd.logs import get_logger
 log = get_logger(__name__)
 LATEST = "latest"
 MANIFEST = "MANIFEST.json"
+STEP_DIR = re.compile(r"step-\d{7,}")
 ENGINE_STATE = "engine_state"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 
@@ -73,6 +75,11 @@ def step_dir_name(step: int) -> str:
 
 def step_of(path: Path) -> int:
     return int(path.name.split("-")[1])
+
+
+def step_dirs(ckpt_root: Path) -> list[Path]:
+    """``step-XXXXXXX`` directories, oldest first (anything else in the folder is not ours)."""
+    return sorted((p for p in ckpt_root.glob("step-*") if p.is_dir() and STEP_DIR.fullmatch(p.name)), key=step_of)
 
 
 # ---------------------------------------------------------------------------- state as JSON + tensors
@@ -135,9 +142,14 @@ def save(accelerator, ckpt_root: Path, step: int, keep: int, engine_state: dict)
     failpoints.reached("checkpoint.state_written", step)
     if accelerator.is_main_process:
         write_manifest(tmp, step, accelerator.num_processes)
+        # A checkpoint of the same step (a preemption right after a scheduled save, or a rerun)
+        # is moved aside, not deleted, until the new one has its name: a kill in between leaves one.
+        old = ckpt_root / f".{final.name}.old"
         if final.exists():
-            shutil.rmtree(final)
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
         tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
         failpoints.reached("checkpoint.renamed", step)
         atomic_write_text(ckpt_root / LATEST, final.name + "\n")
         _rotate(ckpt_root, keep, current=final)
@@ -158,11 +170,11 @@ def write_manifest(directory: Path, step: int, world_size: int) -> None:
 def _rotate(ckpt_root: Path, keep: int, current: Path) -> None:
     """Keep the newest ``keep`` complete checkpoints. ``current`` was just hashed from disk, so the
     newest checkpoint that verifies always survives; leftovers of killed writes go too."""
-    complete = sorted((p for p in ckpt_root.glob("step-*") if p.is_dir() and (p / MANIFEST).is_file()), key=step_of)
+    complete = [p for p in step_dirs(ckpt_root) if (p / MANIFEST).is_file()]
     for old in complete[: max(0, len(complete) - max(keep, 1))]:
         if old != current:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in ckpt_root.glob(".step-*.tmp"):  # one run per out_dir: no one else is writing these
+    for stale in [*ckpt_root.glob(".step-*.tmp"), *ckpt_root.glob(".step-*.old")]:  # one run per out_dir
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -204,7 +216,10 @@ def choose(resume: str, ckpt_root: Path) -> Path | None:
         if problem:
             raise CheckpointError(f"resume={resume}: the checkpoint does not verify: {problem}")
         return path
-    found = sorted((p for p in ckpt_root.glob("step-*") if p.is_dir()), key=step_of, reverse=True)
+    for old in ckpt_root.glob(".step-*.old"):  # a replacement killed between its two renames
+        if not (ckpt_root / old.name[1:-4]).exists():
+            old.rename(ckpt_root / old.name[1:-4])
+    found = step_dirs(ckpt_root)[::-1]
     if not found:
         if (ckpt_root / LATEST).is_file():
             raise CheckpointError(f"{ckpt_root / LATEST} names a checkpoint, but there is none under {ckpt_root}; "
@@ -230,7 +245,11 @@ def refuse_pickled_code(path: Path) -> None:
     for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in PICKLE_SUFFIXES):
         if not zipfile.is_zipfile(f):
             raise CheckpointError(f"{f} is not a torch archive; a checkpoint file is never unpickled as it is")
-        unsafe = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(f))) - allowed)
+        try:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
+        except Exception as e:  # noqa: BLE001 -- a zip that is not a torch archive, or a broken one
+            raise CheckpointError(f"{f} cannot be read as a torch archive ({type(e).__name__}: {e})") from None
+        unsafe = sorted(set(found) - allowed)
         if unsafe:
             raise CheckpointError(f"{f} holds pickled {', '.join(unsafe)}: a checkpoint may hold only tensors and "
                                   "plain data, and loading this one could run code, so it is not loaded")

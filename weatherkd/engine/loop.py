@@ -86,6 +86,7 @@ class Engine:
         set_seed(cfg.seed)
         self.recipe = make_recipe(cfg)
         self.progress = Progress()
+        self.saved_at: int | None = None  # the step of the checkpoint this process last wrote
         self.weathers: list[str] = []
 
     # ------------------------------------------------------------------ setup
@@ -99,6 +100,8 @@ class Engine:
                 self.lock.acquire()
             except RunLocked as e:
                 refusal = [str(e)]
+            except OSError as e:  # e.g. a filesystem without flock: the other ranks must hear of it too
+                refusal = [f"cannot lock {self.lock.path}: {e}"]
         if self.acc.num_processes > 1:
             refusal = broadcast_object_list(refusal)
         if refusal[0]:
@@ -368,7 +371,10 @@ class Engine:
             self.ema.load_state_dict(state["ema"])
 
     def save(self) -> None:
+        if self.saved_at == self.progress.step:  # e.g. a preemption right after a scheduled checkpoint
+            return
         checkpoint.save(self.acc, self.ckpt_root, self.progress.step, self.cfg.ckpt.keep, self.state_dict())
+        self.saved_at = self.progress.step
 
     def resume(self) -> None:
         """Rank 0 picks the newest checkpoint that verifies and holds no pickled code; every rank
@@ -380,7 +386,7 @@ class Engine:
                 if path is not None:
                     checkpoint.refuse_pickled_code(path)
                 decision = [str(path) if path else None, None]
-            except UserError as e:
+            except (UserError, OSError) as e:  # whatever stops rank 0 here must reach every rank
                 decision = [None, str(e)]
         if self.acc.num_processes > 1:
             decision = broadcast_object_list(decision)

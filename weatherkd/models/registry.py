@@ -29,7 +29,10 @@ def build(arch: str, **kwargs) -> torch.nn.Module:
     """Instantiate a registered arch; the spec needed to rebuild it rides along on the module."""
     if arch not in ARCHS:
         raise UserError(f"unknown model arch '{arch}'; registered: {', '.join(sorted(ARCHS))}")
-    model = ARCHS[arch](**kwargs)
+    try:
+        model = ARCHS[arch](**kwargs)
+    except (TypeError, ValueError, KeyError) as e:  # a size or argument the arch does not have
+        raise UserError(f"arch '{arch}' cannot be built with {kwargs}: {e}") from None
     model.weatherkd_spec = {"arch": arch, "kwargs": dict(kwargs)}
     return model
 

@@ -87,3 +87,12 @@ def test_pickled_code_is_refused_before_and_during_loading(tmp_path):
         checkpoint.refuse_pickled_code(d)
     assert not marker.exists()
     assert json.loads((d / checkpoint.MANIFEST).read_text())["files"]["optimizer.bin"]["bytes"] > 0
+
+
+def test_a_replacement_killed_between_its_renames_keeps_the_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    d = _fake_checkpoint(root, 4)
+    d.rename(root / ".step-0000004.old")  # the old copy moved aside, the new one never got its name
+    (root / ".step-0000004.tmp").mkdir()
+    (root / "step-0000004.bak").mkdir()  # not ours: ignored, never parsed as a step
+    assert checkpoint.choose("auto", root) == d and checkpoint.verify(d) is None
