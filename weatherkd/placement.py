@@ -58,10 +58,6 @@ class Placement:
     world_size: int
     local_rank: int
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
     def record(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "rank": self.rank, "world_size": self.world_size,
                 "local_rank": self.local_rank, "device": str(self.device)}
