@@ -8,27 +8,35 @@
 #                        └─> dream (array) ─┬─> distill-dream ──────────> eval-distill-dream
 #                                           └─> prune ─┬─> distill-pruned ─> eval-distill-pruned
 #                                                      └─> eval-prune
+#   with an SD path (D4IR):
+#           shards ──> adapter ─┬─> synth (array) ─> distill-d4ir ─> eval-distill-d4ir
+#                     teacher ──┘
 #
 #   slurm/submit-pipeline.sh [--out runs/pipeline] [--shards shards/demo] [--config-set demo]
-#                            [--dream-tasks 2] [--hold] [--sbatch-arg ARG]... [-- key=value ...]
+#                            [--dream-tasks 2] [--sd-path DIR] [--synth-tasks 2] [--hold]
+#                            [--sbatch-arg ARG]... [-- key=value ...]
 #
-# --config-set NAME uses configs/teacher/NAME.yaml, configs/vq/NAME.yaml,
-# configs/distill/NAME-{scratch,kd,dckd,dream,pruned}.yaml, configs/dream/NAME.yaml and
-# configs/prune/NAME.yaml. --dream-tasks sets the dream array's size (each task dreams its own
-# slice of the shards). --sbatch-arg is passed to every sbatch (partition,
-# account, or sizes). key=value after -- go to every training stage. --hold submits held
-# (release with `scontrol release JOBID`). The shards job is skipped when the set exists.
+# --config-set NAME uses configs/{teacher,vq,dream,prune}/NAME.yaml and
+# configs/distill/NAME{,-dream,-pruned}.yaml; every configs/distill/NAME-student-X.yaml is one more
+# student, trained with every objective as distill-X-{scratch,kd,dckd}. The D4IR branch
+# (configs/{adapter,synth}/NAME.yaml) runs when --sd-path is given or the synth config sets sd_path.
+# --dream-tasks / --synth-tasks set the array sizes (each task writes its own slice).
+# --sbatch-arg is passed to every sbatch (partition, account, or sizes). key=value after -- go to
+# every training stage. --hold submits held (release with `scontrol release JOBID`). The shards job
+# (the embedded default set) is skipped when the set exists: ingest a real one first (README).
 # Prints one line per job (stage, job id) and writes them to OUT/slurm-jobs.tsv.
 set -euo pipefail
 shopt -s inherit_errexit  # a failing sbatch inside $(submit ...) must stop the script
 
-out=runs/pipeline shards=shards/demo config_set=demo dream_tasks=2 hold=() extra=() overrides=()
+out=runs/pipeline shards=shards/demo config_set=demo dream_tasks=2 synth_tasks=2 sd_path="" hold=() extra=() overrides=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) out=$2; shift 2 ;;
         --shards) shards=$2; shift 2 ;;
         --config-set) config_set=$2; shift 2 ;;
         --dream-tasks) dream_tasks=$2; shift 2 ;;
+        --synth-tasks) synth_tasks=$2; shift 2 ;;
+        --sd-path) sd_path=$2; shift 2 ;;
         --hold) hold=(--hold); shift ;;
         --sbatch-arg) extra+=("$2"); shift 2 ;;
         --) shift; overrides=("$@"); break ;;
@@ -39,7 +47,17 @@ done
 for f in configs/{teacher,vq,dream,prune}/$config_set.yaml configs/distill/$config_set{,-dream,-pruned}.yaml; do
     [ -f "$f" ] || { echo "submit-pipeline: $f not found (--config-set $config_set)" >&2; exit 2; }
 done
-[[ $dream_tasks =~ ^[1-9][0-9]*$ ]] || { echo "submit-pipeline: --dream-tasks must be a positive integer" >&2; exit 2; }
+for n in "$dream_tasks" "$synth_tasks"; do
+    [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "submit-pipeline: --dream-tasks/--synth-tasks must be positive integers" >&2; exit 2; }
+done
+# D4IR runs when an SD folder is given, or the set's synth config names one.
+d4ir=""
+if [ -n "$sd_path" ] || grep -Eq '^sd_path: *[^ "#]' "configs/synth/$config_set.yaml" 2>/dev/null; then
+    for f in configs/{adapter,synth}/$config_set.yaml; do
+        [ -f "$f" ] || { echo "submit-pipeline: $f not found (D4IR with --config-set $config_set)" >&2; exit 2; }
+    done
+    d4ir=1
+fi
 mkdir -p "$out" slurm/logs
 jobs_file=$out/slurm-jobs.tsv
 : >"$jobs_file"
@@ -65,6 +83,8 @@ submit() {
 
 shards_job=""
 if [ ! -f "$shards/manifest.json" ]; then
+    [ "$config_set" = demo ] || { echo "submit-pipeline: $shards is not a shard set; ingest it first" \
+        "(README: The real job), or pass --shards" >&2; exit 2; }
     shards_job=$(submit shards "" shards.sbatch synth --out "$shards")
 fi
 train=(data.train_shards="$shards" ${overrides[@]+"${overrides[@]}"})
@@ -73,13 +93,20 @@ teacher=$(submit teacher "$shards_job" teacher.sbatch --config "configs/teacher/
 vq=$(submit vq "$shards_job" vq.sbatch --config "configs/vq/$config_set.yaml" out_dir="$out/vq" "${train[@]}")
 submit eval-teacher "$teacher" eval.sbatch --model "$out/teacher/model" --shards "$shards" \
     --out "$out/eval/teacher" >/dev/null
-for objective in scratch kd dckd; do
-    after=$shards_job
-    [ "$objective" != scratch ] && after="$teacher:$vq"
-    student=$(submit "distill-$objective" "$after" distill.sbatch --config "configs/distill/$config_set.yaml" \
-        objective="$objective" out_dir="$out/distill-$objective" teacher="$out/teacher/model" vq="$out/vq/model" "${train[@]}")
-    submit "eval-distill-$objective" "$student" eval.sbatch --model "$out/distill-$objective/model" \
-        --shards "$shards" --out "$out/eval/distill-$objective" >/dev/null
+students=("configs/distill/$config_set.yaml")
+for f in configs/distill/"$config_set"-student-*.yaml; do [ -f "$f" ] && students+=("$f"); done
+for config in "${students[@]}"; do
+    prefix=distill-
+    [[ $config == *-student-* ]] && { prefix=${config##*-student-}; prefix=distill-${prefix%.yaml}-; }
+    for objective in scratch kd dckd; do
+        after=$shards_job
+        [ "$objective" != scratch ] && after="$teacher:$vq"
+        name=$prefix$objective
+        student=$(submit "$name" "$after" distill.sbatch --config "$config" objective="$objective" \
+            out_dir="$out/$name" teacher="$out/teacher/model" vq="$out/vq/model" "${train[@]}")
+        submit "eval-$name" "$student" eval.sbatch --model "$out/$name/model" --shards "$shards" \
+            --out "$out/eval/$name" >/dev/null
+    done
 done
 
 # Data-free: dream from the teacher alone (an array: each task writes its own shards), then distil a
@@ -99,4 +126,22 @@ student=$(submit distill-pruned "$pruned" distill.sbatch --config "configs/disti
     out_dir="$out/distill-pruned" init="$out/prune/model" "${on_dreams[@]}")
 submit eval-distill-pruned "$student" eval.sbatch --model "$out/distill-pruned/model" --shards "$shards" \
     --out "$out/eval/distill-pruned" >/dev/null
+
+# D4IR: the adapter learns weather prompts from the degraded inputs; SD img2img synthesises weather
+# onto clean photos (an array), with the teacher's output cached; a student is distilled on them.
+if [ -n "$d4ir" ]; then
+    synthesised=$out/d4ir-shards
+    adapter=$(submit adapter "$shards_job" adapter.sbatch --config "configs/adapter/$config_set.yaml" \
+        out_dir="$out/adapter" "${train[@]}")
+    sd=()
+    [ -n "$sd_path" ] && sd=(sd_path="$sd_path")
+    synth=$(submit synth "$adapter:$teacher" --array="0-$((synth_tasks - 1))" array.sbatch synth \
+        --config "configs/synth/$config_set.yaml" out_dir="$synthesised" adapter="$out/adapter/model" \
+        teacher="$out/teacher/model" ${sd[@]+"${sd[@]}"})
+    student=$(submit distill-d4ir "$synth" distill.sbatch --config "configs/distill/$config_set.yaml" \
+        objective=kd out_dir="$out/distill-d4ir" teacher="$out/teacher/model" "${train[@]}" \
+        data.train_shards="$synthesised" data.eval_shards="$shards")
+    submit eval-distill-d4ir "$student" eval.sbatch --model "$out/distill-d4ir/model" --shards "$shards" \
+        --out "$out/eval/distill-d4ir" >/dev/null
+fi
 echo "submitted; when the evals are done: weatherkd report $out/eval/* --out $out/report.md" >&2

@@ -156,6 +156,34 @@ def test_pipeline_submitter_chains_every_stage(cluster, tmp_path):
             sh(["scancel", *ids], cluster, check=False)
 
 
+def test_pipeline_submitter_runs_the_allweather_set_with_both_students_and_d4ir(cluster, tmp_path):
+    out, shards = tmp_path / "pipe", tmp_path / "allweather"
+    refused = sh(["slurm/submit-pipeline.sh", "--config-set", "allweather", "--out", out, "--shards", shards],
+                 cluster, check=False)
+    assert refused.returncode == 2 and "is not a shard set; ingest it first" in refused.stderr
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")  # submitted held, never run: the set need only exist
+    jobs = {}
+    try:
+        sh(["slurm/submit-pipeline.sh", "--config-set", "allweather", "--out", out, "--shards", shards,
+            "--synth-tasks", "4", "--hold"], cluster)
+        jobs = dict(line.split("\t") for line in (out / "slurm-jobs.tsv").read_text().splitlines())
+        assert "shards" not in jobs
+        for student in ("distill", "distill-medium"):
+            assert {f"{student}-{o}" for o in ("scratch", "kd", "dckd")} <= set(jobs)
+        assert list(jobs)[-4:] == ["adapter", "synth", "distill-d4ir", "eval-distill-d4ir"]
+        medium = job_state(cluster, jobs["distill-medium-dckd"])
+        assert "configs/distill/allweather-student-medium.yaml objective=dckd" in medium
+        assert "configs/teacher/allweather.yaml" in job_state(cluster, jobs["teacher"])
+        synth = job_state(cluster, jobs["synth"])
+        assert "ArrayTaskId=0-3" in synth and f"adapter={out}/adapter/model" in synth
+        dep = re.search(r"Dependency=(\S+)", synth).group(1)
+        assert dep == f"afterok:{jobs['adapter']}(unfulfilled),afterok:{jobs['teacher']}(unfulfilled)"
+    finally:
+        if jobs:
+            sh(["scancel", *jobs.values()], cluster, check=False)
+
+
 def run_array(cluster, tmp_path, tasks: tuple[int, int], *stage_args) -> dict[int, str]:
     """``slurm/array.sbatch STAGE_ARGS`` as array tasks ``tasks[0]..tasks[1]``; their logs once all completed."""
     job = submit(cluster, f"--array={tasks[0]}-{tasks[1]}", f"--export={JOB_ENV}", f"--output={tmp_path}/%A_%a.out",

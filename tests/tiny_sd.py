@@ -40,3 +40,38 @@ def save_d4ir_parts(root: Path) -> dict:
     models.save(models.build("residual_cnn", width=8, depth=3), root / "teacher")
     make_set(root / "clean", {("train", "snow"): 7}, size=40)
     return {"sd": sd, "adapter": root / "adapter", "teacher": root / "teacher", "clean": root / "clean", "root": root}
+
+
+def save_sd15_layout(path: Path, width: int = 32) -> Path:
+    """Stable Diffusion 1.5's folder as diffusers (and the Hub) lay it out: model_index.json, the UNet,
+    VAE and PNDM scheduler with SD 1.5's config keys, block types and cross_attention_dim 768, random
+    weights in diffusion_pytorch_model.safetensors. Only the channel widths are cut (320 -> ``width``)."""
+    import json
+
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    w = width
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(w, 2 * w, 4 * w, 4 * w),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, act_fn="silu", center_input_sample=False,
+        downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1, norm_eps=1e-5)
+    vae = AutoencoderKL(
+        sample_size=512, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+        block_out_channels=(w, 2 * w, 4 * w, 4 * w), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu", scaling_factor=0.18215)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                              set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+    unet.save_pretrained(path / "unet")
+    vae.save_pretrained(path / "vae")
+    scheduler.save_pretrained(path / "scheduler")
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.6.0",
+        "feature_extractor": ["transformers", "CLIPImageProcessor"], "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+        "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
+    return path

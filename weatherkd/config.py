@@ -55,9 +55,11 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    schedule: Literal["constant", "cosine", "linear", "step"] = "cosine"
     warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = 0.0  # cosine/linear: the floor, as a fraction of lr
+    decay_every: int = 0  # step: multiply the lr by decay_factor every this many steps (papers/003 halves it)
+    decay_factor: float = 0.5
     grad_accum: int = 1
     grad_clip: float = 0.0  # 0 disables clipping
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -127,6 +129,8 @@ class StageConfig(RunConfig):
         return self.model.arch
 
     def check(self) -> None:
+        if self.train.schedule == "step" and self.train.decay_every <= 0:
+            raise UserError("train.schedule: step needs train.decay_every > 0 (steps between lr decays)")
         if self.model.arch:
             from weatherkd.models import registry
 

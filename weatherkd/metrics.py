@@ -43,25 +43,33 @@ def psnr_batch(pred: torch.Tensor, target: torch.Tensor, protocol: str = "rgb", 
     return 10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))
 
 
-def gaussian_window(size: int = 11, sigma: float = 1.5, device=None) -> torch.Tensor:
+def gaussian_1d(size: int = 11, sigma: float = 1.5, device=None) -> torch.Tensor:
     coords = torch.arange(size, dtype=torch.float64, device=device) - size // 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
+    return g / g.sum()
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5, device=None) -> torch.Tensor:
+    g = gaussian_1d(size, sigma, device)
     return torch.outer(g, g)
+
+
+def gaussian_blur_valid(x: torch.Tensor, size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Depthwise Gaussian blur over the valid region, as two 1-D passes: the same sums as the 2-D
+    window, ~40× faster in float64 on CPU, where a 2-D double depthwise conv takes a slow path."""
+    c = x.shape[1]
+    g = gaussian_1d(size, sigma, x.device).to(x.dtype)
+    x = F.conv2d(x, g.view(1, 1, size, 1).expand(c, 1, size, 1), groups=c)
+    return F.conv2d(x, g.view(1, 1, 1, size).expand(c, 1, 1, size), groups=c)
 
 
 def ssim_batch(pred: torch.Tensor, target: torch.Tensor, protocol: str = "rgb", crop_border: int = 0) -> torch.Tensor:
     """Per-image SSIM (Wang et al. 2004; 11×11 Gaussian, σ 1.5, valid region, mean over channels)."""
     a = _prepare(quantize(pred), protocol, crop_border)
     b = _prepare(quantize(target), protocol, crop_border)
-    c = a.shape[1]
     if min(a.shape[-2:]) < 11:
         raise ValueError(f"SSIM needs images of at least 11×11 pixels, got {tuple(a.shape[-2:])}")
-    window = gaussian_window(device=a.device).expand(c, 1, 11, 11)
-
-    def blur(x):
-        return F.conv2d(x, window, groups=c)
-
+    blur = gaussian_blur_valid
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     mu_a, mu_b = blur(a), blur(b)
     var_a = blur(a * a) - mu_a**2

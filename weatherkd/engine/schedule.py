@@ -14,6 +14,8 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
+    if cfg.schedule == "step":
+        return cfg.decay_factor ** ((step - cfg.warmup_steps) // cfg.decay_every)
     span = max(1, cfg.max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from weatherkd.errors import UserError
+from weatherkd.models import pretrained
 from weatherkd.metrics import gaussian_window
 
 PIXEL = {"smooth_l1": F.smooth_l1_loss, "l1": F.l1_loss, "l2": F.mse_loss}
@@ -97,13 +98,12 @@ class Perceptual(nn.Module):
             raise UserError(f"{key}: the perceptual loss needs local VGG16 weights "
                             f"({'not set' if path is None else f'file not found: {path}'}); nothing is downloaded")
         self.features = torchvision.models.vgg16().features[: self.LAYERS]
-        state = load_state(path)
-        state = {k.removeprefix("features."): v for k, v in state.items()
+        # torchvision's file (features.* + classifier.*) or the features alone; what is used must be VGG16's.
+        state = {k.removeprefix("features."): v for k, v in pretrained.read_state_dict(path, key).items()
                  if k.startswith("features.") or k[0].isdigit()}
         state = {k: v for k, v in state.items() if int(k.split(".")[0]) < self.LAYERS}
-        missing = self.features.load_state_dict(state, strict=False).missing_keys
-        if missing:
-            raise UserError(f"{key}: {path} lacks VGG16 feature weights {missing[:3]}...")
+        pretrained.check_fits(self.features.state_dict(), state, key, path, "torchvision VGG16")
+        self.features.load_state_dict(state)
         self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1))
         self.requires_grad_(False)
@@ -113,13 +113,3 @@ class Perceptual(nn.Module):
         with torch.no_grad():
             target_features = self.features((target - self.mean) / self.std)
         return F.l1_loss(self.features((pred - self.mean) / self.std), target_features)
-
-
-def load_state(path: Path) -> dict:
-    """A state dict from safetensors or a torch file, never unpickling arbitrary objects."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state

@@ -22,6 +22,7 @@ from torch import nn
 
 from weatherkd.errors import UserError
 from weatherkd.logs import get_logger
+from weatherkd.models import pretrained
 
 log = get_logger(__name__)
 open_clip.add_model_config(Path(__file__).parent / "clip_configs")
@@ -35,16 +36,20 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclass
 class ClipTowerConfig:
     name: str = "ViT-B-32"
-    pretrained: str = ""  # local checkpoint path (open_clip .pt/.bin/.safetensors); never downloaded
+    # A local open_clip checkpoint of config ``name`` (the state dict open_clip writes, as
+    # open_clip_pytorch_model.bin / .pt / open_clip_model.safetensors); never downloaded.
+    pretrained: str = ""
 
 
 def create(cfg: ClipTowerConfig, allow_random_init: bool, key: str) -> tuple[nn.Module, bool]:
     """Build an open_clip model from a local file. Returns (model, random_init)."""
     if cfg.pretrained:
-        path = Path(cfg.pretrained)
-        if not path.is_file():
-            raise UserError(f"{key}.pretrained: file not found: {path}")
-        return open_clip.create_model(cfg.name, pretrained=str(path)), False
+        # Read first (a bad file fails before a big tower is built), then checked against the named
+        # config: RN50 weights named RN50x4, or a ViT-B-16 file named ViT-B-32, are one line here.
+        state = pretrained.read_state_dict(cfg.pretrained, f"{key}.pretrained")
+        model = build_random(cfg.name)
+        pretrained.load_into(model, state, f"{key}.pretrained", cfg.pretrained, f"open_clip {cfg.name}")
+        return model, False
     if not allow_random_init:
         raise UserError(f"{key}.pretrained is not set: give a local {cfg.name} checkpoint path "
                         f"(nothing is downloaded), or set model.allow_random_init: true for a random tower")

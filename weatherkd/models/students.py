@@ -12,7 +12,11 @@ from weatherkd.models.padding import pad_to_multiple
 from weatherkd.models.registry import register
 
 UNET_SIZES = {"tiny": (8, 12, 16), "small": (24, 32, 64), "base": (48, 64, 128)}
-NAF_SIZES = {"tiny": (8, (1, 1, 1), 1), "small": (24, (1, 1, 2), 2), "base": (48, (2, 2, 4), 4)}
+# width, blocks per encoder level, middle blocks. The allweather students (configs/distill/allweather*.yaml):
+# "large" has DCKD's student/teacher parameter ratio (3.8M/26.1M) against the clipweather teacher
+# (19.2M vs 127.8M), "medium" about 1/10 of its FLOPs (5.0 vs 51.5 GFLOPs at 256²).
+NAF_SIZES = {"tiny": (8, (1, 1, 1), 1), "small": (24, (1, 1, 2), 2), "base": (48, (2, 2, 4), 4),
+             "medium": (44, (1, 1, 2), 2), "large": (32, (2, 2, 4, 8), 5)}
 
 
 class ConvBNAct(nn.Sequential):
