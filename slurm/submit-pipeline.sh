@@ -59,6 +59,10 @@ if [ -n "$sd_path" ] || grep -Eq '^sd_path: *[^ "#]' "configs/synth/$config_set.
     d4ir=1
 fi
 mkdir -p "$out" slurm/logs
+# Every job of this pipeline logs to one W&B group (sbatch passes the environment on); a rerun
+# into the same --out joins it.
+[ -f "$out/pipeline_id" ] || echo "$(basename "$out")-$(date +%Y%m%d-%H%M%S)" >"$out/pipeline_id"
+export WEATHERKD_PIPELINE=${WEATHERKD_PIPELINE:-$(cat "$out/pipeline_id")}
 jobs_file=$out/slurm-jobs.tsv
 : >"$jobs_file"
 

@@ -50,3 +50,51 @@ def test_offline_scalars_and_images_read_back_and_resume_keeps_the_run(tmp_path)
     for step, h in scalars.items():
         assert abs(h["loss"] - 1.0 / (step + 1)) < 1e-9 and abs(h["lr"] - 0.01 * step) < 1e-9
     assert list((runs[1] / "files" / "media" / "images").glob("grid_*.png"))
+
+
+def _records(run_dir: Path, kind: str) -> list[dict]:
+    wandb = Path(sys.executable).parent / "wandb"
+    out = subprocess.run([str(wandb), "leet", "inspect", "--json", str(run_dir)], capture_output=True,
+                         text=True, check=True).stdout
+    return [json.loads(line)[kind] for line in out.splitlines() if line.startswith("{") and f'"type":"{kind}"' in line]
+
+
+def _table(run_dir: Path, name: str) -> dict:
+    (path,) = (run_dir / "files" / "media" / "table").glob(f"{name}_*.table.json")
+    return json.loads(path.read_text())
+
+
+def test_a_pipeline_is_one_group_with_stage_job_types_and_eval_and_report_tables(tmp_path):
+    from conftest import make_set, run_cli
+
+    env = cli_env(WEATHERKD_PIPELINE="pipe-t", HOME=str(tmp_path))
+    env.pop("WANDB_MODE")  # no API key -> offline, as a user without one gets
+    shards = tmp_path / "set"
+    make_set(shards, {("train", "snow"): 6, ("train", "raindrop"): 6, ("test", "snow"): 2, ("test", "raindrop"): 2},
+             size=40)
+    student = tmp_path / "distill-scratch"
+    run_cli("distill", "--config", "configs/distill/demo.yaml", "objective=scratch", f"out_dir={student}",
+            f"data.train_shards={shards}", "data.crop=32", "data.num_workers=0", "train.max_steps=2",
+            "train.eval_every=2", "ckpt.every=2", "train.log_every=1", env=env)
+    run_cli("eval", "--model", student / "model", "--shards", shards, "--out", tmp_path / "eval" / "scratch", env=env)
+    run_cli("report", tmp_path / "eval" / "scratch", "--out", tmp_path / "report" / "report.md", env=env)
+
+    runs = {}
+    for folder in (student, tmp_path / "eval" / "scratch", tmp_path / "report"):
+        (run_dir,) = (folder / "wandb").glob("offline-run-*")
+        (record,) = _records(run_dir, "run")
+        runs[record["job_type"]] = (record, run_dir)
+    assert set(runs) == {"distill", "eval", "report"}
+    assert {r["run_group"] for r, _ in runs.values()} == {"pipe-t"}
+    assert runs["distill"][0]["display_name"] == "pipe-t/distill-scratch"
+    assert all("pipe-t" in r["display_name"] and job in r["display_name"] for job, (r, _) in runs.items())
+
+    table = _table(runs["eval"][1], "eval/per_weather")
+    metrics = json.loads((tmp_path / "eval" / "scratch" / "metrics.json").read_text())
+    by_weather = {row[1]: row for row in table["data"]}
+    assert set(by_weather) == {"snow", "raindrop", "mean"}
+    assert abs(by_weather["snow"][table["columns"].index("psnr")] - metrics["weathers"]["snow"]["psnr"]) < 1e-9
+    assert list((runs["eval"][1] / "files" / "media" / "images" / "eval" / "examples").glob("snow_*.png"))
+    report = _table(runs["report"][1], "report/comparison")
+    assert [row[0] for row in report["data"]] == ["identity", "distill-scratch"]
+    assert report["columns"][-4:] == ["params", "gflops", "latency_ms", "random_init"]

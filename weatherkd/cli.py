@@ -82,15 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
     p.add_argument("--max-samples", type=int, default=0, help="evaluate only the first N samples (0: all)")
     p.add_argument("--workers", type=int, default=1, help="loader workers per process")
+    p.add_argument("--tracker", default="auto", choices=["auto", "wandb", "none"],
+                   help="log the table and examples to W&B (auto: inside a pipeline, i.e. $WEATHERKD_PIPELINE set)")
 
     p = sub.add_parser("bench", help=stages.get("bench").help)
     p.add_argument("what", choices=stages.BENCH_NAMES, help="which benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="its own flags (weatherkd bench WHAT --help)")
 
+    p = sub.add_parser("plan", help=stages.get("plan").help)
+    p.add_argument("--config", required=True, help="a training stage's config (configs/<stage>/<name>.yaml)")
+    p.add_argument("--stage", default=None, choices=stages.of_kind("train"), help="default: the config's folder")
+    p.add_argument("--launch", default=None, help="accelerate launch file: GPUs, nodes, strategy (default: 8 GPUs)")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="GB per GPU (default 80)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
     p = sub.add_parser("report", help=stages.get("report").help)
     p.add_argument("runs", nargs="+", help="run directories (out_dir of a stage) or `weatherkd eval` outputs")
     p.add_argument("--out", default=None, help="markdown file to write; the JSON goes next to it")
     p.add_argument("--latency-size", type=int, default=256, help="image side for the latency column")
+    p.add_argument("--tracker", default="auto", choices=["auto", "wandb", "none"],
+                   help="log the comparison table to W&B (auto: inside a pipeline, i.e. $WEATHERKD_PIPELINE set)")
 
     p = sub.add_parser("demo", help=stages.get("demo").help)
     p.add_argument("--out", default=None, help="runs, evaluations, logs and the report (default: runs/demo)")

@@ -83,7 +83,10 @@ class CkptConfig:
 class TrackerConfig:
     kind: Literal["wandb", "none"] = "wandb"
     project: str = "weatherkd"
-    name: Optional[str] = None
+    name: Optional[str] = None  # default: "<pipeline>/<out_dir name>", with the stage in it
+    # The W&B group all runs of one pipeline share; default: $WEATHERKD_PIPELINE, which
+    # `weatherkd demo` and slurm/submit-pipeline.sh set for every stage they start.
+    group: Optional[str] = None
     # auto: online when a W&B API key is configured, offline (under out_dir) otherwise.
     mode: Literal["auto", "online", "offline"] = "auto"
     tags: list[str] = field(default_factory=list)

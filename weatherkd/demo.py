@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from weatherkd import report
+from weatherkd import report, tracking
 from weatherkd.engine.loop import PROGRESS_FILE
 from weatherkd.errors import UserError
-from weatherkd.io import atomic_write_json
+from weatherkd.io import atomic_write_json, atomic_write_text
 from weatherkd.logs import progress
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: launch/ and configs/ live here
@@ -74,7 +74,8 @@ def plan(out: Path, shards: Path, overrides: dict[str, list[str]] | None = None,
                     shards / "manifest.json")]
 
     def train(name: str, stage: str, config: str, launch_config: str, *extra: str) -> Stage:
-        args = [f"out_dir={out / name}", f"data.train_shards={shards}", *extra, *overrides.get(name, [])]
+        bf16 = ["train.mixed_precision=bf16"] if torch.cuda.is_available() else []  # GPUs train in bf16
+        args = [f"out_dir={out / name}", f"data.train_shards={shards}", *bf16, *extra, *overrides.get(name, [])]
         argv = _accelerate(launch_config, nproc, stage, "--config", config, *args)
         return Stage(name, argv, out / name / "metrics.json", _max_steps(stage, config, args),
                      out / name / PROGRESS_FILE)
@@ -93,7 +94,7 @@ def plan(out: Path, shards: Path, overrides: dict[str, list[str]] | None = None,
         students.append("distill-d4ir")
     for name in ("teacher", *students):
         argv = _accelerate(ddp, nproc, "eval", "--model", out / name / "model", "--shards", shards,
-                           "--out", out / "eval" / name)
+                           "--out", out / "eval" / name, *overrides.get("eval", []))
         stages.append(Stage(f"eval-{name}", argv, out / "eval" / name / "metrics.json"))
     return stages
 
@@ -199,12 +200,21 @@ def run_stage(stage: Stage, log_path: Path, env: dict) -> None:
         raise UserError(f"demo stage '{stage.name}' failed (exit {rc}); its full log: {log_path}")
 
 
+def _pipeline_id(out: Path) -> str:
+    """This demo's W&B group, kept in ``out/pipeline_id`` so a rerun joins the same group."""
+    path = out / "pipeline_id"
+    if not path.is_file():
+        atomic_write_text(path, f"demo-{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return path.read_text().strip()
+
+
 def run(out="runs/demo", shards="shards/demo", overrides=None, synth_args: tuple = (), sd_path=None) -> dict:
     if not (ROOT / "launch").is_dir() or not (ROOT / "configs").is_dir():
         raise UserError(f"weatherkd demo runs from a source checkout (launch/ and configs/ next to the package); "
                         f"{ROOT} has none. Install with `pip install -e .` from the repository.")
-    out, shards = Path(out).resolve(), Path(shards).resolve()
+    out, shards, overrides = Path(out).resolve(), Path(shards).resolve(), overrides or {}
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env[tracking.PIPELINE_ENV] = env.get(tracking.PIPELINE_ENV) or _pipeline_id(out)  # one W&B group
     sd_path = Path(sd_path).resolve() if sd_path else None
     stages = plan(out, shards, overrides, synth_args, sd_path)
     start = time.time()
@@ -231,6 +241,8 @@ def run(out="runs/demo", shards="shards/demo", overrides=None, synth_args: tuple
                               "folder) to add it.")
     text = report.markdown(table)
     report.write(table, text, out / "report.md")
+    if "none" not in overrides.get("eval", []):  # the quick demo tracks nothing
+        report.track(table, out)
     print(f"\n{text}\nreport: {_display([str(out / 'report.md')])} (+ .json); total {time.time() - start:.0f} s")
     return table
 
@@ -267,7 +279,7 @@ QUICK = {
                   "synth": ["size=32", "steps=4", "max_images=8", "shard_size=8"],
                   "dream": ["samples=16", "size=32", "batch_size=4", "shard_size=4", "iterations=3"],
                   "prune": ["calib_samples=4", "calib_size=32", "flops_size=64"],
-                  "distill-dream": _QUICK_TRAIN, "distill-pruned": _QUICK_TRAIN,
+                  "distill-dream": _QUICK_TRAIN, "distill-pruned": _QUICK_TRAIN, "eval": ["--tracker", "none"],
                   **{f"distill-{o}": _QUICK_TRAIN for o in STUDENTS}},
 }
 

@@ -89,6 +89,22 @@ def write(report: dict, text: str, out: Path) -> None:
     atomic_write_text(out, text)
 
 
+def track(report: dict, out_dir: Path) -> Path:
+    """The comparison table as a W&B run (job type report) in the pipeline's group."""
+    from weatherkd import tracking
+
+    weathers = report["weathers"]
+    columns = ["model", *(f"{w}_{m}" for w in weathers for m in ("psnr", "ssim")), "mean_psnr", "mean_ssim",
+               "params", "gflops", "latency_ms", "random_init"]
+    rows = []
+    for r in report["rows"]:
+        c = r.get("cost") or {}
+        rows.append([r["name"], *(r["weathers"][w][m] for w in weathers for m in ("psnr", "ssim")),
+                     r["mean"]["psnr"], r["mean"]["ssim"], c.get("params"), c.get("gflops"), c.get("latency_ms"),
+                     bool(r.get("random_init"))])
+    return tracking.log_tables("report", out_dir, {"report/comparison": (columns, rows)})
+
+
 def run_cli(args) -> int:
     if args.out and Path(args.out).suffix == ".json":
         raise UserError(f"--out names the markdown file (the JSON goes next to it), not {args.out}")
@@ -96,5 +112,9 @@ def run_cli(args) -> int:
     text = markdown(report)
     if args.out:
         write(report, text, Path(args.out))
+    from weatherkd import tracking
+
+    if args.tracker == "wandb" or (args.tracker == "auto" and tracking.pipeline_group()):
+        track(report, Path(args.out).parent if args.out else Path("runs") / "report")
     print(text, end="")
     return 0

@@ -5,6 +5,10 @@
   ``out_dir/wandb`` (sync later with ``wandb sync``).
 - The run id is kept in ``out_dir/wandb_run_id``, so a resumed run appends
   to the same W&B run instead of starting a new one.
+- All runs of one pipeline share a W&B group (``tracker.group``, else ``$WEATHERKD_PIPELINE``);
+  each run's ``job_type`` is its stage, and its name says stage and pipeline.
+- Commands that are not on the engine (``eval``, ``report``) log their tables and images to a
+  run of their own in the same group (``log_tables``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,19 @@ from weatherkd.logs import get_logger
 log = get_logger(__name__)
 
 RUN_ID_FILE = "wandb_run_id"
+PIPELINE_ENV = "WEATHERKD_PIPELINE"
+
+
+def pipeline_group(cfg: TrackerConfig | None = None) -> str | None:
+    return (cfg.group if cfg is not None and cfg.group else None) or os.environ.get(PIPELINE_ENV) or None
+
+
+def run_name(stage: str, out_dir: Path, group: str | None, name: str | None = None) -> str:
+    """``<pipeline>/<out_dir name>``, with the stage prefixed when the folder's name lacks it."""
+    if name:
+        return name
+    leaf = out_dir.name if stage in out_dir.name else f"{stage}-{out_dir.name}"
+    return f"{group}/{leaf}" if group else leaf
 
 
 def log_with(cfg: TrackerConfig) -> list[str] | None:
@@ -58,7 +75,7 @@ def _run_id(out_dir: Path) -> str:
 class Tracker:
     """Logs scalars and images for one run; a no-op on non-main ranks and with ``kind: none``."""
 
-    def __init__(self, accelerator, cfg: TrackerConfig, out_dir, run_config: dict):
+    def __init__(self, accelerator, cfg: TrackerConfig, out_dir, run_config: dict, stage: str = "train"):
         self.accelerator = accelerator
         self.enabled = cfg.kind == "wandb"
         self.run_dir: Path | None = None
@@ -67,8 +84,9 @@ class Tracker:
         out_dir = Path(out_dir)
         mode = resolve_mode(cfg)
         run_id = _run_id(out_dir) if accelerator.is_main_process else None
-        init = {"dir": str(out_dir), "id": run_id, "resume": "allow", "mode": mode,
-                "name": cfg.name or out_dir.name, "tags": cfg.tags}
+        group = pipeline_group(cfg)
+        init = {"dir": str(out_dir), "id": run_id, "resume": "allow", "mode": mode, "group": group,
+                "job_type": stage, "name": run_name(stage, out_dir, group, cfg.name), "tags": cfg.tags}
         accelerator.init_trackers(cfg.project, config=run_config, init_kwargs={"wandb": init})
         if accelerator.is_main_process:
             run = accelerator.get_tracker("wandb", unwrap=True)
@@ -87,3 +105,25 @@ class Tracker:
     def finish(self) -> None:
         if self.enabled:
             self.accelerator.end_training()
+
+
+def log_tables(stage: str, out_dir, tables: dict[str, tuple[list[str], list[list]]],
+               images: dict[str, np.ndarray] | None = None, cfg: TrackerConfig | None = None) -> Path | None:
+    """One W&B run (job type ``stage``) holding ``tables`` (name -> columns, rows) and ``images``
+    (name -> uint8 H×W×3), in the pipeline's group; offline under ``out_dir`` without an API key.
+    Returns the run's folder. Call it on the main process only."""
+    import wandb
+
+    cfg = cfg or TrackerConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    group = pipeline_group(cfg)
+    run = wandb.init(project=cfg.project, group=group, job_type=stage, dir=str(out_dir), mode=resolve_mode(cfg),
+                     name=run_name(stage, out_dir, group, cfg.name), tags=cfg.tags)
+    try:
+        record = {name: wandb.Table(columns=columns, data=rows) for name, (columns, rows) in tables.items()}
+        record.update({name: wandb.Image(image) for name, image in (images or {}).items()})
+        run.log(record)
+        return Path(run.dir).parent
+    finally:
+        run.finish()

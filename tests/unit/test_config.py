@@ -3,7 +3,6 @@
 import dataclasses
 
 import pytest
-import yaml
 
 from weatherkd import config as C
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import resource
 import sys
 import time
@@ -27,7 +28,7 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from weatherkd import config as cfgmod
-from weatherkd import models, tracking
+from weatherkd import models, stages, tracking
 from weatherkd.data.stream import TrainSpec, eval_loader, train_loader
 from weatherkd.engine import checkpoint, failpoints, validate
 from weatherkd.engine.preempt import EXIT_PREEMPTED, Preemption
@@ -40,6 +41,7 @@ from weatherkd.logs import get_logger, progress
 from weatherkd.placement import dtype_named, make_accelerator
 
 log = get_logger(__name__)
+SYNC_DEBUG_ENV = "WEATHERKD_CUDA_SYNC_DEBUG"  # error | warn: see Engine.host_sync_check
 PROGRESS_FILE = "progress.json"  # out_dir/progress.json: the latest logged step, rewritten at each log line
 
 
@@ -85,6 +87,7 @@ class Engine:
         self.hold_out_dir()
         set_seed(cfg.seed)
         self.recipe = make_recipe(cfg)
+        self.stage = stages.named_by_module(type(self.recipe).__module__)  # the W&B job type
         self.progress = Progress()
         self.saved_at: int | None = None  # the step of the checkpoint this process last wrote
         self.weathers: list[str] = []
@@ -150,7 +153,7 @@ class Engine:
             model = torch.compile(model)
         # The scheduler stays out of prepare(): accelerate would step it once per process.
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        self.tracker = tracking.Tracker(acc, cfg.tracker, self.out_dir, cfgmod.to_dict(cfg))
+        self.tracker = tracking.Tracker(acc, cfg.tracker, self.out_dir, cfgmod.to_dict(cfg), self.stage)
         self.preemption = Preemption(self.out_dir)
 
     def _freeze_helpers(self) -> None:
@@ -213,7 +216,7 @@ class Engine:
         window = Window()
         bar = progress(total=cfg.train.max_steps, initial=self.progress.step, desc=f"{Path(cfg.out_dir).name}",
                        unit="step")
-        metrics = None
+        metrics, start_step = None, self.progress.step
         while self.progress.step < cfg.train.max_steps:
             if self.progress.step % cfg.ckpt.preempt_check_every == 0 and self.preemption.requested(acc):
                 self.save()
@@ -223,7 +226,8 @@ class Engine:
                             self.preemption.signal_name or "stop file", self.progress.step, EXIT_PREEMPTED)
                 self.tracker.finish()
                 sys.exit(EXIT_PREEMPTED)
-            window.add(self.train_step(batches, window))
+            with self.host_sync_check(steady=self.progress.step > start_step):
+                window.add(self.train_step(batches, window))
             step = self.progress.step
             failpoints.reached("train.step", step)
             bar.update()
@@ -244,6 +248,24 @@ class Engine:
         self.acc.wait_for_everyone()
         self.lock.release()
         return metrics
+
+    def host_sync_check(self, steady: bool):
+        """With ``WEATHERKD_CUDA_SYNC_DEBUG=error`` (or ``warn``), a steady-state step (any after the
+        first of this process) that makes the host wait for the GPU raises (or warns): the step
+        must not sync. Logging, validation and checkpoints, outside the step, may. No-op on CPU."""
+        mode = os.environ.get(SYNC_DEBUG_ENV)
+        if not (mode and steady and self.acc.device.type == "cuda"):
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def checked():
+            torch.cuda.set_sync_debug_mode(mode)
+            try:
+                yield
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+
+        return checked()
 
     def train_step(self, batches, window: "Window") -> dict[str, torch.Tensor]:
         """One optimizer step over ``grad_accum`` micro-batches."""
@@ -425,6 +447,7 @@ class Engine:
 
     def write_metrics(self, metrics: dict) -> None:
         checksums = self.rank_checksums()
+        devices = gather_object([str(self.acc.device)]) if self.acc.num_processes > 1 else [str(self.acc.device)]
         in_sync = len(set(checksums)) == 1
         if not in_sync:
             log.error("parameters differ across ranks at the end of training: %s", checksums)
@@ -432,7 +455,7 @@ class Engine:
             atomic_write_json(self.out_dir / "metrics.json",
                               {**metrics, "random_init": self.recipe.random_init, "step": self.progress.step,
                                "world_size": self.acc.num_processes, "parallelism": self.parallelism,
-                               "ranks_in_sync": in_sync,
+                               "ranks_in_sync": in_sync, "rank_devices": devices,
                                "rank_checksums": checksums})
 
 

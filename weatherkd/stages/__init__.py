@@ -54,6 +54,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("eval", "command", "weatherkd.stages.evaluate",
           "evaluate an exported model on a shard set (accelerate launch splits it)", False),
     Stage("bench", "command", "weatherkd.bench", "benchmarks, printed as JSON", False),
+    Stage("plan", "command", "weatherkd.plan",
+          "memory per GPU of a training stage (DDP, ZeRO-1/2/3) and the largest micro-batch that fits", False),
     Stage("report", "command", "weatherkd.report",
           "gather several runs into one comparison table (markdown + JSON)", False),
     Stage("demo", "command", "weatherkd.demo",
@@ -67,6 +69,11 @@ BENCH_NAMES = ["loader", "kd-overhead", "model", "step", "synth"]
 
 def get(name: str) -> Stage:
     return STAGES[name]
+
+
+def named_by_module(module: str) -> str:
+    """The stage whose module is ``module`` (e.g. a recipe's ``__module__``); else the module's last part."""
+    return next((s.name for s in STAGES.values() if s.module == module), module.rsplit(".", 1)[-1])
 
 
 def of_kind(*kinds: Kind) -> list[str]:

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from weatherkd import models
+from weatherkd import models, tracking
+from weatherkd.config import TrackerConfig
 from weatherkd.data.shards import open_set
 from weatherkd.data.stream import eval_loader
 from weatherkd.engine import validate
@@ -51,7 +52,9 @@ def markdown(summary: dict, title: str) -> str:
 
 
 def evaluate(model_dir, shards, out=None, protocol: str = "rgb", split: str = "test", tile: int = 0,
-             overlap: int = 32, max_samples: int = 0, num_workers: int = 1) -> dict:
+             overlap: int = 32, max_samples: int = 0, num_workers: int = 1, tracker: str = "auto") -> dict:
+    """``tracker``: wandb logs the per-weather table and examples to a W&B run (job type eval) in
+    the pipeline's group; auto does so inside a pipeline ($WEATHERKD_PIPELINE set); none never."""
     model_dir, shards = Path(model_dir).resolve(), Path(shards).resolve()
     if tile and not 0 <= overlap < tile:
         raise UserError(f"--overlap must be at least 0 and below --tile ({tile}), got {overlap}")
@@ -78,6 +81,16 @@ def evaluate(model_dir, shards, out=None, protocol: str = "rgb", split: str = "t
                "tile": tile, "world_size": acc.num_processes}
     if acc.is_main_process:
         _write(out, summary, result, title=model_dir.resolve().parent.name)
+        if tracker == "wandb" or (tracker == "auto" and tracking.pipeline_group()):
+            columns = ["model", "weather", "psnr", "ssim", "n", "identity_psnr", "identity_ssim"]
+            name = model_dir.parent.name
+            rows = [[name, w, v["psnr"], v["ssim"], v["n"], summary["identity"]["weathers"][w]["psnr"],
+                     summary["identity"]["weathers"][w]["ssim"]] for w, v in summary["weathers"].items()]
+            rows.append([name, "mean", summary["mean"]["psnr"], summary["mean"]["ssim"], summary["n"],
+                         summary["identity"]["mean"]["psnr"], summary["identity"]["mean"]["ssim"]])
+            tracking.log_tables("eval", out, {"eval/per_weather": (columns, rows)},
+                                {f"eval/examples/{w}": img for w, img in result.examples.items()},
+                                TrackerConfig(name=f"{tracking.pipeline_group() or 'eval'}/eval-{name}"))
         log.info("eval %s on %s/%s: PSNR %.2f dB (identity %.2f), SSIM %.4f over %d samples -> %s", model_dir,
                  shards, split, summary["mean"]["psnr"], summary["identity"]["mean"]["psnr"],
                  summary["mean"]["ssim"], summary["n"], out)
@@ -97,7 +110,7 @@ def _write(out: Path, summary: dict, result: validate.Result, title: str) -> Non
 
 def run_cli(args) -> int:
     summary = evaluate(args.model, args.shards, args.out, args.protocol, args.split, args.tile, args.overlap,
-                       args.max_samples, args.workers)
+                       args.max_samples, args.workers, args.tracker)
     if int(os.environ.get("RANK", "0")) != 0:  # one summary per launch, not one per rank
         return 0
     print(json.dumps({"mean": summary["mean"], "identity": summary["identity"]["mean"], "n": summary["n"],

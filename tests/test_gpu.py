@@ -1,0 +1,92 @@
+"""GPU paths, for a machine with CUDA: `python -m pytest -m gpu -s` (README: Tests). Where there is
+no CUDA device they are skipped, saying so; CI has none and never depends on them.
+
+What they check: the quick demo on every GPU (the teacher under ZeRO-2 in bf16, the students under
+DDP over NCCL), every process on its own GPU (its LOCAL_RANK), no host sync inside steady-state
+student steps (`torch.cuda.set_sync_debug_mode("error")` around every step after the first), synth
+in fp16 with SDPA (and xformers when installed), dream on the GPU, and the step benchmark's MFU
+against this GPU's measured matmul peak. Each prints what it measured."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import accelerate_launch, cli_env, make_set, run_cli
+from tiny_sd import save_d4ir_parts
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="no CUDA device: the gpu tests need one (CI has none)")]
+NGPU = torch.cuda.device_count() if torch.cuda.is_available() else 0
+DDP = "launch/gpu-ddp.yaml" if NGPU > 1 else "launch/gpu-1.yaml"
+
+
+def gpu_env(**extra) -> dict:
+    env = cli_env(**extra)
+    env.pop("ACCELERATE_USE_CPU", None)
+    env.pop("OMP_NUM_THREADS", None)
+    return env
+
+
+def test_quick_demo_runs_on_every_gpu(tmp_path):
+    out, shards = tmp_path / "out", tmp_path / "shards"
+    proc = run_cli("demo", "--quick", "--out", out, "--shards", shards, timeout=1800, env=gpu_env())
+    assert "launch/gpu-zero2.yaml" in proc.stdout and DDP in proc.stdout
+    for stage in ("teacher", "distill-kd", "distill-dckd"):
+        metrics = json.loads((out / stage / "metrics.json").read_text())
+        assert metrics["rank_devices"] == [f"cuda:{r}" for r in range(NGPU)], stage
+        assert metrics["ranks_in_sync"]
+    assert json.loads((out / "teacher" / "metrics.json").read_text())["parallelism"] == "deepspeed-zero2"
+    assert "mixed_precision: bf16" in (out / "teacher" / "config.yaml").read_text()
+    print("\nquick demo on", NGPU, "GPUs:", (out / "report.md").read_text())
+
+
+def test_students_train_in_bf16_without_host_syncs_in_the_step(tmp_path):
+    shards = tmp_path / "set"
+    make_set(shards, {("train", w): 16 for w in ("rain_haze", "snow")} | {("test", "snow"): 2}, size=64)
+    out = tmp_path / "student"
+    accelerate_launch(["weatherkd", "distill", "--config", "configs/distill/demo.yaml", "objective=scratch",
+                       f"out_dir={out}", f"data.train_shards={shards}", "data.crop=64", "train.max_steps=20",
+                       "train.log_every=10", "train.eval_every=20", "ckpt.every=20", "train.mixed_precision=bf16",
+                       "tracker.kind=none"], nproc=NGPU, config=DDP, module=True, timeout=900,
+                      env=gpu_env(WEATHERKD_CUDA_SYNC_DEBUG="error"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rank_devices"] == [f"cuda:{r}" for r in range(NGPU)] and metrics["step"] == 20
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "xformers"])
+def test_synth_in_fp16_on_the_gpu(tmp_path, attention):
+    if attention == "xformers":
+        pytest.importorskip("xformers", reason="xformers is not installed")
+    parts = save_d4ir_parts(tmp_path)
+    out = tmp_path / "synth"
+    accelerate_launch(["weatherkd", "synth", "--config", "configs/synth/demo.yaml", f"out_dir={out}",
+                       f"sd_path={parts['sd']}", f"adapter={parts['adapter']}", f"clean={parts['clean']}",
+                       f"teacher={parts['teacher']}", "size=64", "steps=4", "max_images=4", "shard_size=4",
+                       "dtype=fp16", f"attention={attention}"], nproc=NGPU, config=DDP, module=True,
+                      timeout=900, env=gpu_env())
+    tasks = [json.loads(p.read_text()) for p in sorted((out / "tasks").glob("task-*.json"))]
+    assert [t["device"] for t in tasks] == [f"cuda:{t['local_rank']}" for t in tasks]
+    assert "torch.float16" in (out / "manifest.json").read_text()
+
+
+def test_dream_on_the_gpu_and_the_step_benchmarks_mfu(tmp_path):
+    shards = tmp_path / "set"
+    make_set(shards, {("train", w): 8 for w in ("rain_haze", "raindrop", "snow")} | {("test", "snow"): 2}, size=64)
+    teacher = tmp_path / "teacher"
+    accelerate_launch(["weatherkd", "teacher", "--config", "configs/teacher/demo.yaml", f"out_dir={teacher}",
+                       f"data.train_shards={shards}", "train.max_steps=4", "train.eval_every=4", "ckpt.every=4",
+                       "tracker.kind=none", "stats.batches=2"], nproc=NGPU, config="launch/gpu-zero2.yaml",
+                      module=True, timeout=900, env=gpu_env())
+    dreamed = tmp_path / "dreamed"
+    accelerate_launch(["weatherkd", "dream", "--config", "configs/dream/demo.yaml", f"out_dir={dreamed}",
+                       f"teacher={teacher / 'model'}", "samples=16", "iterations=5", "shard_size=4"],
+                      nproc=NGPU, config=DDP, module=True, timeout=900, env=gpu_env())
+    tasks = [json.loads(p.read_text()) for p in sorted((dreamed / "tasks").glob("task-*.json"))]
+    assert [t["device"] for t in tasks] == [f"cuda:{t['local_rank']}" for t in tasks]
+    bench = json.loads(run_cli("bench", "step", "--config", "configs/distill/allweather-student-medium.yaml",
+                               "objective=scratch", f"data.train_shards={shards}", "data.crop=64", "--steps", "20",
+                               env=gpu_env()).stdout)
+    assert bench["device"].startswith("cuda") and 0 < bench["mfu"] < 1
+    print("\nbench step on", torch.cuda.get_device_name(0), json.dumps(bench, indent=1))

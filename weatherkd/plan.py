@@ -1,0 +1,234 @@
+"""`weatherkd plan`: the memory one training stage needs per GPU, before a job is submitted.
+
+- Model states (parameters, gradients, optimizer state) per GPU under DDP and ZeRO-1/2/3. ZeRO-2/3
+  come from DeepSpeed's own estimators (mixed-precision Adam, no offload); ZeRO-1 uses their bytes
+  per parameter (2 + 2 for 16-bit weights and grads, 16 for fp32 grads, weights and Adam moments,
+  the 16 sharded); DDP under torch autocast keeps fp32 weights, grads and moments: 16, unsharded.
+- Frozen models (teacher, CLIP towers, VQ, history, EMA): their weights in the compute dtype.
+- Activations: the bytes autograd saves for backward in one forward of the trained model at the
+  config's crop, measured with ``torch.autograd.graph.saved_tensors_hooks`` (unique storages, not
+  counting parameters) on one sample, under autocast when the config trains in 16 bits. This
+  runs on CPU and GPU alike; the per-sample figure is multiplied by the micro-batch.
+- The largest micro-batch that fits ``--gpu-mem`` GB after model states, frozen models and a
+  fixed reserve for the CUDA context and allocator fragmentation.
+
+Models are built at their real size with random weights, offline: nothing is read but the config
+(and, for a student with ``init``, the exported model it starts from).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from weatherkd import config as cfgmod
+from weatherkd import cost, models, stages
+from weatherkd.errors import UserError
+
+GB = 1024**3
+RESERVE_GB = 2.0  # CUDA context, NCCL buffers, allocator fragmentation
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
+
+
+@dataclass
+class Planned:
+    """What one training stage holds on a GPU: the model it trains, how a batch goes through it,
+    and the frozen models it runs beside it (name -> parameter count)."""
+
+    trained: torch.nn.Module
+    forward: object  # (images) -> output; the trained model's parameters take gradients
+    frozen: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _clip_tower(name: str) -> torch.nn.Module:
+    from weatherkd.models.clip import build_random
+
+    return build_random(name)
+
+
+def planned_models(stage: str, cfg) -> Planned:
+    """The real-size models a training stage's config builds, with random weights."""
+    if stage == "teacher":
+        from weatherkd.models import clip
+
+        m = cfg.model
+        if m.arch != "clipweather":
+            return Planned(models.build(m.arch, **m.arch_kwargs()), None)
+        tower = _clip_tower(m.clip.image.name)
+        prior = clip.ImagePrior(tower).eval()
+        text_dim = int(tower.text_projection.shape[1]) if hasattr(tower, "text_projection") else 512
+        net = models.build("clipweather_net", prior_dim=prior.width, text_dim=text_dim, **m.arch_kwargs())
+        frozen = {f"clip image tower ({m.clip.image.name})": cost.params(prior)}
+        if cfg.loss.w_srd > 0:
+            frozen[f"clip residual tower ({m.clip.residual.name})"] = cost.params(
+                _clip_tower(m.clip.residual.name).visual)
+        if cfg.loss.w_perceptual > 0:
+            import torchvision
+
+            frozen["vgg16 features[:16]"] = cost.params(torchvision.models.vgg16().features[:16])
+
+        def forward(x):
+            with torch.no_grad():
+                p = prior(x)
+            return net(x, p)
+
+        return Planned(net, forward, frozen)
+    if stage == "distill":
+        if cfg.init:
+            if not (Path(cfg.init) / "model.json").is_file():
+                raise UserError(f"init: {cfg.init} is not an exported model yet; plan this stage once it exists "
+                                f"(its shapes come from it)")
+            student = models.load(cfg.init)
+        else:
+            student = models.build(cfg.model.arch, **cfg.model.arch_kwargs())
+        frozen, notes = {}, []
+        for key, needed in (("teacher", cfg.objective != "scratch"), ("vq", cfg.objective == "dckd")):
+            path = getattr(cfg, key)
+            if not needed:
+                continue
+            if (Path(path) / "model.json").is_file():
+                frozen[key] = cost.params(models.load(path))
+            else:
+                notes.append(f"{key} {path or '(unset)'} is not exported yet: its weights are not counted")
+        if cfg.objective == "dckd":
+            frozen["history model"] = cost.params(student)
+        if cfg.train.ema_decay > 0:
+            frozen["EMA"] = cost.params(student)
+        return Planned(student, None, frozen, notes)
+    if stage == "vq":
+        return Planned(models.build(cfg.model.arch, **cfg.model.arch_kwargs()), None)
+    raise UserError(f"weatherkd plan covers the teacher, distill and vq stages, not '{stage}'")
+
+
+def saved_activation_bytes(fn, params: set[int]) -> int:
+    """Bytes of the unique storages autograd saves for backward while ``fn()`` runs, parameters excluded."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values())
+
+
+def model_state_bytes(params: int, gpus: int, nodes: int, largest_layer: int) -> dict[str, int]:
+    """Per-GPU bytes of parameters, gradients and optimizer state, without offload."""
+    import contextlib
+    import sys
+
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs its accelerator choice to stdout on import
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    total = gpus * nodes
+    return {
+        "ddp": 16 * params,
+        "zero1": 4 * params + 16 * params // total,
+        "zero2": estimate_zero2_model_states_mem_needs(params, gpus, nodes, cpu_offload=False)[1],
+        "zero3": estimate_zero3_model_states_mem_needs(params, largest_layer, gpus, nodes, cpu_offload=False)[1],
+    }
+
+
+def read_launch(path: str | None) -> dict:
+    """Processes, machines, and the strategy of an accelerate launch file."""
+    if not path:
+        return {"processes": 8, "machines": 1, "strategy": None, "file": None}
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--launch: file not found: {p}")
+    launch = cfgmod.parse_yaml(p.read_text(), str(p)) or {}
+    strategy = "ddp"
+    if launch.get("distributed_type") == "DEEPSPEED":
+        ds = launch.get("deepspeed_config", {})
+        stage = ds.get("zero_stage")
+        if "deepspeed_config_file" in ds:
+            ds_file = Path(ds["deepspeed_config_file"])
+            if not ds_file.is_file():
+                raise UserError(f"{p}: its deepspeed_config_file {ds_file} is not found")
+            stage = json.loads(ds_file.read_text()).get("zero_optimization", {}).get("stage", 0)
+        strategy = f"zero{stage}" if stage else "ddp"
+    machines = int(launch.get("num_machines", 1))
+    return {"processes": int(launch.get("num_processes", 1)), "machines": machines, "strategy": strategy,
+            "file": str(p)}
+
+
+def plan(stage: str, cfg, launch: dict, gpu_mem_gb: float) -> dict:
+    planned = planned_models(stage, cfg)
+    net = planned.trained.train()
+    params = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    largest = max((p.numel() for p in net.parameters()), default=0)
+    machines = launch["machines"]
+    gpus_per_node = max(1, launch["processes"] // machines)
+    sixteen_bit = cfg.train.mixed_precision in ("bf16", "fp16")
+    dtype_bytes = 2 if sixteen_bit else 4
+    crop = cfg.data.crop
+    x = torch.rand(1, 3, crop, crop)
+    forward = planned.forward or net
+    param_ptrs = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    dtype = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float16
+
+    def one_sample():
+        with torch.autocast("cpu", dtype=dtype, enabled=sixteen_bit):
+            return forward(x)
+
+    per_sample = saved_activation_bytes(one_sample, param_ptrs)
+    frozen_bytes = sum(planned.frozen.values()) * dtype_bytes
+    states = model_state_bytes(params, gpus_per_node, machines, largest)
+    rows = {}
+    for name in STRATEGIES:
+        free = gpu_mem_gb * GB - states[name] - frozen_bytes - RESERVE_GB * GB
+        rows[name] = {"model_states_gb": states[name] / GB, "max_micro_batch": max(0, int(free // per_sample))}
+    batch = cfg.data.batch_size
+    return {
+        "stage": stage, "trained_params": params, "largest_tensor_params": largest,
+        "frozen_params": planned.frozen, "frozen_gb": frozen_bytes / GB,
+        "activation_gb_per_sample": per_sample / GB, "crop": crop, "mixed_precision": cfg.train.mixed_precision,
+        "micro_batch": batch, "activation_gb_at_micro_batch": batch * per_sample / GB,
+        "gpus": gpus_per_node * machines, "gpus_per_node": gpus_per_node, "nodes": machines,
+        "gpu_mem_gb": gpu_mem_gb, "reserve_gb": RESERVE_GB, "launch": launch["file"],
+        "launch_strategy": launch["strategy"], "strategies": rows, "notes": planned.notes,
+        "random_weights": True,
+    }
+
+
+def table(p: dict) -> str:
+    lines = [f"# weatherkd plan: {p['stage']} on {p['gpus']} GPUs ({p['nodes']} node(s)) of {p['gpu_mem_gb']:g} GB",
+             f"trained parameters {p['trained_params'] / 1e6:.1f}M; frozen "
+             + (", ".join(f"{k} {v / 1e6:.1f}M" for k, v in p["frozen_params"].items()) or "none")
+             + f" ({p['frozen_gb']:.2f} GB)",
+             f"activations (measured, saved for backward): {p['activation_gb_per_sample']:.3f} GB per "
+             f"{p['crop']}² sample in {p['mixed_precision'] if p['mixed_precision'] != 'no' else 'fp32'}; "
+             f"{p['activation_gb_at_micro_batch']:.2f} GB at the config's micro-batch {p['micro_batch']}",
+             "",
+             "| strategy | model states GB/GPU | + frozen + activations at micro-batch GB/GPU | largest micro-batch |",
+             "|---|---|---|---|"]
+    for name, row in p["strategies"].items():
+        mark = " (launch file)" if name == p["launch_strategy"] else ""
+        total = row["model_states_gb"] + p["frozen_gb"] + p["activation_gb_at_micro_batch"]
+        lines.append(f"| {name}{mark} | {row['model_states_gb']:.2f} | {total:.2f} | {row['max_micro_batch']} |")
+    lines.append(f"\nlargest micro-batch: what fits {p['gpu_mem_gb']:g} GB less {p['reserve_gb']:g} GB reserve. "
+                 "Random weights at real size; model states counted as DeepSpeed's estimators do.")
+    lines += [f"note: {n}" for n in p["notes"]]
+    return "\n".join(lines)
+
+
+def run_cli(args) -> int:
+    config = Path(args.config)
+    stage = args.stage or config.parent.name
+    if stage not in stages.STAGES or stages.get(stage).kind != "train":
+        raise UserError(f"plan: {config} is not a training stage's config (its folder is "
+                        f"'{config.parent.name}'); plan covers {', '.join(stages.of_kind('train'))}, or pass --stage")
+    cfg = cfgmod.load(stages.get(stage).config_class, config, args.overrides)
+    torch.manual_seed(0)
+    result = plan(stage, cfg, read_launch(args.launch), args.gpu_mem)
+    print(json.dumps(result, indent=2) if args.json else table(result))
+    return 0
