@@ -12,7 +12,7 @@
 #           shards ──> adapter ─┬─> synth (array) ─> distill-d4ir ─> eval-distill-d4ir
 #                     teacher ──┘
 #
-#   slurm/submit-pipeline.sh [--out runs/pipeline] [--shards shards/demo] [--config-set demo]
+#   slurm/submit-pipeline.sh [--out runs/pipeline] [--shards shards/demo] [--eval-shards DIR] [--config-set demo]
 #                            [--dream-tasks 2] [--sd-path DIR] [--synth-tasks 2] [--hold]
 #                            [--sbatch-arg ARG]... [-- key=value ...]
 #
@@ -20,6 +20,7 @@
 # configs/distill/NAME{,-dream,-pruned}.yaml; every configs/distill/NAME-student-X.yaml is one more
 # student, trained with every objective as distill-X-{scratch,kd,dckd}. The D4IR branch
 # (configs/{adapter,synth}/NAME.yaml) runs when --sd-path is given or the synth config sets sd_path.
+# --eval-shards (default: --shards) is the set validation and the evals score, with its test split.
 # --dream-tasks / --synth-tasks set the array sizes (each task writes its own slice).
 # --sbatch-arg is passed to every sbatch (partition, account, or sizes). key=value after -- go to
 # every training stage. --hold submits held (release with `scontrol release JOBID`). The shards job
@@ -28,11 +29,12 @@
 set -euo pipefail
 shopt -s inherit_errexit  # a failing sbatch inside $(submit ...) must stop the script
 
-out=runs/pipeline shards=shards/demo config_set=demo dream_tasks=2 synth_tasks=2 sd_path="" hold=() extra=() overrides=()
+out=runs/pipeline shards=shards/demo eval_shards="" config_set=demo dream_tasks=2 synth_tasks=2 sd_path="" hold=() extra=() overrides=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) out=$2; shift 2 ;;
         --shards) shards=$2; shift 2 ;;
+        --eval-shards) eval_shards=$2; shift 2 ;;
         --config-set) config_set=$2; shift 2 ;;
         --dream-tasks) dream_tasks=$2; shift 2 ;;
         --synth-tasks) synth_tasks=$2; shift 2 ;;
@@ -52,11 +54,20 @@ for n in "$dream_tasks" "$synth_tasks"; do
 done
 # D4IR runs when an SD folder is given, or the set's synth config names one.
 d4ir=""
-if [ -n "$sd_path" ] || grep -Eq '^sd_path: *[^ "#]' "configs/synth/$config_set.yaml" 2>/dev/null; then
+configured_sd=$(sed -n 's/^sd_path:[[:space:]]*//p' "configs/synth/$config_set.yaml" 2>/dev/null | sed 's/[[:space:]]*#.*//')
+case "$configured_sd" in ""|'""'|"''"|null|"~") configured_sd="" ;; esac
+if [ -n "$sd_path" ] || [ -n "$configured_sd" ]; then
     for f in configs/{adapter,synth}/$config_set.yaml; do
         [ -f "$f" ] || { echo "submit-pipeline: $f not found (D4IR with --config-set $config_set)" >&2; exit 2; }
     done
     d4ir=1
+fi
+eval_shards=${eval_shards:-$shards}
+if [ "$config_set" != demo ]; then  # only the demo set is built here; a real one is ingested first
+    for set in "$shards" "$eval_shards"; do
+        [ -f "$set/manifest.json" ] || { echo "submit-pipeline: $set is not a shard set; ingest it first" \
+            "(README: The real job), or pass --shards/--eval-shards" >&2; exit 2; }
+    done
 fi
 mkdir -p "$out" slurm/logs
 # Every job of this pipeline logs to one W&B group (sbatch passes the environment on); a rerun
@@ -87,15 +98,13 @@ submit() {
 
 shards_job=""
 if [ ! -f "$shards/manifest.json" ]; then
-    [ "$config_set" = demo ] || { echo "submit-pipeline: $shards is not a shard set; ingest it first" \
-        "(README: The real job), or pass --shards" >&2; exit 2; }
     shards_job=$(submit shards "" shards.sbatch synth --out "$shards")
 fi
-train=(data.train_shards="$shards" ${overrides[@]+"${overrides[@]}"})
+train=(data.train_shards="$shards" data.eval_shards="$eval_shards" ${overrides[@]+"${overrides[@]}"})
 teacher=$(submit teacher "$shards_job" teacher.sbatch --config "configs/teacher/$config_set.yaml" \
     out_dir="$out/teacher" "${train[@]}")
 vq=$(submit vq "$shards_job" vq.sbatch --config "configs/vq/$config_set.yaml" out_dir="$out/vq" "${train[@]}")
-submit eval-teacher "$teacher" eval.sbatch --model "$out/teacher/model" --shards "$shards" \
+submit eval-teacher "$teacher" eval.sbatch --model "$out/teacher/model" --shards "$eval_shards" \
     --out "$out/eval/teacher" >/dev/null
 students=("configs/distill/$config_set.yaml")
 for f in configs/distill/"$config_set"-student-*.yaml; do [ -f "$f" ] && students+=("$f"); done
@@ -108,7 +117,7 @@ for config in "${students[@]}"; do
         name=$prefix$objective
         student=$(submit "$name" "$after" distill.sbatch --config "$config" objective="$objective" \
             out_dir="$out/$name" teacher="$out/teacher/model" vq="$out/vq/model" "${train[@]}")
-        submit "eval-$name" "$student" eval.sbatch --model "$out/$name/model" --shards "$shards" \
+        submit "eval-$name" "$student" eval.sbatch --model "$out/$name/model" --shards "$eval_shards" \
             --out "$out/eval/$name" >/dev/null
     done
 done
@@ -118,17 +127,17 @@ done
 dreamed=$out/dream-shards
 dream=$(submit dream "$teacher" --array="0-$((dream_tasks - 1))" array.sbatch dream \
     --config "configs/dream/$config_set.yaml" out_dir="$dreamed" teacher="$out/teacher/model")
-on_dreams=("${train[@]}" data.train_shards="$dreamed" data.eval_shards="$shards" teacher="$out/teacher/model")
+on_dreams=("${train[@]}" data.train_shards="$dreamed" data.eval_shards="$eval_shards" teacher="$out/teacher/model")
 student=$(submit distill-dream "$dream" distill.sbatch --config "configs/distill/$config_set-dream.yaml" \
     out_dir="$out/distill-dream" "${on_dreams[@]}")
-submit eval-distill-dream "$student" eval.sbatch --model "$out/distill-dream/model" --shards "$shards" \
+submit eval-distill-dream "$student" eval.sbatch --model "$out/distill-dream/model" --shards "$eval_shards" \
     --out "$out/eval/distill-dream" >/dev/null
 pruned=$(submit prune "$dream" prune.sbatch --config "configs/prune/$config_set.yaml" out_dir="$out/prune" \
     network="$out/teacher/model" calib_shards="$dreamed")
-submit eval-prune "$pruned" eval.sbatch --model "$out/prune/model" --shards "$shards" --out "$out/eval/prune" >/dev/null
+submit eval-prune "$pruned" eval.sbatch --model "$out/prune/model" --shards "$eval_shards" --out "$out/eval/prune" >/dev/null
 student=$(submit distill-pruned "$pruned" distill.sbatch --config "configs/distill/$config_set-pruned.yaml" \
     out_dir="$out/distill-pruned" init="$out/prune/model" "${on_dreams[@]}")
-submit eval-distill-pruned "$student" eval.sbatch --model "$out/distill-pruned/model" --shards "$shards" \
+submit eval-distill-pruned "$student" eval.sbatch --model "$out/distill-pruned/model" --shards "$eval_shards" \
     --out "$out/eval/distill-pruned" >/dev/null
 
 # D4IR: the adapter learns weather prompts from the degraded inputs; SD img2img synthesises weather
@@ -144,8 +153,8 @@ if [ -n "$d4ir" ]; then
         teacher="$out/teacher/model" ${sd[@]+"${sd[@]}"})
     student=$(submit distill-d4ir "$synth" distill.sbatch --config "configs/distill/$config_set.yaml" \
         objective=kd out_dir="$out/distill-d4ir" teacher="$out/teacher/model" "${train[@]}" \
-        data.train_shards="$synthesised" data.eval_shards="$shards")
-    submit eval-distill-d4ir "$student" eval.sbatch --model "$out/distill-d4ir/model" --shards "$shards" \
+        data.train_shards="$synthesised" data.eval_shards="$eval_shards")
+    submit eval-distill-d4ir "$student" eval.sbatch --model "$out/distill-d4ir/model" --shards "$eval_shards" \
         --out "$out/eval/distill-d4ir" >/dev/null
 fi
 echo "submitted; when the evals are done: weatherkd report $out/eval/* --out $out/report.md" >&2

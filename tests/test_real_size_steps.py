@@ -56,7 +56,7 @@ def test_every_allweather_stage_steps_at_real_size(tmp_path, weights, shards):
     timings = {}
     teacher = tmp_path / "teacher"
     accelerate_launch(["weatherkd", "teacher", "--config", "configs/teacher/allweather.yaml", f"out_dir={teacher}",
-                       f"data.train_shards={shards}", *SMALL, "loss.srd_start=0", "stats.batches=1",
+                       f"data.train_shards={shards}", f"data.eval_shards={shards}", *SMALL, "loss.srd_start=0", "stats.batches=1",
                        f"model.clip.image.pretrained={weights['ViT-B-32']}",
                        f"model.clip.residual.pretrained={weights['RN50x4']}", f"loss.vgg_weights={weights['vgg']}"],
                       config="launch/cpu-zero2.yaml", module=True, timeout=1200)
@@ -68,20 +68,20 @@ def test_every_allweather_stage_steps_at_real_size(tmp_path, weights, shards):
 
     vq = tmp_path / "vq"
     accelerate_launch(["weatherkd", "vq", "--config", "configs/vq/allweather.yaml", f"out_dir={vq}",
-                       f"data.train_shards={shards}", *SMALL], module=True, timeout=600)
+                       f"data.train_shards={shards}", f"data.eval_shards={shards}", *SMALL], module=True, timeout=600)
     timings["vq"] = seconds_per_step(vq)
 
     for config, objective in (("allweather", "dckd"), ("allweather-student-medium", "kd")):
         out = tmp_path / config
         accelerate_launch(["weatherkd", "distill", "--config", f"configs/distill/{config}.yaml", f"out_dir={out}",
                            f"objective={objective}", f"teacher={teacher / 'model'}", f"vq={vq / 'model'}",
-                           f"data.train_shards={shards}", *SMALL], module=True, timeout=900)
+                           f"data.train_shards={shards}", f"data.eval_shards={shards}", *SMALL], module=True, timeout=900)
         timings[f"distill {config} ({objective})"] = seconds_per_step(out)
         assert json.loads((out / "metrics.json").read_text())["step"] == 2
 
     adapter = tmp_path / "adapter"
     accelerate_launch(["weatherkd", "adapter", "--config", "configs/adapter/allweather.yaml", f"out_dir={adapter}",
-                       f"data.train_shards={shards}", *SMALL, "data.batch_size=3",
+                       f"data.train_shards={shards}", f"data.eval_shards={shards}", *SMALL, "data.batch_size=3",
                        f"model.clip.pretrained={weights['ViT-B-32']}"], module=True, timeout=600)
     timings["adapter"] = seconds_per_step(adapter) * 3  # batch 3 per process
     assert models.load(adapter / "model").weather_prompts.shape[-1] == 768

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help=stages.get("plan").help)
     p.add_argument("--config", required=True, help="a training stage's config (configs/<stage>/<name>.yaml)")
-    p.add_argument("--stage", default=None, choices=stages.of_kind("train"), help="default: the config's folder")
+    p.add_argument("--stage", default=None, choices=["teacher", "distill", "vq"], help="default: the config's folder")
     p.add_argument("--launch", default=None, help="accelerate launch file: GPUs, nodes, strategy (default: 8 GPUs)")
     p.add_argument("--gpu-mem", type=float, default=80.0, help="GB per GPU (default 80)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")

@@ -74,7 +74,7 @@ def plan(out: Path, shards: Path, overrides: dict[str, list[str]] | None = None,
                     shards / "manifest.json")]
 
     def train(name: str, stage: str, config: str, launch_config: str, *extra: str) -> Stage:
-        bf16 = ["train.mixed_precision=bf16"] if torch.cuda.is_available() else []  # GPUs train in bf16
+        bf16 = ["train.mixed_precision=bf16"] if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else []
         args = [f"out_dir={out / name}", f"data.train_shards={shards}", *bf16, *extra, *overrides.get(name, [])]
         argv = _accelerate(launch_config, nproc, stage, "--config", config, *args)
         return Stage(name, argv, out / name / "metrics.json", _max_steps(stage, config, args),
@@ -271,7 +271,7 @@ def data_free_targets(table: dict) -> tuple[dict, list[str]]:
 
 # `--quick`: the same stages and launches on a tiny set for a few steps; checks an install in minutes.
 _QUICK_TRAIN = ["train.max_steps=4", "train.eval_every=2", "train.log_every=1", "ckpt.every=2", "data.crop=32",
-                "train.warmup_steps=1", "tracker.kind=none"]
+                "train.warmup_steps=1", "tracker.kind=none", "data.num_workers=0"]  # 4 steps need no loader workers
 QUICK = {
     "synth_args": ("--train", 16, "--test", 1, "--size", 48, "--test-size", 64),
     "overrides": {"teacher": [*_QUICK_TRAIN, "loss.srd_start=2", "stats.batches=2"], "vq": _QUICK_TRAIN,

@@ -1,14 +1,17 @@
 """`weatherkd plan`: the memory one training stage needs per GPU, before a job is submitted.
 
-- Model states (parameters, gradients, optimizer state) per GPU under DDP and ZeRO-1/2/3. ZeRO-2/3
-  come from DeepSpeed's own estimators (mixed-precision Adam, no offload); ZeRO-1 uses their bytes
-  per parameter (2 + 2 for 16-bit weights and grads, 16 for fp32 grads, weights and Adam moments,
-  the 16 sharded); DDP under torch autocast keeps fp32 weights, grads and moments: 16, unsharded.
-- Frozen models (teacher, CLIP towers, VQ, history, EMA): their weights in the compute dtype.
-- Activations: the bytes autograd saves for backward in one forward of the trained model at the
-  config's crop, measured with ``torch.autograd.graph.saved_tensors_hooks`` (unique storages, not
-  counting parameters) on one sample, under autocast when the config trains in 16 bits. This
-  runs on CPU and GPU alike; the per-sample figure is multiplied by the micro-batch.
+- Model states (parameters, gradients, optimizer state) per GPU under DDP and ZeRO-1/2/3, Adam,
+  no offload. In bf16/fp16, ZeRO-2/3 come from DeepSpeed's own estimators and ZeRO-1 uses their
+  bytes per parameter (2 + 2 for 16-bit weights and grads, 16 for fp32 grads, weights and Adam
+  moments, the 16 sharded). In fp32 DeepSpeed keeps no 16-bit copy (4 + 4 + 8, sharded by stage).
+  DDP keeps fp32 weights, grads and moments plus its gradient buckets: 20, unsharded.
+- Frozen models (teacher, CLIP towers, VQ, history) in the compute dtype; the EMA in fp32.
+- Activations: the bytes autograd saves for backward in one forward of the trained model and
+  the loss terms that carry its gradient, at the config's crop, measured with
+  ``torch.autograd.graph.saved_tensors_hooks`` (unique storages, parameters excluded) under
+  autocast when the config trains in 16 bits. Measured at batch 1 and 2: the difference is the
+  per-sample cost, the rest (e.g. autocast's 16-bit weight copies) a fixed cost. This runs on CPU
+  and GPU alike.
 - The largest micro-batch that fits ``--gpu-mem`` GB after model states, frozen models and a
   fixed reserve for the CUDA context and allocator fragmentation.
 
@@ -31,6 +34,7 @@ from weatherkd.errors import UserError
 GB = 1024**3
 RESERVE_GB = 2.0  # CUDA context, NCCL buffers, allocator fragmentation
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
+PLANNED = ("teacher", "distill", "vq")
 
 
 @dataclass
@@ -42,6 +46,7 @@ class Planned:
     forward: object  # (images) -> output; the trained model's parameters take gradients
     frozen: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    fp32_copies: int = 0  # parameters kept in fp32 whatever the compute dtype (the EMA)
 
 
 def _clip_tower(name: str) -> torch.nn.Module:
@@ -66,15 +71,18 @@ def planned_models(stage: str, cfg) -> Planned:
         if cfg.loss.w_srd > 0:
             frozen[f"clip residual tower ({m.clip.residual.name})"] = cost.params(
                 _clip_tower(m.clip.residual.name).visual)
+        vgg = None
         if cfg.loss.w_perceptual > 0:
             import torchvision
 
-            frozen["vgg16 features[:16]"] = cost.params(torchvision.models.vgg16().features[:16])
+            vgg = torchvision.models.vgg16().features[:16].requires_grad_(False)
+            frozen["vgg16 features[:16]"] = cost.params(vgg)
 
         def forward(x):
             with torch.no_grad():
                 p = prior(x)
-            return net(x, p)
+            out, aux = net(x, p, return_aux=True)  # as the teacher trains: SAR maps and prior for its losses
+            return (out, aux, vgg(out)) if vgg is not None else (out, aux)  # the perceptual loss backprops through VGG
 
         return Planned(net, forward, frozen)
     if stage == "distill":
@@ -85,23 +93,29 @@ def planned_models(stage: str, cfg) -> Planned:
             student = models.load(cfg.init)
         else:
             student = models.build(cfg.model.arch, **cfg.model.arch_kwargs())
-        frozen, notes = {}, []
+        frozen, notes, loaded = {}, [], {}
         for key, needed in (("teacher", cfg.objective != "scratch"), ("vq", cfg.objective == "dckd")):
             path = getattr(cfg, key)
             if not needed:
                 continue
             if (Path(path) / "model.json").is_file():
-                frozen[key] = cost.params(models.load(path))
+                loaded[key] = models.load(path).eval().requires_grad_(False)
+                frozen[key] = cost.params(loaded[key])
             else:
-                notes.append(f"{key} {path or '(unset)'} is not exported yet: its weights are not counted")
+                notes.append(f"{key} {path or '(unset)'} is not exported yet: its weights, and the graph of "
+                             f"the loss terms through it, are not counted")
         if cfg.objective == "dckd":
             frozen["history model"] = cost.params(student)
-        if cfg.train.ema_decay > 0:
-            frozen["EMA"] = cost.params(student)
-        return Planned(student, None, frozen, notes)
+        vq = loaded.get("vq")
+
+        def forward(x):
+            out = student(x)
+            return (out, vq.features(out)) if vq is not None else out  # DCKD backprops through the VQ encoder
+
+        return Planned(student, forward, frozen, notes, cost.params(student) if cfg.train.ema_decay > 0 else 0)
     if stage == "vq":
         return Planned(models.build(cfg.model.arch, **cfg.model.arch_kwargs()), None)
-    raise UserError(f"weatherkd plan covers the teacher, distill and vq stages, not '{stage}'")
+    raise UserError(f"weatherkd plan covers the {', '.join(PLANNED)} stages, not '{stage}'")
 
 
 def saved_activation_bytes(fn, params: set[int]) -> int:
@@ -120,8 +134,21 @@ def saved_activation_bytes(fn, params: set[int]) -> int:
     return sum(storages.values())
 
 
-def model_state_bytes(params: int, gpus: int, nodes: int, largest_layer: int) -> dict[str, int]:
-    """Per-GPU bytes of parameters, gradients and optimizer state, without offload."""
+def activation_bytes(forward, params: set[int], sample_shape: tuple, autocast_dtype=None) -> tuple[int, int]:
+    """(bytes per sample, fixed bytes) saved for backward by ``forward(images)``, measured at batch 1
+    and 2; the fixed part is what does not grow with the batch (e.g. autocast's 16-bit weight copies)."""
+    def saved_at(batch: int) -> int:
+        x = torch.rand(batch, *sample_shape)
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            return saved_activation_bytes(lambda: forward(x), params)
+
+    one, two = saved_at(1), saved_at(2)
+    return two - one, max(0, 2 * one - two)
+
+
+def model_state_bytes(params: int, gpus: int, nodes: int, largest_layer: int, sixteen_bit: bool = True
+                      ) -> dict[str, int]:
+    """Per-GPU bytes of parameters, gradients and optimizer state (Adam), without offload."""
     import contextlib
     import sys
 
@@ -130,8 +157,11 @@ def model_state_bytes(params: int, gpus: int, nodes: int, largest_layer: int) ->
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     total = gpus * nodes
+    if not sixteen_bit:  # fp32: weights 4 + grads 4 + Adam moments 8, sharded stage by stage
+        return {"ddp": 20 * params, "zero1": 8 * params + 8 * params // total,
+                "zero2": 4 * params + 12 * params // total, "zero3": 4 * largest_layer + 16 * params // total}
     return {
-        "ddp": 16 * params,
+        "ddp": 20 * params,
         "zero1": 4 * params + 16 * params // total,
         "zero2": estimate_zero2_model_states_mem_needs(params, gpus, nodes, cpu_offload=False)[1],
         "zero3": estimate_zero3_model_states_mem_needs(params, largest_layer, gpus, nodes, cpu_offload=False)[1],
@@ -141,24 +171,35 @@ def model_state_bytes(params: int, gpus: int, nodes: int, largest_layer: int) ->
 def read_launch(path: str | None) -> dict:
     """Processes, machines, and the strategy of an accelerate launch file."""
     if not path:
-        return {"processes": 8, "machines": 1, "strategy": None, "file": None}
+        return {"processes": 8, "machines": 1, "strategy": None, "offload": False, "file": None}
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--launch: file not found: {p}")
-    launch = cfgmod.parse_yaml(p.read_text(), str(p)) or {}
-    strategy = "ddp"
+    launch = cfgmod.parse_yaml(p.read_text(), str(p))
+    if not isinstance(launch, dict):
+        raise UserError(f"--launch: {p} is not an accelerate launch config (a YAML mapping)")
+    counts = {}
+    for key in ("num_processes", "num_machines"):
+        value = launch.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"--launch: {p}: {key} must be a positive integer, got {value!r}")
+        counts[key] = value
+    strategy, offload = "ddp", False
     if launch.get("distributed_type") == "DEEPSPEED":
-        ds = launch.get("deepspeed_config", {})
-        stage = ds.get("zero_stage")
-        if "deepspeed_config_file" in ds:
-            ds_file = Path(ds["deepspeed_config_file"])
-            if not ds_file.is_file():
-                raise UserError(f"{p}: its deepspeed_config_file {ds_file} is not found")
-            stage = json.loads(ds_file.read_text()).get("zero_optimization", {}).get("stage", 0)
+        ds = launch.get("deepspeed_config") or {}
+        zero = {"stage": ds.get("zero_stage", 0)} if isinstance(ds, dict) else {}
+        if isinstance(ds, dict) and ds.get("deepspeed_config_file"):
+            ds_file = Path(ds["deepspeed_config_file"])  # accelerate reads it relative to the working directory
+            try:
+                zero = json.loads(ds_file.read_text()).get("zero_optimization", {})
+            except (OSError, ValueError, AttributeError) as e:
+                raise UserError(f"--launch: {p}: cannot read its deepspeed_config_file {ds_file} "
+                                f"(relative to the working directory): {e}") from None
+        stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+        offload = isinstance(zero, dict) and any(zero.get(k) for k in ("offload_optimizer", "offload_param"))
         strategy = f"zero{stage}" if stage else "ddp"
-    machines = int(launch.get("num_machines", 1))
-    return {"processes": int(launch.get("num_processes", 1)), "machines": machines, "strategy": strategy,
-            "file": str(p)}
+    return {"processes": counts["num_processes"], "machines": counts["num_machines"], "strategy": strategy,
+            "offload": offload, "file": str(p)}
 
 
 def plan(stage: str, cfg, launch: dict, gpu_mem_gb: float) -> dict:
@@ -171,31 +212,30 @@ def plan(stage: str, cfg, launch: dict, gpu_mem_gb: float) -> dict:
     sixteen_bit = cfg.train.mixed_precision in ("bf16", "fp16")
     dtype_bytes = 2 if sixteen_bit else 4
     crop = cfg.data.crop
-    x = torch.rand(1, 3, crop, crop)
     forward = planned.forward or net
     param_ptrs = {p.untyped_storage().data_ptr() for p in net.parameters()}
     dtype = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float16
 
-    def one_sample():
-        with torch.autocast("cpu", dtype=dtype, enabled=sixteen_bit):
-            return forward(x)
-
-    per_sample = saved_activation_bytes(one_sample, param_ptrs)
-    frozen_bytes = sum(planned.frozen.values()) * dtype_bytes
-    states = model_state_bytes(params, gpus_per_node, machines, largest)
+    per_sample, fixed = activation_bytes(forward, param_ptrs, (3, crop, crop), dtype if sixteen_bit else None)
+    frozen_bytes = sum(planned.frozen.values()) * dtype_bytes + planned.fp32_copies * 4
+    states = model_state_bytes(params, gpus_per_node, machines, largest, sixteen_bit)
+    notes = list(planned.notes)
+    if launch.get("offload"):
+        notes.append("the launch file offloads to CPU, which these figures do not model: GPU memory is lower")
     rows = {}
     for name in STRATEGIES:
-        free = gpu_mem_gb * GB - states[name] - frozen_bytes - RESERVE_GB * GB
+        free = gpu_mem_gb * GB - states[name] - frozen_bytes - fixed - RESERVE_GB * GB
         rows[name] = {"model_states_gb": states[name] / GB, "max_micro_batch": max(0, int(free // per_sample))}
     batch = cfg.data.batch_size
     return {
         "stage": stage, "trained_params": params, "largest_tensor_params": largest,
-        "frozen_params": planned.frozen, "frozen_gb": frozen_bytes / GB,
+        "frozen_params": planned.frozen, "ema_params_fp32": planned.fp32_copies, "frozen_gb": frozen_bytes / GB,
+        "activation_fixed_gb": fixed / GB,
         "activation_gb_per_sample": per_sample / GB, "crop": crop, "mixed_precision": cfg.train.mixed_precision,
         "micro_batch": batch, "activation_gb_at_micro_batch": batch * per_sample / GB,
         "gpus": gpus_per_node * machines, "gpus_per_node": gpus_per_node, "nodes": machines,
         "gpu_mem_gb": gpu_mem_gb, "reserve_gb": RESERVE_GB, "launch": launch["file"],
-        "launch_strategy": launch["strategy"], "strategies": rows, "notes": planned.notes,
+        "launch_strategy": launch["strategy"], "strategies": rows, "notes": notes,
         "random_weights": True,
     }
 
@@ -204,16 +244,17 @@ def table(p: dict) -> str:
     lines = [f"# weatherkd plan: {p['stage']} on {p['gpus']} GPUs ({p['nodes']} node(s)) of {p['gpu_mem_gb']:g} GB",
              f"trained parameters {p['trained_params'] / 1e6:.1f}M; frozen "
              + (", ".join(f"{k} {v / 1e6:.1f}M" for k, v in p["frozen_params"].items()) or "none")
+             + (f", EMA {p['ema_params_fp32'] / 1e6:.1f}M in fp32" if p["ema_params_fp32"] else "")
              + f" ({p['frozen_gb']:.2f} GB)",
              f"activations (measured, saved for backward): {p['activation_gb_per_sample']:.3f} GB per "
              f"{p['crop']}² sample in {p['mixed_precision'] if p['mixed_precision'] != 'no' else 'fp32'}; "
              f"{p['activation_gb_at_micro_batch']:.2f} GB at the config's micro-batch {p['micro_batch']}",
              "",
-             "| strategy | model states GB/GPU | + frozen + activations at micro-batch GB/GPU | largest micro-batch |",
+             "| strategy | model states GB/GPU | all at the config's micro-batch GB/GPU | largest micro-batch |",
              "|---|---|---|---|"]
     for name, row in p["strategies"].items():
         mark = " (launch file)" if name == p["launch_strategy"] else ""
-        total = row["model_states_gb"] + p["frozen_gb"] + p["activation_gb_at_micro_batch"]
+        total = row["model_states_gb"] + p["frozen_gb"] + p["activation_fixed_gb"] + p["activation_gb_at_micro_batch"]
         lines.append(f"| {name}{mark} | {row['model_states_gb']:.2f} | {total:.2f} | {row['max_micro_batch']} |")
     lines.append(f"\nlargest micro-batch: what fits {p['gpu_mem_gb']:g} GB less {p['reserve_gb']:g} GB reserve. "
                  "Random weights at real size; model states counted as DeepSpeed's estimators do.")
@@ -224,9 +265,9 @@ def table(p: dict) -> str:
 def run_cli(args) -> int:
     config = Path(args.config)
     stage = args.stage or config.parent.name
-    if stage not in stages.STAGES or stages.get(stage).kind != "train":
-        raise UserError(f"plan: {config} is not a training stage's config (its folder is "
-                        f"'{config.parent.name}'); plan covers {', '.join(stages.of_kind('train'))}, or pass --stage")
+    if stage not in PLANNED:
+        raise UserError(f"plan: {config} is not a config of a stage it plans (its folder is "
+                        f"'{config.parent.name}'); plan covers {', '.join(PLANNED)}, or pass --stage")
     cfg = cfgmod.load(stages.get(stage).config_class, config, args.overrides)
     torch.manual_seed(0)
     result = plan(stage, cfg, read_launch(args.launch), args.gpu_mem)

@@ -111,19 +111,27 @@ def log_tables(stage: str, out_dir, tables: dict[str, tuple[list[str], list[list
                images: dict[str, np.ndarray] | None = None, cfg: TrackerConfig | None = None) -> Path | None:
     """One W&B run (job type ``stage``) holding ``tables`` (name -> columns, rows) and ``images``
     (name -> uint8 H×W×3), in the pipeline's group; offline under ``out_dir`` without an API key.
-    Returns the run's folder. Call it on the main process only."""
+    A rerun into the same ``out_dir`` updates the same run (its id is kept there). Returns the
+    run's folder, or None when W&B fails: the results are on disk already, so that is a warning.
+    Call it on the main process only."""
     import wandb
 
     cfg = cfg or TrackerConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     group = pipeline_group(cfg)
-    run = wandb.init(project=cfg.project, group=group, job_type=stage, dir=str(out_dir), mode=resolve_mode(cfg),
-                     name=run_name(stage, out_dir, group, cfg.name), tags=cfg.tags)
     try:
-        record = {name: wandb.Table(columns=columns, data=rows) for name, (columns, rows) in tables.items()}
-        record.update({name: wandb.Image(image) for name, image in (images or {}).items()})
-        run.log(record)
-        return Path(run.dir).parent
-    finally:
-        run.finish()
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", cfg.project), group=group, job_type=stage,
+                         dir=str(out_dir), mode=resolve_mode(cfg), id=_run_id(out_dir), resume="allow",
+                         name=run_name(stage, out_dir, group, cfg.name), tags=cfg.tags)
+        try:
+            record = {name: wandb.Table(columns=columns, data=rows) for name, (columns, rows) in tables.items()}
+            record.update({name: wandb.Image(image) for name, image in (images or {}).items()})
+            run.log(record)
+            return Path(run.dir).parent
+        finally:
+            run.finish()
+    except Exception as e:  # noqa: BLE001 - e.g. online mode on a compute node without internet
+        log.warning("W&B logging of %s failed (%s: %s); the results are in %s", stage, type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "", out_dir)
+        return None

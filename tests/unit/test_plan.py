@@ -21,10 +21,19 @@ def test_saved_activations_are_counted_once_per_storage_and_scale_with_batch():
         assert plan.saved_activation_bytes(lambda: net(torch.rand(1, 256)), params) == 0
 
 
+def test_under_autocast_weight_copies_are_a_fixed_cost_not_a_per_sample_one():
+    net = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    per_sample, fixed = plan.activation_bytes(net, params, (256,), torch.bfloat16)
+    assert per_sample == 2 * 256 * 2  # the bf16 input and ReLU output, per sample
+    assert fixed == 256 * 256 * 2  # linear 2's bf16 weight copy, whatever the batch (linear 1 needs no input grad)
+    assert plan.activation_bytes(net, params, (256,)) == (2 * 256 * 4, 0)
+
+
 def test_model_states_follow_deepspeeds_bytes_per_parameter():
     p, n = 10_000_000, 8
     states = plan.model_state_bytes(p, n, 1, largest_layer=1_000_000)
-    assert states["ddp"] == 16 * p and states["zero2"] == 2 * p + 18 * p // n
+    assert states["ddp"] == 20 * p and states["zero2"] == 2 * p + 18 * p // n
     assert states["zero3"] == 4 * 1_000_000 + 18 * p // n
     assert states["ddp"] > states["zero1"] > states["zero2"] > states["zero3"]
 
@@ -42,4 +51,4 @@ def test_plan_command_prints_json_for_a_real_size_student():
     assert any("teacher" in n and "not exported yet" in n for n in out["notes"])
     bad = subprocess.run([sys.executable, "-m", "weatherkd", "plan", "--config", "configs/dream/allweather.yaml"],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and bad.stderr.startswith("error: plan: configs/dream/allweather.yaml is not a training stage")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: plan: configs/dream/allweather.yaml is not a config of a stage it plans")

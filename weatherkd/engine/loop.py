@@ -226,8 +226,7 @@ class Engine:
                             self.preemption.signal_name or "stop file", self.progress.step, EXIT_PREEMPTED)
                 self.tracker.finish()
                 sys.exit(EXIT_PREEMPTED)
-            with self.host_sync_check(steady=self.progress.step > start_step):
-                window.add(self.train_step(batches, window))
+            window.add(self.train_step(batches, window, check_sync=self.progress.step > start_step))
             step = self.progress.step
             failpoints.reached("train.step", step)
             bar.update()
@@ -251,8 +250,10 @@ class Engine:
 
     def host_sync_check(self, steady: bool):
         """With ``WEATHERKD_CUDA_SYNC_DEBUG=error`` (or ``warn``), a steady-state step (any after the
-        first of this process) that makes the host wait for the GPU raises (or warns): the step
-        must not sync. Logging, validation and checkpoints, outside the step, may. No-op on CPU."""
+        first of this process) whose forward, backward or optimizer step makes the host wait for
+        the GPU raises (or warns). Outside it, logging, validation and checkpoints may sync, and so
+        does torch's ``AveragedModel.update_parameters`` (EMA, history), which reads its counter on
+        the host every step. No-op on CPU."""
         mode = os.environ.get(SYNC_DEBUG_ENV)
         if not (mode and steady and self.acc.device.type == "cuda"):
             return contextlib.nullcontext()
@@ -267,27 +268,28 @@ class Engine:
 
         return checked()
 
-    def train_step(self, batches, window: "Window") -> dict[str, torch.Tensor]:
+    def train_step(self, batches, window: "Window", check_sync: bool = False) -> dict[str, torch.Tensor]:
         """One optimizer step over ``grad_accum`` micro-batches."""
         acc, model = self.acc, self.model
         model.train()
         totals: dict[str, torch.Tensor] = {}
         start = time.perf_counter()
-        for _ in range(self.cfg.train.grad_accum):
-            t0 = time.perf_counter()
-            batch = self.to_device(next(batches))
-            window.data_s += time.perf_counter() - t0
-            self.progress.micro += 1
-            with acc.accumulate(model), acc.autocast():
-                losses = self.recipe.step(model, batch, self.progress.step)
-                acc.backward(losses["loss"])
-                if acc.sync_gradients and self.cfg.train.grad_clip > 0 and not self.deepspeed:
-                    acc.clip_grad_norm_(model.parameters(), self.cfg.train.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            for k, v in losses.items():
-                totals[k] = totals.get(k, 0) + v.detach().float() / self.cfg.train.grad_accum
-            window.samples += batch["input"].shape[0]
+        with self.host_sync_check(check_sync):
+            for _ in range(self.cfg.train.grad_accum):
+                t0 = time.perf_counter()
+                batch = self.to_device(next(batches))
+                window.data_s += time.perf_counter() - t0
+                self.progress.micro += 1
+                with acc.accumulate(model), acc.autocast():
+                    losses = self.recipe.step(model, batch, self.progress.step)
+                    acc.backward(losses["loss"])
+                    if acc.sync_gradients and self.cfg.train.grad_clip > 0 and not self.deepspeed:
+                        acc.clip_grad_norm_(model.parameters(), self.cfg.train.grad_clip)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                for k, v in losses.items():
+                    totals[k] = totals.get(k, 0) + v.detach().float() / self.cfg.train.grad_accum
+                window.samples += batch["input"].shape[0]
         self.scheduler.step()
         self.progress.step += 1
         if self.ema is not None:

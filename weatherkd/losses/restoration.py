@@ -99,8 +99,8 @@ class Perceptual(nn.Module):
                             f"({'not set' if path is None else f'file not found: {path}'}); nothing is downloaded")
         self.features = torchvision.models.vgg16().features[: self.LAYERS]
         # torchvision's file (features.* + classifier.*) or the features alone; what is used must be VGG16's.
-        state = {k.removeprefix("features."): v for k, v in pretrained.read_state_dict(path, key).items()
-                 if k.startswith("features.") or k[0].isdigit()}
+        state = {k.removeprefix("features."): v for k, v in pretrained.read_state_dict(path, key).items()}
+        state = {k: v for k, v in state.items() if k.split(".")[0].isdigit()}  # VGG's numbered feature layers
         state = {k: v for k, v in state.items() if int(k.split(".")[0]) < self.LAYERS}
         pretrained.check_fits(self.features.state_dict(), state, key, path, "torchvision VGG16")
         self.features.load_state_dict(state)

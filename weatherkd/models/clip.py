@@ -128,6 +128,9 @@ def build_random(name: str) -> nn.Module:
         quiet = logging.getLogger()
         level, quiet.level = quiet.level, logging.ERROR  # open_clip logs "initialized randomly" at WARNING
         try:
+            if name not in open_clip.list_models():
+                raise UserError(f"'{name}' is not an open_clip model config (e.g. ViT-B-32-quickgelu, "
+                                f"RN50x4-quickgelu; `open_clip.list_models()` has them all)")
             return open_clip.create_model(name, pretrained=None)
         finally:
             quiet.level = level

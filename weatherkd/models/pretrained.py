@@ -31,7 +31,8 @@ def read_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
                         f"tensors; pickled objects and TorchScript archives are refused): {reason}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                           for k, v in state.items()):
         raise UserError(f"{key}: {path} holds no state dict of tensors")
     if all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
