@@ -65,7 +65,8 @@ def _table(run_dir: Path, name: str) -> dict:
 
 
 def test_a_pipeline_is_one_group_with_stage_job_types_and_eval_and_report_tables(tmp_path):
-    from conftest import make_set, run_cli
+    """Also: a 2-process run with W&B on ends cleanly (ending the tracker ends the process group)."""
+    from conftest import accelerate_launch, make_set, run_cli
 
     env = cli_env(WEATHERKD_PIPELINE="pipe-t", HOME=str(tmp_path))
     env.pop("WANDB_MODE")  # no API key -> offline, as a user without one gets
@@ -73,9 +74,10 @@ def test_a_pipeline_is_one_group_with_stage_job_types_and_eval_and_report_tables
     make_set(shards, {("train", "snow"): 6, ("train", "raindrop"): 6, ("test", "snow"): 2, ("test", "raindrop"): 2},
              size=40)
     student = tmp_path / "distill-scratch"
-    run_cli("distill", "--config", "configs/distill/demo.yaml", "objective=scratch", f"out_dir={student}",
-            f"data.train_shards={shards}", "data.crop=32", "data.num_workers=0", "train.max_steps=2",
-            "train.eval_every=2", "ckpt.every=2", "train.log_every=1", env=env)
+    accelerate_launch(["weatherkd", "distill", "--config", "configs/distill/demo.yaml", "objective=scratch",
+                       f"out_dir={student}", f"data.train_shards={shards}", "data.crop=32", "data.num_workers=0",
+                       "train.max_steps=2", "train.eval_every=2", "ckpt.every=2", "train.log_every=1"],
+                      module=True, env=env)
     run_cli("eval", "--model", student / "model", "--shards", shards, "--out", tmp_path / "eval" / "scratch", env=env)
     run_cli("report", tmp_path / "eval" / "scratch", "--out", tmp_path / "report" / "report.md", env=env)
 

@@ -243,9 +243,9 @@ class Engine:
             metrics = self.validate(self.progress.step)
         self.export()
         self.write_metrics(metrics)
-        self.tracker.finish()
         self.acc.wait_for_everyone()
         self.lock.release()
+        self.tracker.finish()  # last: with W&B on, accelerate's end_training destroys the process group
         return metrics
 
     def host_sync_check(self, steady: bool):
