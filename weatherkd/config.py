@@ -168,6 +168,9 @@ def _coerce(value: Any, tp, key: str, source: str):
                 errors.append(str(e))
         raise ConfigError(f"{source}: '{key}' = {value!r} is not a {_type_name(tp)}")
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no/off/yes/on as a bool: `mixed_precision=no`
+            value = next((a for a in (("no", "off", "false") if not value else ("yes", "on", "true")) if a in args),
+                         value)
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
             raise ConfigError(f"{source}: '{key}' = {value!r} must be one of {choices}")

@@ -29,6 +29,15 @@ def test_unknown_key_names_file_and_suggests(tmp_path):
     assert str(path) in msg and "'train.max_step'" in msg and "did you mean 'train.max_steps'" in msg
 
 
+def test_a_bare_no_is_the_choice_no_not_false(tmp_path):
+    assert C.load(C.StageConfig, None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "x.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert C.load(C.StageConfig, path).train.mixed_precision == "no"
+    with pytest.raises(C.ConfigError, match="must be true or false"):
+        C.load(C.StageConfig, None, ["data.flip=no-thanks"])
+
+
 def test_wrong_type_and_bad_choice_are_errors(tmp_path):
     with pytest.raises(C.ConfigError, match=r"'train.max_steps' = 'many' must be an integer"):
         C.load(C.StageConfig, None, ["train.max_steps=many"])
