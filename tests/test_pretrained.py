@@ -52,7 +52,7 @@ def test_open_clip_checkpoints_load_and_a_wrong_one_is_named(tmp_path, name, key
     with pytest.raises(UserError) as e:
         clip.create(clip.ClipTowerConfig(name, str(other)), False, key)
     msg = str(e.value)
-    assert msg.startswith(f"{key}.pretrained: {other} is not a open_clip {name} checkpoint") and "\n" not in msg
+    assert msg.startswith(f"{key}.pretrained: {other} does not fit open_clip {name}: ") and "\n" not in msg
     assert ("differ in shape" in msg and "in the file" in msg) or "are missing" in msg
 
 
@@ -76,7 +76,7 @@ def test_torchvision_vgg16_file_loads_and_vgg11_is_named(tmp_path):
     loss = L.Perceptual(str(tmp_path / "vgg16-397923af.pth"))
     assert torch.equal(loss.features[2].weight, vgg.features[2].weight)
     torch.save(torchvision.models.vgg11().state_dict(), tmp_path / "vgg11.pth")
-    with pytest.raises(UserError, match=r"^loss.vgg_weights: .*vgg11.pth is not a torchvision VGG16 checkpoint"):
+    with pytest.raises(UserError, match=r"^loss.vgg_weights: .*vgg11.pth does not fit torchvision VGG16: "):
         L.Perceptual(str(tmp_path / "vgg11.pth"))
 
 

@@ -56,7 +56,7 @@ def check_fits(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]
         parts.append(f"{len(missing)} of {what}'s tensors are missing (e.g. {missing[0]})")
     if unexpected:
         parts.append(f"{len(unexpected)} tensors are not {what}'s (e.g. {unexpected[0]})")
-    raise UserError(f"{key}: {path} is not a {what} checkpoint: {'; '.join(parts)}")
+    raise UserError(f"{key}: {path} does not fit {what}: {'; '.join(parts)}")
 
 
 def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], key: str, path, what: str) -> None:
