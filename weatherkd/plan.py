@@ -264,6 +264,8 @@ def table(p: dict) -> str:
 
 def run_cli(args) -> int:
     config = Path(args.config)
+    if not config.is_file():
+        raise UserError(f"config file not found: {config}")
     stage = args.stage or config.parent.name
     if stage not in PLANNED:
         raise UserError(f"plan: {config} is not a config of a stage it plans (its folder is "

@@ -52,3 +52,6 @@ def test_plan_command_prints_json_for_a_real_size_student():
     bad = subprocess.run([sys.executable, "-m", "weatherkd", "plan", "--config", "configs/dream/allweather.yaml"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.startswith("error: plan: configs/dream/allweather.yaml is not a config of a stage it plans")
+    missing = subprocess.run([sys.executable, "-m", "weatherkd", "plan", "--config", "configs/vq/nope.yaml"],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and missing.stderr == "error: config file not found: configs/vq/nope.yaml\n"
