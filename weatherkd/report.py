@@ -114,7 +114,7 @@ def run_cli(args) -> int:
         write(report, text, Path(args.out))
     from weatherkd import tracking
 
-    if args.tracker == "wandb" or (args.tracker == "auto" and tracking.pipeline_group()):
+    if tracking.wanted(args.tracker):
         track(report, Path(args.out).parent if args.out else Path("runs") / "report")
     print(text, end="")
     return 0

@@ -34,6 +34,11 @@ def pipeline_group(cfg: TrackerConfig | None = None) -> str | None:
     return (cfg.group if cfg is not None and cfg.group else None) or os.environ.get(PIPELINE_ENV) or None
 
 
+def wanted(choice: str) -> bool:
+    """A command's ``--tracker`` choice: wandb, none, or auto (W&B inside a pipeline only)."""
+    return choice == "wandb" or (choice == "auto" and pipeline_group() is not None)
+
+
 def run_name(stage: str, out_dir: Path, group: str | None, name: str | None = None) -> str:
     """``<pipeline>/<out_dir name>``, with the stage prefixed when the folder's name lacks it."""
     if name:

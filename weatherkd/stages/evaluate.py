@@ -81,7 +81,7 @@ def evaluate(model_dir, shards, out=None, protocol: str = "rgb", split: str = "t
                "tile": tile, "world_size": acc.num_processes}
     if acc.is_main_process:
         _write(out, summary, result, title=model_dir.resolve().parent.name)
-        if tracker == "wandb" or (tracker == "auto" and tracking.pipeline_group()):
+        if tracking.wanted(tracker):
             columns = ["model", "weather", "psnr", "ssim", "n", "identity_psnr", "identity_ssim"]
             name = model_dir.parent.name
             rows = [[name, w, v["psnr"], v["ssim"], v["n"], summary["identity"]["weathers"][w]["psnr"],
