@@ -274,8 +274,49 @@ def bench_synth(argv: list[str]) -> dict:
             "speedup": timings["weatherkd_batched"] / timings["diffusers_one_by_one"]}
 
 
+def bench_export(argv: list[str]) -> dict:
+    """Median latency of one model as PyTorch eager, ``torch.compile`` and onnxruntime, in one run;
+    each as a ratio to eager (above 1: faster than eager)."""
+    from weatherkd import models
+    from weatherkd.models import deployed
+    from weatherkd.stages import export
+
+    p = argparse.ArgumentParser(prog="weatherkd bench export")
+    p.add_argument("--model", required=True, help="exported model directory")
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 1024], help="image sides")
+    p.add_argument("--repeats", type=int, default=10)
+    a = p.parse_intermixed_args(argv)
+    spec = models.read_spec(a.model)
+    model = models.load(a.model).eval()
+    model.requires_grad_(False)
+    runners = {"eager": model}
+    notes = {}
+    try:
+        compiled = torch.compile(model)
+        with torch.no_grad():
+            compiled(torch.rand(1, 3, a.sizes[0], a.sizes[0]))
+        runners["compile"] = compiled
+    except Exception as e:  # no compiler toolchain, or an op inductor cannot take: reported, not fatal
+        notes["compile"] = " ".join(str(e).split())[:200] or type(e).__name__
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_file = Path(tmp) / "model.onnx"
+        record = export.export(a.model, "onnx", onnx_file)
+        runners["onnxruntime"] = deployed.OnnxModel(onnx_file, torch.device("cpu"))
+        latency = {}
+        with torch.no_grad():
+            for size in a.sizes:
+                x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+                latency[str(size)] = {name: export.median_ms(fn, x, a.repeats) for name, fn in runners.items()}
+    speedup = {size: {name: t["eager"] / ms for name, ms in t.items() if name != "eager"}
+               for size, t in latency.items()}
+    return {"bench": "export", "model": a.model, "arch": spec["arch"], "random_init": bool(spec.get("random_init")),
+            "device": "cpu", "threads": torch.get_num_threads(), "repeats": a.repeats, "median_ms": latency,
+            "speedup_over_eager": speedup, "onnx_max_abs_error": max(record["check"]["max_abs_error"]),
+            "not_run": notes}
+
+
 BENCHES = {"loader": bench_loader, "kd-overhead": bench_kd_overhead, "model": bench_model, "step": bench_step,
-           "synth": bench_synth}
+           "synth": bench_synth, "export": bench_export}
 assert list(BENCHES) == stages.BENCH_NAMES  # the registry lists them for the command line
 
 

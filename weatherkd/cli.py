@@ -85,6 +85,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracker", default="auto", choices=["auto", "wandb", "none"],
                    help="log the table and examples to W&B (auto: inside a pipeline, i.e. $WEATHERKD_PIPELINE set)")
 
+    p = sub.add_parser("restore", help=stages.get("restore").help)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) and globs")
+    p.add_argument("--model", required=True, help="exported model folder, or a file from `weatherkd export`")
+    p.add_argument("--out", required=True, help="output folder; inputs' relative folders and stems are kept")
+    p.add_argument("--format", default="png", choices=["png", "jpg", "webp"])
+    p.add_argument("--quality", type=int, default=95, help="jpg/webp quality")
+    p.add_argument("--tile", type=int, nargs="+", default=None, metavar="PX",
+                   help="tile side (or height width) for large images (default: the model's)")
+    p.add_argument("--overlap", type=int, default=None, help="tile overlap in pixels (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=4, help="images of one size per forward (and tiles per forward)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: fp16 on a GPU, fp32 on the CPU")
+    p.add_argument("--compare", action="store_true", help="also write NAME_compare: input | restored")
+    p.add_argument("--overwrite", action="store_true", help="redo outputs that exist (default: skip them)")
+    p.add_argument("--workers", type=int, default=2, help="decoding threads")
+
+    p = sub.add_parser("export", help=stages.get("export").help)
+    p.add_argument("--model", required=True, help="exported model folder (model.json + model.safetensors)")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="onnx (the one format for now)")
+    p.add_argument("--out", default=None, help="default: beside the model folder, <run>/model.<format>")
+    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="a fixed-shape graph (default: dynamic batch, height and width)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+
     p = sub.add_parser("bench", help=stages.get("bench").help)
     p.add_argument("what", choices=stages.BENCH_NAMES, help="which benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="its own flags (weatherkd bench WHAT --help)")

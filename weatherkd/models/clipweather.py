@@ -305,26 +305,3 @@ class ClipWeather(nn.Module):
         if not self.weathers or "prior_embedding" not in aux:
             return out, None
         return out, aux["logit_scale"] * aux["prior_embedding"] @ self.weather_text.T
-
-
-def tiled(model: nn.Module, x: torch.Tensor, tile: int = 256, overlap: int = 32) -> torch.Tensor:
-    """Run an image-to-image ``model`` on overlapping tiles: bounded memory for large images.
-
-    Each tile's output is trusted only ``overlap // 2`` pixels away from cuts inside the image,
-    so a model whose receptive field fits in that margin gives exactly its full-image output.
-    """
-    h, w = x.shape[-2:]
-    if h <= tile and w <= tile:
-        return model(x)
-    margin = overlap // 2
-
-    def starts(n: int) -> list[int]:
-        return [0] if n <= tile else list(range(0, n - tile, tile - overlap)) + [n - tile]
-
-    out = torch.empty_like(x)
-    for y0 in starts(h):
-        for x0 in starts(w):
-            patch = model(x[..., y0:y0 + tile, x0:x0 + tile])
-            top, left = (0 if y0 == 0 else margin), (0 if x0 == 0 else margin)
-            out[..., y0 + top:y0 + patch.shape[-2], x0 + left:x0 + patch.shape[-1]] = patch[..., top:, left:]
-    return out

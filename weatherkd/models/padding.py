@@ -12,8 +12,8 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "replicate") -> 
     (reflection cannot pad by more than the image's own size)."""
     h, w = x.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
-    if ph or pw:
-        if mode == "reflect" and not (ph < h and pw < w):
-            mode = "replicate"
-        x = F.pad(x, (0, pw, 0, ph), mode=mode)
-    return x, (h, w)
+    if mode == "reflect" and not (ph < h and pw < w):
+        mode = "replicate"
+    # Padded even by zero pixels: a branch on the size would be frozen into an exported graph
+    # (ONNX, torch.export) at the example input's size.
+    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)

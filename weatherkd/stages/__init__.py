@@ -53,6 +53,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           "adaptively prune a trained network into a student initialisation", True),
     Stage("eval", "command", "weatherkd.stages.evaluate",
           "evaluate an exported model on a shard set (accelerate launch splits it)", False),
+    Stage("restore", "command", "weatherkd.stages.restore",
+          "restore your own photos (files, folders, globs; any size) with a model folder or an exported file", False),
+    Stage("export", "command", "weatherkd.stages.export",
+          "export a model to ONNX, checked against PyTorch on real photos", False),
     Stage("bench", "command", "weatherkd.bench", "benchmarks, printed as JSON", False),
     Stage("plan", "command", "weatherkd.plan",
           "memory per GPU of a training stage (DDP, ZeRO-1/2/3) and the largest micro-batch that fits", False),
@@ -64,7 +68,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
 
 
 # What `weatherkd bench` runs (argparse choices), listed here so the command line needs no torch import.
-BENCH_NAMES = ["loader", "kd-overhead", "model", "step", "synth"]
+BENCH_NAMES = ["loader", "kd-overhead", "model", "step", "synth", "export"]
 
 
 def get(name: str) -> Stage:

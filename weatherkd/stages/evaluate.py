@@ -26,7 +26,7 @@ from weatherkd.placement import make_accelerator
 from weatherkd.errors import UserError
 from weatherkd.io import atomic_path, atomic_write_json, atomic_write_text
 from weatherkd.logs import get_logger
-from weatherkd.models.clipweather import tiled
+from weatherkd.models.tiling import tiled
 
 log = get_logger(__name__)
 

@@ -4,7 +4,7 @@ def test_every_registered_stage_exists_and_the_cli_reads_the_registry():
     from weatherkd import stages
 
     assert sorted(stages.STAGES) == sorted(["shards", "teacher", "distill", "vq", "adapter", "synth", "dream", "prune",
-                                            "eval", "bench", "plan", "report", "demo"])
+                                            "eval", "restore", "export", "bench", "plan", "report", "demo"])
     for name, stage in stages.STAGES.items():
         module = stage.load()  # every stage is built
         assert hasattr(module, "run" if stage.configured else "run_cli"), name

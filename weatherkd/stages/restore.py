@@ -1,0 +1,277 @@
+"""`weatherkd restore`: a trained model on your own photos, of any size, in the usual formats.
+
+``--model`` is an exported model folder (any arch: the teacher, TransWeather, the students, a
+pruned model) or a ``weatherkd export`` file (``.onnx``, run through onnxruntime), so the artefact
+you deploy is checked the same way.
+
+- Inputs are files, folders (recursive; non-image files are ignored) and globs. Each output keeps
+  its input's folder relative to the input root and its file stem, and is written atomically.
+- Under ``accelerate launch`` the sorted file list is split by rank, so each file is restored by
+  exactly one process. A rerun skips outputs that exist (``--overwrite`` redoes them).
+- Images larger than the tile go through overlapping, blended tiles (``models.tiling``). Images
+  of one size are batched; decoding and writing run in threads beside the model.
+- An unreadable file is named, counted and skipped; the command then exits 1.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import glob
+import itertools
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from weatherkd import models
+from weatherkd.data import image_files
+from weatherkd.data.samples import BadImage
+from weatherkd.errors import UserError
+from weatherkd.io import atomic_write_bytes
+from weatherkd.logs import get_logger, progress
+from weatherkd.models import deployed
+from weatherkd.models.tiling import default_tiling, tiled
+from weatherkd.placement import dtype_named, place
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Job:
+    src: Path
+    dst: Path
+    compare: Path | None
+
+
+def find_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
+    """(file, its path relative to the input it came from) for every file, folder and glob named.
+    A folder contributes its image files only; a file named directly is always tried."""
+    found: dict[Path, Path] = {}
+
+    def add_folder(folder: Path) -> None:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file() and image_files.is_image_name(f):
+                found.setdefault(f.resolve(), f.relative_to(folder))
+
+    for item in map(str, inputs):
+        path = Path(item)
+        if glob.has_magic(item):
+            parts = Path(item).parts
+            root = Path(*parts[:next(i for i, p in enumerate(parts) if glob.has_magic(p))] or ["."])
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise UserError(f"{item}: no file matches this pattern")
+            for m in map(Path, matches):
+                if m.is_dir():
+                    add_folder(m)
+                elif image_files.is_image_name(m):
+                    found.setdefault(m.resolve(), m.relative_to(root))
+        elif path.is_dir():
+            add_folder(path)
+        elif path.is_file():
+            found.setdefault(path.resolve(), Path(path.name))
+        else:
+            raise UserError(f"{item}: no such file or folder")
+    if not found:
+        raise UserError(f"no image files in {' '.join(map(str, inputs))} "
+                        f"(looked for {', '.join(image_files.READ_SUFFIXES)})")
+    return sorted(found.items())
+
+
+def plan_jobs(found: list[tuple[Path, Path]], out: Path, fmt: str, compare: bool) -> list[Job]:
+    """Where each input goes. Two inputs with one stem in one folder (a.jpg, a.png) keep their
+    suffix in the name (a_jpg.png, a_png.png); an output never lands on an input."""
+    ext = image_files.WRITE_FORMATS[fmt]
+    stems: dict[Path, int] = {}
+    for _, rel in found:
+        stems[rel.with_suffix("")] = stems.get(rel.with_suffix(""), 0) + 1
+    inputs = {src for src, _ in found}
+    jobs = []
+    for src, rel in found:
+        stem = rel.with_suffix("")
+        if stems[stem] > 1:
+            stem = stem.with_name(f"{stem.name}_{rel.suffix[1:].lower()}")
+        dst = out / stem.parent / f"{stem.name}{ext}"
+        if dst.resolve() in inputs:
+            raise UserError(f"--out {out}: restoring {src} would overwrite it; choose another --out folder")
+        jobs.append(Job(src, dst, dst.with_name(f"{stem.name}_compare{ext}") if compare else None))
+    return jobs
+
+
+def header_size(path: Path) -> tuple[int, int]:
+    """(height, width) as restored, read from the header alone; (0, 0) when it cannot be read
+    (the decode then names the problem)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        return (w, h) if turned else (h, w)
+    except Exception:  # any unreadable header: the decode will name it
+        return (0, 0)
+
+
+def load_model(path, device: torch.device):
+    """An exported model folder or file, in eval mode on ``device``, with no gradients."""
+    path = Path(path)
+    if path.is_dir():
+        model = models.load(path).to(device).eval()
+        model.requires_grad_(False)
+        return model
+    if path.suffix in deployed.SUFFIXES:
+        return deployed.load(path, device)
+    if path.exists():
+        raise UserError(f"{path}: not an exported model (a model folder, or a .onnx file)")
+    raise UserError(f"{path}: no such model folder or file")
+
+
+class Restorer:
+    """Batches of equal-size photos through the model: device, precision and memory layout."""
+
+    def __init__(self, model, device: torch.device, precision: str, tile, overlap: int, batch_size: int):
+        self.model, self.device, self.batch_size = model, device, batch_size
+        self.dtype = dtype_named(precision, device) if isinstance(model, torch.nn.Module) else torch.float32
+        self.tile, self.overlap = tile, overlap
+        self.channels_last = device.type == "cuda" and isinstance(model, torch.nn.Module)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+
+    def __call__(self, photos: list[image_files.Photo]) -> list[np.ndarray]:
+        x = torch.from_numpy(np.stack([p.rgb for p in photos])).permute(0, 3, 1, 2)
+        if self.device.type == "cuda":
+            x = x.pin_memory()
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
+                    else contextlib.nullcontext())
+        with torch.no_grad(), autocast:
+            y = tiled(self.model, x, self.tile, self.overlap, max_batch=self.batch_size)
+        return list(y.float().clamp_(0, 1).permute(0, 2, 3, 1).cpu().numpy())
+
+
+def _write(job: Job, photo: image_files.Photo, restored: np.ndarray, fmt: str, quality: int) -> list[str]:
+    out = image_files.Photo(restored, photo.alpha, photo.bits, photo.gray)
+    data, lost = image_files.encode(out, fmt, quality)
+    atomic_write_bytes(job.dst, data)
+    if job.compare is not None:
+        side = image_files.Photo(np.concatenate([photo.rgb, restored], axis=1),
+                                 None if photo.alpha is None else np.concatenate([photo.alpha, photo.alpha], axis=1),
+                                 photo.bits, photo.gray)
+        atomic_write_bytes(job.compare, image_files.encode(side, fmt, quality)[0])
+    return lost
+
+
+def restore(model_path, inputs: list[str], out, fmt: str = "png", quality: int = 95, tile=None,
+            overlap: int | None = None, batch_size: int = 4, precision: str = "auto", compare: bool = False,
+            overwrite: bool = False, workers: int = 2) -> dict:
+    """Restore every image named by ``inputs`` into ``out``; returns this launch's counts."""
+    if fmt not in image_files.WRITE_FORMATS:
+        raise UserError(f"--format {fmt}: choose one of {', '.join(image_files.WRITE_FORMATS)}")
+    jobs = plan_jobs(find_inputs(inputs), Path(out), fmt, compare)  # one-line errors before anything loads
+    where = place()
+    model = load_model(model_path, where.device)
+    model_tile, model_overlap = default_tiling(model)
+    if getattr(model, "fixed", None):  # a fixed-shape graph takes its own tile size and no other
+        if tile and tile != model.fixed:
+            log.warning("--tile %s ignored: %s takes %sx%s inputs only", tile, model_path, *model.fixed)
+        tile = model.fixed
+    tile = tile or model_tile
+    overlap = model_overlap if overlap is None else overlap
+    if not 0 <= overlap < min((tile, tile) if isinstance(tile, int) else tile):
+        raise UserError(f"--overlap must be at least 0 and below the tile ({tile}), got {overlap}")
+    restorer = Restorer(model, where.device, precision, tile, overlap, batch_size)
+
+    mine = jobs[where.rank::where.world_size]  # split before looking at the disk: every rank sees the same list
+    todo = [j for j in mine if overwrite or not (j.dst.exists() and (j.compare is None or j.compare.exists()))]
+    todo.sort(key=lambda j: (header_size(j.src), str(j.src)))  # equal sizes side by side, for batching
+    counts = {"restored": 0, "skipped": len(mine) - len(todo), "failed": 0}
+    failures: list[str] = []
+    lost_notes: set[str] = set()
+    start = time.perf_counter()
+    bar = progress(total=len(todo), desc="restore", unit="img")
+
+    ahead = 2 * batch_size + workers  # decoded photos waiting, and restored ones being written, at most
+    with ThreadPoolExecutor(workers) as readers, ThreadPoolExecutor(1) as writer:
+        decoding = collections.deque()
+        writing: collections.deque = collections.deque()
+        batch: list[tuple[Job, image_files.Photo]] = []
+
+        def finish_write():
+            job, w = writing.popleft()
+            try:
+                lost_notes.update(w.result())
+                counts["restored"] += 1
+            except OSError as e:
+                failures.append(f"{job.dst}: cannot write ({e})")
+                log.warning("cannot write %s: %s", job.dst, e, extra={"all_ranks": True})
+                counts["failed"] += 1
+
+        def flush():
+            for (job, photo), restored in zip(batch, restorer([p for _, p in batch])):
+                writing.append((job, writer.submit(_write, job, photo, restored, fmt, quality)))
+                while len(writing) > ahead:
+                    finish_write()
+            batch.clear()
+
+        queue = iter(todo)
+        for job in itertools.islice(queue, ahead):
+            decoding.append((job, readers.submit(image_files.read, job.src)))
+        while decoding:
+            job, future = decoding.popleft()
+            for nxt in itertools.islice(queue, 1):
+                decoding.append((nxt, readers.submit(image_files.read, nxt.src)))
+            try:
+                photo = future.result()
+            except BadImage as e:
+                failures.append(str(e))
+                log.warning("skipped %s", e, extra={"all_ranks": True})
+                counts["failed"] += 1
+                bar.update(1)
+                continue
+            if batch and (photo.shape != batch[0][1].shape or len(batch) == batch_size):
+                flush()
+            batch.append((job, photo))
+            bar.update(1)
+        if batch:
+            flush()
+        while writing:
+            finish_write()
+    bar.close()
+    for note in sorted(lost_notes):
+        log.warning("--format %s: %s; written without it", fmt, note)
+    counts["seconds"] = time.perf_counter() - start
+    counts["failures"] = failures
+    if where.world_size > 1:
+        log.info("rank %d of %d: restored %d, skipped %d, failed %d", where.rank, where.world_size,
+                 counts["restored"], counts["skipped"], counts["failed"], extra={"all_ranks": True})
+    return _across_ranks(counts, where.world_size)
+
+
+def _across_ranks(counts: dict, world_size: int) -> dict:
+    """Every rank's counts summed (seconds: the slowest rank's)."""
+    if world_size == 1:
+        return counts
+    from accelerate.utils import gather_object
+
+    every = gather_object([counts])
+    return {"restored": sum(c["restored"] for c in every), "skipped": sum(c["skipped"] for c in every),
+            "failed": sum(c["failed"] for c in every), "seconds": max(c["seconds"] for c in every),
+            "failures": [f for c in every for f in c["failures"]]}
+
+
+def run_cli(args) -> int:
+    tile = tuple(args.tile) if args.tile and len(args.tile) == 2 else (args.tile[0] if args.tile else None)
+    counts = restore(args.model, args.inputs, args.out, args.format, args.quality, tile, args.overlap,
+                     args.batch_size, args.precision, args.compare, args.overwrite, args.workers)
+    from weatherkd.logs import is_main_process
+
+    if is_main_process():
+        rate = counts["restored"] / counts["seconds"] if counts["seconds"] > 0 else 0.0
+        print(f"restored {counts['restored']}, skipped {counts['skipped']}, failed {counts['failed']}, "
+              f"{rate:.2f} images/s -> {args.out}")
+    return 1 if counts["failed"] else 0
