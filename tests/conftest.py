@@ -130,5 +130,5 @@ def tiny_teacher(tmp_path_factory, builtin_set) -> Path:
     out = tmp_path_factory.mktemp("teacher")
     run_cli("teacher", "--config", "configs/teacher/demo.yaml", f"out_dir={out}", f"data.train_shards={builtin_set}",
             "train.max_steps=4", "train.eval_every=4", "train.log_every=2", "ckpt.every=4", "data.crop=32",
-            "data.batch_size=4", "loss.srd_start=2", "tracker.kind=none", "stats.batches=4")
+            "data.batch_size=4", "loss.srd_start=2", "tracker.kind=none", "stats.batches=4", "data.num_workers=0")
     return out / "model"

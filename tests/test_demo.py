@@ -60,8 +60,9 @@ def test_quick_demo_runs_every_stage_and_resumes_a_half_done_one(tmp_path):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     (dckd / "checkpoints" / "latest").write_text("step-0000002")
     second = demo(out, shards).stdout
-    for name in ("shards", "teacher", "vq", "distill-scratch", "distill-kd", "eval-teacher"):
+    for name in ("shards", "teacher", "vq", "distill-scratch", "distill-kd"):
         assert f"{name}: done already" in second
+    assert "] eval: accelerate launch" in second  # dckd's evaluation was gone, so the evaluations rerun
     assert "distill-dckd: accelerate launch" in second
     assert "resumed from" in (out / "logs" / "distill-dckd.log").read_text().split("\n# ")[-1]
     assert json.loads((dckd / "metrics.json").read_text())["step"] == 4

@@ -15,7 +15,7 @@ def kd_inputs(builtin_set, tiny_teacher, tmp_path_factory):
     """The session's tiny teacher and a VQ, trained and exported by the real stages."""
     root = tmp_path_factory.mktemp("kd")
     run_cli("vq", "--config", "configs/vq/demo.yaml", f"out_dir={root / 'vq'}", f"data.train_shards={builtin_set}",
-            "train.max_steps=4", "tracker.kind=none", "data.crop=32")
+            "train.max_steps=4", "tracker.kind=none", "data.crop=32", "data.num_workers=0")
     return builtin_set, tiny_teacher, root / "vq" / "model"
 
 

@@ -8,7 +8,9 @@ import torch
 from PIL import Image
 
 from conftest import accelerate_launch, make_set, run_cli
-from weatherkd import metrics, models
+from weatherkd import metrics, models, report
+from weatherkd.errors import UserError
+from weatherkd.stages import evaluate
 from weatherkd.data.check import iter_tar
 from weatherkd.data.samples import decode_sample
 from weatherkd.data.shards import open_set
@@ -68,19 +70,22 @@ def test_sharded_eval_is_exactly_once_and_matches_the_uint8_metrics(eval_set, tm
 
 
 def test_tiled_eval_equals_whole_image_eval(eval_set, tmp_path):
-    """A 7-pixel receptive field fits in the 8-pixel trusted margin, so tiles change nothing."""
+    """A 7-pixel receptive field (radius 3) fits in the quarter of the 16-pixel overlap that the
+    blend never uses, so tiles change nothing."""
     model_dir = save_model(tmp_path / "model")
     whole, tiles = tmp_path / "whole", tmp_path / "tiles"
-    run_cli("eval", "--model", model_dir, "--shards", eval_set, "--out", whole)
-    run_cli("eval", "--model", model_dir, "--shards", eval_set, "--out", tiles, "--tile", 24, "--overlap", 16)
+    evaluate.evaluate(model_dir, eval_set, whole, tracker="none")  # in process: the CLI is tested above
+    evaluate.evaluate(model_dir, eval_set, tiles, tile=24, overlap=16, tracker="none")
     a, b = (json.loads((d / "samples.json").read_text()) for d in (whole, tiles))
-    assert [r["psnr"] for r in a] == pytest.approx([r["psnr"] for r in b], abs=1e-9)
+    # Equal up to float rounding in the blend, which can move a pixel across a uint8 level (1e-5 dB).
+    assert [r["psnr"] for r in a] == pytest.approx([r["psnr"] for r in b], abs=1e-4)
     # ...and tiles are really used: a 25-pixel receptive field does not fit, so the figures move.
     deep = save_model(tmp_path / "deep", width=8, depth=12)
-    run_cli("eval", "--model", deep, "--shards", eval_set, "--out", whole)
-    run_cli("eval", "--model", deep, "--shards", eval_set, "--out", tiles, "--tile", 24, "--overlap", 16)
+    evaluate.evaluate(deep, eval_set, whole, tracker="none")
+    evaluate.evaluate(deep, eval_set, tiles, tile=24, overlap=16, tracker="none")
     a, b = (json.loads((d / "samples.json").read_text()) for d in (whole, tiles))
-    assert max(abs(x["psnr"] - y["psnr"]) for x, y in zip(a, b)) > 1e-6
+    moved = max(abs(x["psnr"] - y["psnr"]) for x, y in zip(a, b))
+    assert moved > 1e-3, moved
 
 
 def test_eval_errors_are_clear(eval_set, tmp_path):
@@ -120,29 +125,30 @@ def test_bench_step_reports_throughput_and_mfu(builtin_set):
 
 
 def test_report_tabulates_identity_then_each_run(eval_set, tmp_path):
-    runs = []
     for name, width in (("small", 4), ("wide", 16)):
-        model_dir = save_model(tmp_path / name / "model", width=width, depth=3)
-        run_cli("eval", "--model", model_dir, "--shards", eval_set, "--out", tmp_path / name / "eval")
-        runs.append(tmp_path / name / "eval")
+        save_model(tmp_path / name / "model", width=width, depth=3)
+    # Several models in one eval launch: one folder per model's run under --out.
+    run_cli("eval", "--model", tmp_path / "small" / "model", tmp_path / "wide" / "model", "--shards", eval_set,
+            "--out", tmp_path / "evals")
+    runs = [tmp_path / "evals" / "small", tmp_path / "evals" / "wide"]
     out = tmp_path / "report.md"
     table = run_cli("report", *runs, "--out", out, "--latency-size", 64).stdout
     assert out.read_text() == table
     lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
     assert [ln.split("|")[1].strip() for ln in lines[1:]] == ["identity", "small †", "wide †"]
-    report = json.loads(out.with_suffix(".json").read_text())
-    small, wide = report["rows"][1:]
+    report_json = json.loads(out.with_suffix(".json").read_text())
+    small, wide = report_json["rows"][1:]
     assert small["cost"]["params"] < wide["cost"]["params"] and small["cost"]["gflops"] < wide["cost"]["gflops"]
-    assert report["rows"][0]["mean"] == json.loads((runs[0] / "metrics.json").read_text())["identity"]["mean"]
+    assert report_json["rows"][0]["mean"] == json.loads((runs[0] / "metrics.json").read_text())["identity"]["mean"]
 
-    run_cli("eval", "--model", tmp_path / "wide" / "model", "--shards", eval_set, "--out", tmp_path / "y",
-            "--protocol", "y")
-    proc = run_cli("report", runs[0], tmp_path / "y", check=False)
-    assert proc.returncode == 1 and "different protocols" in proc.stderr
+    # Runs that do not compare are refused (in process: the command line's one-line form is below).
+    evaluate.evaluate(tmp_path / "wide" / "model", eval_set, tmp_path / "y", protocol="y", tracker="none")
+    with pytest.raises(UserError, match="different protocols"):
+        report.gather([runs[0], tmp_path / "y"], latency_size=64)
     other_set = tmp_path / "other-set"
     make_set(other_set, {("test", "rain_haze"): 3, ("test", "raindrop"): 2, ("test", "snow"): 2}, size=40, seed=1)
-    run_cli("eval", "--model", tmp_path / "wide" / "model", "--shards", other_set, "--out", tmp_path / "other")
-    proc = run_cli("report", runs[0], tmp_path / "other", check=False)
-    assert proc.returncode == 1 and "different data (shards" in proc.stderr
+    evaluate.evaluate(tmp_path / "wide" / "model", other_set, tmp_path / "other", tracker="none")
+    with pytest.raises(UserError, match="different data \\(shards"):
+        report.gather([runs[0], tmp_path / "other"], latency_size=64)
     proc = run_cli("report", *runs, "--out", tmp_path / "r.json", check=False)
     assert proc.returncode == 1 and "not " in proc.stderr and not (tmp_path / "r.json").exists()

@@ -169,6 +169,17 @@ def test_a_checkpoint_cannot_run_code_on_any_rank_under_zero(tiny_set, tmp_path)
         torch.load(shard, weights_only=False)
     assert not marker.exists()
 
+    # With the planted files gone, the same ZeRO-2 checkpoint resumes and the run finishes.
+    shard.write_bytes(original)
+    _vouch(shard, ckpt)
+    (ckpt / "custom_checkpoint_0.pkl").unlink()
+    manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())
+    del manifest["files"]["custom_checkpoint_0.pkl"]
+    (ckpt / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    proc = teacher(run, tiny_set, "train.max_steps=4", "ckpt.every=2", "train.ema_decay=0.9", launch="cpu-zero2")
+    assert "resumed from" in proc.stderr and "step-0000002" in proc.stderr
+    assert json.loads((run / "metrics.json").read_text())["step"] == 4 and not marker.exists()
+
 
 def _background(out: Path, shards: Path, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch/cpu-ddp.yaml"),

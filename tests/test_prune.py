@@ -71,7 +71,7 @@ def test_the_pruned_teacher_is_distilled_on_targetless_tars(tiny_teacher, calib,
                        f"teacher={tiny_teacher}", f"init={tmp_path / 'prune' / 'model'}",
                        f"data.train_shards={calib}", f"data.eval_shards={builtin_set}", "data.crop=32",
                        "train.max_steps=3", "train.eval_every=3", "ckpt.every=3", "train.log_every=1",
-                       "tracker.kind=none"], module=True)
+                       "tracker.kind=none", "data.num_workers=0"], module=True)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["ranks_in_sync"] and metrics["world_size"] == 2 and metrics["step"] == 3
     spec = json.loads((out / "model" / "model.json").read_text())

@@ -17,7 +17,7 @@ from weatherkd import models
 from weatherkd.data import image_files
 from weatherkd.errors import UserError
 from weatherkd.models import pruned
-from weatherkd.stages import export, prune
+from weatherkd.stages import export, prune, restore
 
 
 def photo(h, w, seed=0, c=3, dtype=np.uint8):
@@ -113,18 +113,23 @@ def test_restore_refuses_bad_requests_in_one_line(identity_model, tmp_path):
     Image.fromarray(photo(20, 20)).save(tmp_path / "photos" / "a.png")
     out = tmp_path / "out"
     cases = [
-        (["--model", tmp_path / "photos", tmp_path / "photos"], "model.json is missing"),
-        (["--model", tmp_path / "nowhere", tmp_path / "photos"], "no such model folder or file"),
-        (["--model", identity_model, tmp_path / "missing"], "no such file or folder"),
-        (["--model", identity_model, tmp_path / "empty"], "no image files in"),
-        (["--model", identity_model, tmp_path / "photos" / "*.jpg"], "no file matches"),
+        ((tmp_path / "photos", [tmp_path / "photos"]), "model.json is missing"),
+        ((tmp_path / "nowhere", [tmp_path / "photos"]), "no such model folder or file"),
+        ((tmp_path / "photos" / "a.png", [tmp_path / "photos"]), "not an exported model"),
+        ((identity_model, [tmp_path / "missing"]), "no such file or folder"),
+        ((identity_model, [tmp_path / "empty"]), "no image files in"),
+        ((identity_model, [tmp_path / "photos" / "*.jpg"]), "no file matches"),
+        ((identity_model, [tmp_path / "photos"], tmp_path / "photos"), "would overwrite it"),
     ]
     for args, message in cases:
-        proc = run_cli("restore", *args, "--out", out, check=False)
-        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        model, inputs, *dest = args
+        with pytest.raises(UserError, match=message):
+            restore.restore(model, [str(i) for i in inputs], dest[0] if dest else out)
         assert not out.exists()
-    proc = run_cli("restore", "--model", identity_model, tmp_path / "photos", "--out", tmp_path / "photos", check=False)
-    assert proc.returncode == 1 and "would overwrite it" in proc.stderr
+    # ...and on the command line each is one line, no traceback.
+    proc = run_cli("restore", "--model", identity_model, tmp_path / "empty", "--out", out, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: no image files in")
+    assert "Traceback" not in proc.stderr and not out.exists()
 
 
 def test_two_processes_restore_each_file_exactly_once(student, tmp_path):
@@ -156,6 +161,24 @@ def test_large_images_are_tiled_and_batched(student, tmp_path):
     assert np.abs(whole - tiles).mean() < 1.0  # 8-bit levels: tiles change the result a little
 
 
+def test_every_arch_restores_and_other_models_are_refused(tmp_path):
+    torch.manual_seed(0)
+    archs = {"clipweather": dict(net={"size": "tiny", "prior_dim": 64, "text_dim": 32}, clip_image="wkd-tiny-vit"),
+             "transweather": dict(size="tiny"), "nafnet": dict(size="tiny"), "unet_bn": dict(size="tiny")}
+    Image.fromarray(photo(40, 56)).save(tmp_path / "a.png")
+    for arch, kwargs in archs.items():
+        model_dir = models.save(models.build(arch, **kwargs), tmp_path / arch)
+        counts = restore.restore(model_dir, [str(tmp_path / "a.png")], tmp_path / f"out-{arch}")
+        assert counts["restored"] == 1 and counts["failed"] == 0, arch
+        assert np.asarray(Image.open(tmp_path / f"out-{arch}" / "a.png")).shape == (40, 56, 3)
+    counts = restore.restore(pruned_student(tmp_path), [str(tmp_path / "a.png")], tmp_path / "out-pruned")
+    assert counts["restored"] == 1
+    models.save(models.build("prompt_adapter_head", clip_width=16, tokens=2, width=8, hidden=8), tmp_path / "head")
+    with pytest.raises(UserError, match="arch 'prompt_adapter_head' does not restore images"):
+        restore.restore(tmp_path / "head", [str(tmp_path / "a.png")], tmp_path / "out-head")
+    assert not (tmp_path / "out-head").exists()
+
+
 def pruned_student(tmp_path):
     net = models.build("unet_bn", size="tiny")
     cfg = cfgmod.load(prune.Config, None, [f"out_dir={tmp_path}"])
@@ -185,11 +208,11 @@ def test_export_to_onnx_matches_pytorch_for_every_student_arch(student, tmp_path
         graph = onnx.load(str(tmp_path / f"{arch}.onnx")).graph
         dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
         assert dims[1] == 3 and all(isinstance(d, str) for d in (dims[0], dims[2], dims[3]))  # dynamic
-    # An arch torch.export cannot trace with dynamic shapes says so, and leaves nothing behind.
-    models.save(models.build("transweather", size="tiny"), tmp_path / "tw")
-    with pytest.raises(UserError, match="arch 'transweather' cannot export to onnx with a dynamic batch"):
-        export.export(tmp_path / "tw", "onnx", tmp_path / "tw.onnx")
-    assert not (tmp_path / "tw.onnx").exists() and not list(tmp_path.glob(".tw.onnx*"))
+    # An arch that is not a restorer is refused in one line, and nothing is left behind.
+    models.save(models.build("prompt_adapter_head", clip_width=16, tokens=2, width=8, hidden=8), tmp_path / "head")
+    with pytest.raises(UserError, match="arch 'prompt_adapter_head' does not restore images"):
+        export.export(tmp_path / "head", "onnx", tmp_path / "head.onnx")
+    assert not (tmp_path / "head.onnx").exists() and not list(tmp_path.glob(".head.onnx*"))
 
 
 def test_export_cli_record_and_restore_through_the_file(student, tmp_path):

@@ -73,10 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
     p = sub.add_parser("eval", help=stages.get("eval").help)
-    p.add_argument("--model", required=True, help="exported model directory (model.json + model.safetensors)")
+    p.add_argument("--model", required=True, nargs="+", metavar="DIR",
+                   help="exported model directories (model.json + model.safetensors); several share one launch")
     p.add_argument("--shards", required=True, help="shard-set directory")
     p.add_argument("--protocol", default="rgb", choices=["rgb", "y"], help="PSNR/SSIM protocol (see metrics.py)")
-    p.add_argument("--out", default=None, help="default: <run>/eval/<shards>-<split>-<protocol>")
+    p.add_argument("--out", default=None, help="default: <run>/eval/<shards>-<split>-<protocol>; "
+                                               "with several models, a folder of one <run> folder each")
     p.add_argument("--split", default="test")
     p.add_argument("--tile", type=int, default=0, help="tile size for large images (0: whole images)")
     p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")

@@ -39,9 +39,19 @@ _SHOW = re.compile(r"validation at step|resumed from|preempted")
 class Stage:
     name: str
     argv: list[str]  # the command, exactly as run
-    done: Path  # exists once the stage has finished
+    done: Path | tuple[Path, ...]  # exist (all of them) once the stage has finished
     steps: int = 0  # training steps, for the progress bar (0: no bar)
     progress: Path | None = None  # the engine's progress record for this stage (out_dir/progress.json)
+
+    def __post_init__(self):
+        self.done = (self.done,) if isinstance(self.done, Path) else tuple(self.done)
+
+    def finished(self) -> bool:
+        return all(p.exists() for p in self.done)
+
+    def shown(self) -> str:
+        """What it wrote: its one output, or the folder holding all of them."""
+        return str(self.done[0] if len(self.done) == 1 else Path(os.path.commonpath(self.done)))
 
 
 def _launcher() -> tuple[str, str, int]:
@@ -92,10 +102,10 @@ def plan(out: Path, shards: Path, overrides: dict[str, list[str]] | None = None,
     if sd_path is not None:
         stages += d4ir_stages(out, shards, sd_path, ddp, nproc, train, overrides)
         students.append("distill-d4ir")
-    for name in ("teacher", *students):
-        argv = _accelerate(ddp, nproc, "eval", "--model", out / name / "model", "--shards", shards,
-                           "--out", out / "eval" / name, *overrides.get("eval", []))
-        stages.append(Stage(f"eval-{name}", argv, out / "eval" / name / "metrics.json"))
+    evaluated = ("teacher", *students)  # one launch for all: one process start-up, not one per model
+    argv = _accelerate(ddp, nproc, "eval", "--model", *(out / name / "model" for name in evaluated),
+                       "--shards", shards, "--out", out / "eval", *overrides.get("eval", []))
+    stages.append(Stage("eval", argv, tuple(out / "eval" / name / "metrics.json" for name in evaluated)))
     return stages
 
 
@@ -222,8 +232,8 @@ def run(out="runs/demo", shards="shards/demo", overrides=None, synth_args: tuple
     seconds = json.loads(timings.read_text()) if timings.is_file() else {}
     for i, stage in enumerate(stages, 1):
         head = f"[{i}/{len(stages) + 1}] {stage.name}"
-        if stage.done.exists():
-            print(f"{head}: done already ({_display([str(stage.done)])}), skipped")
+        if stage.finished():
+            print(f"{head}: done already ({_display([stage.shown()])}), skipped")
             continue
         print(f"{head}: {_display(stage.argv)}", flush=True)
         t0 = time.time()
@@ -232,7 +242,7 @@ def run(out="runs/demo", shards="shards/demo", overrides=None, synth_args: tuple
         atomic_write_json(timings, seconds)
         print(f"{head}: finished in {seconds[stage.name]:.0f} s", flush=True)
     print(f"[{len(stages) + 1}/{len(stages) + 1}] report", flush=True)
-    evals = [s.done.parent for s in stages if s.name.startswith("eval-")]
+    evals = [done.parent for done in stages[-1].done]
     table = report.gather(evals)
     table["targets"], table["notes"] = data_free_targets(table)
     if sd_path is None:

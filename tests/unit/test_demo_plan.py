@@ -9,7 +9,10 @@ def test_the_plan_chains_every_stage_and_sd_path_adds_the_d4ir_student(tmp_path)
     out, shards = tmp_path / "out", tmp_path / "shards"
     names = [s.name for s in demo.plan(out, shards)]
     assert names[:6] == ["shards", "teacher", "vq", "distill-scratch", "distill-kd", "distill-dckd"]
-    assert "adapter" not in names and names[-1] == "eval-distill-pruned"
+    assert "adapter" not in names and names[-1] == "eval"
+    evaluated = [d.parent.name for d in demo.plan(out, shards)[-1].done]
+    assert evaluated == ["teacher", "distill-scratch", "distill-kd", "distill-dckd", "distill-dream", "prune",
+                         "distill-pruned"]
     (tmp_path / "sd" / "unet").mkdir(parents=True)
     (tmp_path / "sd" / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 32}))
     stages = {s.name: s for s in demo.plan(out, shards, sd_path=tmp_path / "sd")}
@@ -18,6 +21,6 @@ def test_the_plan_chains_every_stage_and_sd_path_adds_the_d4ir_student(tmp_path)
     assert f"sd_path={tmp_path / 'sd'}" in synth and f"adapter={out / 'adapter' / 'model'}" in synth
     d4ir = stages["distill-d4ir"]
     assert "objective=kd" in d4ir.argv and f"data.train_shards={out / 'd4ir-shards'}" in d4ir.argv
-    assert list(stages)[-1] == "eval-distill-d4ir" and d4ir.progress == out / "distill-d4ir" / "progress.json"
+    assert stages["eval"].done[-1] == out / "eval" / "distill-d4ir" / "metrics.json" and d4ir.progress == out / "distill-d4ir" / "progress.json"
     kd = stages["distill-kd"]
     assert "configs/distill/demo.yaml" in kd.argv and "objective=kd" in kd.argv and kd.steps > 0

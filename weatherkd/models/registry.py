@@ -92,3 +92,18 @@ def load(path, map_location: str = "cpu") -> torch.nn.Module:
     model.load_state_dict(load_file(path / WEIGHTS, device=map_location))
     model.weatherkd_spec = spec
     return model
+
+
+@torch.no_grad()
+def check_restores_images(model: torch.nn.Module, where) -> None:
+    """What ``restore`` and ``export`` need: a model that maps a (B, 3, H, W) image to the same
+    shape. Other archs (the VQ model's codes, the prompt adapter) are refused in one line."""
+    arch = getattr(model, "weatherkd_spec", {}).get("arch", type(model).__name__)
+    probe = torch.rand(1, 3, 48, 40)
+    try:
+        out = model(probe)
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    except Exception as e:  # a model that cannot even take an image
+        got = f"an error ({' '.join(str(e).split())[:120]})"
+    if got != tuple(probe.shape):
+        raise UserError(f"{where}: arch '{arch}' does not restore images (a 1x3x48x40 image gives {got})")

@@ -108,11 +108,31 @@ def _write(out: Path, summary: dict, result: validate.Result, title: str) -> Non
     atomic_write_json(out / "metrics.json", summary)  # last: its presence means the folder is complete
 
 
+def outputs(model_dirs: list, out, shards, split: str, protocol: str) -> list[Path]:
+    """Where each model's evaluation goes: ``--out`` itself for one model; for several, one folder
+    per model's run (``OUT/<run>``) under ``--out``, or the default beside each run."""
+    dirs = [Path(m) for m in model_dirs]
+    if len(dirs) == 1:
+        return [Path(out) if out else default_out(dirs[0], Path(shards), split, protocol)]
+    if out is None:
+        return [default_out(d, Path(shards), split, protocol) for d in dirs]
+    names = [d.resolve().parent.name for d in dirs]
+    if len(set(names)) < len(names):
+        raise UserError(f"--out {out}: several models come from runs named alike ({', '.join(names)}); "
+                        "evaluate them one at a time with their own --out")
+    return [Path(out) / name for name in names]
+
+
 def run_cli(args) -> int:
-    summary = evaluate(args.model, args.shards, args.out, args.protocol, args.split, args.tile, args.overlap,
-                       args.max_samples, args.workers, args.tracker)
-    if int(os.environ.get("RANK", "0")) != 0:  # one summary per launch, not one per rank
-        return 0
-    print(json.dumps({"mean": summary["mean"], "identity": summary["identity"]["mean"], "n": summary["n"],
-                      "protocol": summary["protocol"], "random_init": summary["random_init"]}))
+    """Several ``--model``s are evaluated one after another in this launch: one process start-up
+    for all of them."""
+    for model_dir in args.model:
+        models.read_spec(model_dir)  # every folder is checked before the first evaluation starts
+    for model_dir, out in zip(args.model, outputs(args.model, args.out, args.shards, args.split, args.protocol)):
+        summary = evaluate(model_dir, args.shards, out, args.protocol, args.split, args.tile, args.overlap,
+                           args.max_samples, args.workers, args.tracker)
+        if int(os.environ.get("RANK", "0")) == 0:  # one summary per model, not one per rank
+            print(json.dumps({"model": str(model_dir), "mean": summary["mean"], "identity": summary["identity"]["mean"],
+                              "n": summary["n"], "protocol": summary["protocol"],
+                              "random_init": summary["random_init"]}))
     return 0

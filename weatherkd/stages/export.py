@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -75,22 +76,43 @@ def _dynamic_shapes(size):
              3: torch.export.Dim("width", min=16, max=16384)},)
 
 
-def _trace(model: torch.nn.Module, fmt: str, example: torch.Tensor, size, tmp: Path, opset: int) -> None:
-    """Write the graph to ``tmp``; a model torch.export cannot trace is a one-line error saying why."""
-    arch = model.weatherkd_spec["arch"]
-    quiet = io.StringIO()
+@contextlib.contextmanager
+def _quiet_torch():
+    """torch.export logs every failed guard at ERROR, with stacks, before it raises; the raise is
+    what we report (in one line), so its loggers are silenced while tracing."""
+    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("torch")]
+    loggers.append(logging.getLogger("torch"))
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     try:
-        with contextlib.redirect_stdout(quiet), torch.no_grad():
-            program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
-                                        dynamic_shapes=_dynamic_shapes(size), input_names=["image"],
-                                        output_names=["restored"], verbose=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _root_cause(e: BaseException) -> str:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(e).__name__
+
+
+def _trace(model: torch.nn.Module, example: torch.Tensor, size, tmp: Path, opset: int) -> None:
+    """Write the graph to ``tmp``; a model torch.export cannot trace is a one-line error saying why.
+    The example has a batch of 2: torch.export fixes a dimension it sees at size 1."""
+    arch = model.weatherkd_spec["arch"]
+    try:
+        with _quiet_torch(), torch.no_grad():
+            program = torch.onnx.export(model, (torch.cat([example, example.flip(-1)]),), dynamo=True,
+                                        opset_version=opset, dynamic_shapes=_dynamic_shapes(size),
+                                        input_names=["image"], output_names=["restored"], verbose=False)
             program.save(str(tmp))
     except Exception as e:  # torch.export's many failure types all mean: this arch does not trace
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith("-")]
-        why = next((ln for ln in lines if "Constraint" in ln or "guard" in ln or "Unsupported" in ln),
-                   lines[0] if lines else type(e).__name__)
-        shape = "a fixed input size" if size else "a dynamic batch, height and width (try --size H W)"
-        raise UserError(f"arch '{arch}' cannot export to {fmt} with {shape}: torch.export fails: {why[:300]}") from None
+        shape = "a fixed height and width" if size else "a dynamic batch, height and width (try --size H W)"
+        raise UserError(f"arch '{arch}' cannot export to onnx with {shape}: torch.export fails: {_root_cause(e)}") from None
 
 
 def export(model_dir, fmt: str = "onnx", out=None, size=None, opset: int = OPSET) -> dict:
@@ -101,6 +123,7 @@ def export(model_dir, fmt: str = "onnx", out=None, size=None, opset: int = OPSET
     if out.suffix != f".{fmt}":
         raise UserError(f"--out {out}: a {fmt} file must end in .{fmt}")
     model = models.load(model_dir).eval()
+    models.check_restores_images(model, model_dir)
     base = spec["kwargs"].get("base", spec) if spec["arch"] == "pruned" else spec
     torch.manual_seed(0)
     sizes = [tuple(size)] * 3 if size else list(CHECK_SIZES)
@@ -110,7 +133,7 @@ def export(model_dir, fmt: str = "onnx", out=None, size=None, opset: int = OPSET
         overlap = min(overlap, min(size) // 4)
     with atomic_path(out) as tmp:
         start = time.perf_counter()
-        _trace(model, fmt, images[0], size, tmp, opset)
+        _trace(model, images[0], size, tmp, opset)
         export_s = time.perf_counter() - start
         import onnx
 

@@ -119,9 +119,10 @@ def load_model(path, device: torch.device):
     """An exported model folder or file, in eval mode on ``device``, with no gradients."""
     path = Path(path)
     if path.is_dir():
-        model = models.load(path).to(device).eval()
+        model = models.load(path).eval()
+        models.check_restores_images(model, path)
         model.requires_grad_(False)
-        return model
+        return model.to(device)
     if path.suffix in deployed.SUFFIXES:
         return deployed.load(path, device)
     if path.exists():
