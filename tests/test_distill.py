@@ -75,3 +75,18 @@ def test_frozen_parts_build_no_graph_and_targetless_tars_work(kd_inputs):
     assert all(p.grad is not None for p in recipe.model.parameters() if p.requires_grad)
     cached = torch.rand(2, 3, 32, 32)
     assert torch.equal(recipe.teacher_output({"input": x, "teacher": cached}), cached)
+
+
+def test_bench_kd_overhead_times_the_engines_real_step_online_and_cached(kd_inputs):
+    from weatherkd import bench
+
+    shards, teacher, vq = kd_inputs
+    out = bench.BENCHES["kd-overhead"](["--steps", "1", "--warmup", "1", "--teach-shards", "1", f"teacher={teacher}",
+                                        f"vq={vq}", f"data.train_shards={shards}", "data.crop=32",
+                                        "data.num_workers=0", "data.eval_max_samples=2"])
+    assert set(out["seconds_per_step"]) == {"scratch", "kd_online", "kd_cached", "dckd_online", "dckd_cached"}
+    parts = out["ms_per_step_by_part"]
+    assert "distill/teacher" in parts["kd_online"] and "engine/backward" in parts["scratch"]
+    assert "distill/dckd_history" in parts["dckd_cached"] and "distill/dckd_vq_frozen" in parts["dckd_online"]
+    # The cached teacher costs a batch lookup, not a forward: far below the online teacher's time.
+    assert parts["kd_cached"]["distill/teacher"] < parts["kd_online"]["distill/teacher"]

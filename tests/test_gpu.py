@@ -90,3 +90,31 @@ def test_dream_on_the_gpu_and_the_step_benchmarks_mfu(tmp_path):
                                env=gpu_env()).stdout)
     assert bench["device"].startswith("cuda") and 0 < bench["mfu"] < 1
     print("\nbench step on", torch.cuda.get_device_name(0), json.dumps(bench, indent=1))
+
+
+def test_restore_on_the_gpu_in_half_precision(tmp_path):
+    """`restore --precision auto` is fp16 on a GPU, channels_last; 16-bit photos stay in fp32."""
+    import numpy as np
+    from PIL import Image
+
+    from weatherkd import models
+    from weatherkd.data import image_files
+    from weatherkd.stages import restore
+
+    torch.manual_seed(0)
+    net = models.build("unet_bn", size="tiny")
+    torch.nn.init.normal_(net.out[0].weight, 0, 0.02)
+    model_dir = models.save(net, tmp_path / "m")
+    (tmp_path / "in").mkdir()
+    yy, xx = np.mgrid[0:600, 0:700]
+    smooth = np.stack([(np.sin(xx / 9 + k) * np.cos(yy / 7) + 1) * 127 for k in range(3)], -1).astype(np.uint8)
+    Image.fromarray(smooth).save(tmp_path / "in" / "a.png")
+    for precision in ("fp32", "auto"):
+        run_cli("restore", "--model", model_dir, tmp_path / "in", "--out", tmp_path / precision, "--precision",
+                precision, "--tile", 256, env=gpu_env())
+    a, b = (np.asarray(Image.open(tmp_path / p / "a.png")).astype(int) for p in ("fp32", "auto"))
+    print(f"\nrestore fp16 vs fp32 on the GPU: max {np.abs(a - b).max()} levels, mean {np.abs(a - b).mean():.3f}")
+    assert np.abs(a - b).max() <= 2
+    r = restore.Restorer(models.load(model_dir).cuda().eval(), torch.device("cuda"), "auto", 256, 64, 2)
+    deep = image_files.Photo(np.zeros((8, 8, 3), np.float32), None, 16, False)
+    assert r.dtype([deep]) == torch.float32 and r.dtype([image_files.Photo(deep.rgb, None, 8, False)]) == torch.float16

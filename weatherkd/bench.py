@@ -103,45 +103,85 @@ def bench_loader(argv: list[str]) -> dict:
     return result
 
 
+def _first_shards(shards_dir: str, split: str, n: int, dest: Path) -> Path:
+    """A shard set of the first ``n`` shards of ``split`` (links, and a manifest that lists only them)."""
+    source = open_set(shards_dir, split)
+    chosen = source.shards(split)[:n]
+    dest.mkdir(parents=True)
+    for s in chosen:
+        (dest / s["file"]).symlink_to(source.dir / s["file"])
+    splits: dict = {}
+    for s in chosen:
+        splits.setdefault(split, {}).setdefault(s["group"], 0)
+        splits[split][s["group"]] += s["count"]
+    (dest / "manifest.json").write_text(json.dumps({**source.manifest, "shards": chosen, "splits": splits}))
+    return dest
+
+
+STEP_PARTS = ["distill/student_forward", "distill/teacher", "distill/dckd_negatives", "distill/dckd_history",
+              "distill/dckd_vq_frozen", "distill/dckd_vq_student", "engine/backward", "engine/optimizer",
+              "engine/ema", "distill/history_update"]
+
+
 def bench_kd_overhead(argv: list[str]) -> dict:
-    """Step time of scratch vs kd vs dckd on the same student, batch and machine, in one run."""
+    """Seconds per step of the engine's real ``train_step`` (EMA and the history update included)
+    for scratch, kd and dckd on one student, batch and machine, in one run; kd and dckd with the
+    teacher online and from its cache (`weatherkd teach` on the first shards, untimed). Each
+    step's time is split into its parts by the recipe's and engine's ``record_function`` labels."""
+    from torch.profiler import ProfilerActivity, profile
+
     from weatherkd import config as cfgmod
-    from weatherkd.stages.distill import Config, DistillRecipe
+    from weatherkd.engine.loop import Engine, Window
+    from weatherkd.stages import teach
+    from weatherkd.stages.distill import RECIPE, Config
 
     p = argparse.ArgumentParser(prog="weatherkd bench kd-overhead")
     p.add_argument("--config", default="configs/distill/demo.yaml")
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--teach-shards", type=int, default=2, help="shards of the training set the cache is made of")
     p.add_argument("overrides", nargs="*")
     a = p.parse_intermixed_args(argv)
     base = cfgmod.load(Config, a.config, a.overrides)
-    spec = TrainSpec.of(base.data, shuffle_buffer=16, flip=True, cutmix_prob=0.0)
-    loader = train_loader(base.data.train_shards, base.data.train_split, None, spec, 0, 0, 1, 1, 0)
-    batch = next(iter(loader.epoch(0)))
-    result = {"bench": "kd-overhead", "student": base.model.arch, "size": base.model.size,
-              "batch": list(batch["input"].shape), "seconds_per_step": {}}
-    for objective in ("scratch", "kd", "dckd"):
-        torch.manual_seed(0)
-        recipe = DistillRecipe(cfgmod.load(Config, a.config, [*a.overrides, f"objective={objective}"]))
-        for module in recipe.frozen.values():
-            module.requires_grad_(False).eval()
-        optimizer = torch.optim.AdamW(recipe.model.parameters(), lr=1e-4)
-
-        def one_step():
-            losses = recipe.step(recipe.model, batch, 0)
-            losses["loss"].backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        for _ in range(a.warmup):
-            one_step()
-        start = time.perf_counter()
-        for _ in range(a.steps):
-            one_step()
-        result["seconds_per_step"][objective] = (time.perf_counter() - start) / a.steps
+    if not base.teacher:
+        raise UserError(f"{a.config}: teacher is not set; the kd steps need an exported teacher")
+    result = {"bench": "kd-overhead", "student": base.model.arch, "size": base.model.size, "batch_size":
+              base.data.batch_size, "crop": base.data.crop, "threads": torch.get_num_threads(),
+              "seconds_per_step": {}, "ms_per_step_by_part": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        subset = _first_shards(base.data.train_shards, base.data.train_split, a.teach_shards, Path(tmp) / "subset")
+        taught = Path(tmp) / "taught"
+        teach.Teach(cfgmod.load(teach.Config, None, [f"out_dir={taught}", f"teacher={base.teacher}",
+                                                      f"shards={subset}"])).run()
+        runs = {"scratch": ["objective=scratch"], "kd_online": ["objective=kd"],
+                "kd_cached": ["objective=kd", f"data.train_shards={taught}"], "dckd_online": ["objective=dckd"],
+                "dckd_cached": ["objective=dckd", f"data.train_shards={taught}"]}
+        for name, extra in runs.items():
+            torch.manual_seed(0)
+            data = [] if "cached" in name else [f"data.train_shards={subset}"]
+            cfg = cfgmod.load(Config, a.config, [*a.overrides, *data, *extra, f"out_dir={Path(tmp) / name}",
+                                                 "tracker.kind=none", f"data.eval_shards={base.data.eval_shards or base.data.train_shards}"])
+            engine = Engine(cfg, RECIPE)
+            engine.build()
+            batches = engine.train_batches()
+            for _ in range(a.warmup):
+                engine.train_step(batches, Window())
+            window = Window()
+            start = time.perf_counter()
+            for _ in range(a.steps):
+                engine.train_step(batches, window)
+            result["seconds_per_step"][name] = (time.perf_counter() - start) / a.steps
+            result.setdefault("data_wait_frac", {})[name] = window.data_s / window.total_s
+            with profile(activities=[ProfilerActivity.CPU]) as prof:  # separate steps: profiling slows them
+                for _ in range(3):
+                    engine.train_step(batches, Window())
+            totals = {e.key: e.cpu_time_total / 1e3 / 3 for e in prof.key_averages() if e.key in STEP_PARTS}
+            result["ms_per_step_by_part"][name] = {k: totals[k] for k in STEP_PARTS if k in totals}
     t = result["seconds_per_step"]
-    result["dckd_over_kd"] = t["dckd"] / t["kd"]
-    result["kd_over_scratch"] = t["kd"] / t["scratch"]
+    result["kd_cached_over_scratch"] = t["kd_cached"] / t["scratch"]
+    result["kd_online_over_scratch"] = t["kd_online"] / t["scratch"]
+    result["dckd_over_kd_online"] = t["dckd_online"] / t["kd_online"]
+    result["dckd_over_kd_cached"] = t["dckd_cached"] / t["kd_cached"]
     return result
 
 

@@ -1,6 +1,7 @@
 """`weatherkd demo`: the whole pipeline on the embedded default set, each stage a real launch.
 
-    shards synth -> teacher (ZeRO-2) -> vq (DDP) -> distill scratch | kd | dckd (DDP)
+    shards synth -> teacher (ZeRO-2) -> teach (its outputs, once) -> vq (DDP)
+      -> distill scratch | kd | dckd (DDP; kd and dckd from the cached outputs)
       -> dream (teacher inversion) -> distill-dream (the data-free student)
       -> prune (the teacher, -45% FLOPs) -> distill-pruned (on the dreamed inputs)
       -> eval (every model, sharded) -> report
@@ -90,12 +91,17 @@ def plan(out: Path, shards: Path, overrides: dict[str, list[str]] | None = None,
         return Stage(name, argv, out / name / "metrics.json", _max_steps(stage, config, args),
                      out / name / PROGRESS_FILE)
 
+    teacher, taught = out / "teacher" / "model", out / "taught-shards"
     stages.append(train("teacher", "teacher", "configs/teacher/demo.yaml", zero))
+    # The teacher's outputs, once, at full resolution: kd and dckd then never run the teacher.
+    stages.append(Stage("teach", _accelerate(ddp, nproc, "teach", "--config", "configs/teach/demo.yaml",
+                                             f"out_dir={taught}", f"teacher={teacher}", f"shards={shards}",
+                                             *overrides.get("teach", [])), taught / "manifest.json"))
     stages.append(train("vq", "vq", "configs/vq/demo.yaml", ddp))
     for objective in STUDENTS:
+        data = [] if objective == "scratch" else [f"data.train_shards={taught}", f"data.eval_shards={shards}"]
         stages.append(train(f"distill-{objective}", "distill", "configs/distill/demo.yaml", ddp,
-                            f"objective={objective}", f"teacher={out / 'teacher' / 'model'}",
-                            f"vq={out / 'vq' / 'model'}"))
+                            f"objective={objective}", f"teacher={teacher}", f"vq={out / 'vq' / 'model'}", *data))
     students = [f"distill-{o}" for o in STUDENTS]
     stages += data_free_stages(out, shards, ddp, nproc, train, overrides)
     students += ["distill-dream", "prune", "distill-pruned"]

@@ -7,8 +7,14 @@ from weatherkd import demo
 
 def test_the_plan_chains_every_stage_and_sd_path_adds_the_d4ir_student(tmp_path):
     out, shards = tmp_path / "out", tmp_path / "shards"
-    names = [s.name for s in demo.plan(out, shards)]
-    assert names[:6] == ["shards", "teacher", "vq", "distill-scratch", "distill-kd", "distill-dckd"]
+    plan = {s.name: s for s in demo.plan(out, shards)}
+    names = list(plan)
+    assert names[:7] == ["shards", "teacher", "teach", "vq", "distill-scratch", "distill-kd", "distill-dckd"]
+    taught = out / "taught-shards"
+    assert f"teacher={out / 'teacher' / 'model'}" in plan["teach"].argv and f"out_dir={taught}" in plan["teach"].argv
+    for student in ("distill-kd", "distill-dckd"):  # from the cache, scored on the real test split
+        assert f"data.train_shards={taught}" in plan[student].argv and f"data.eval_shards={shards}" in plan[student].argv
+    assert f"data.train_shards={taught}" not in plan["distill-scratch"].argv
     assert "adapter" not in names and names[-1] == "eval"
     evaluated = [d.parent.name for d in demo.plan(out, shards)[-1].done]
     assert evaluated == ["teacher", "distill-scratch", "distill-kd", "distill-dckd", "distill-dream", "prune",

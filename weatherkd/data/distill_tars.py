@@ -50,12 +50,12 @@ def write_shard(out: Path, j: int, samples: Iterable[dict]) -> None:
                                              "sha256": sha256_file(final), "bytes": final.stat().st_size})
 
 
-def merge(out: Path, n_shards: int, weathers: list[str], creator: dict) -> dict | None:
+def merge(out: Path, n_shards: int, weathers: list[str], creator: dict, has_target: bool = False) -> dict | None:
     """Write the manifest once every shard's sidecar exists (any task may be the last)."""
     if not all(sidecar_path(out, j).is_file() for j in range(n_shards)):
         return None
     shards = [json.loads(sidecar_path(out, j).read_text()) for j in range(n_shards)]
-    manifest = build_manifest(shards, weathers, {SPLIT: False}, creator)
+    manifest = build_manifest(shards, weathers, {SPLIT: has_target}, creator)
     manifest.pop("created", None)  # identical whichever task merges, and on every rerun
     manifest["created_by"].pop("argv", None)
     atomic_write_json(out / "manifest.json", manifest)

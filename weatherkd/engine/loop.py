@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from torch.autograd.profiler import record_function
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from weatherkd import config as cfgmod
@@ -282,11 +283,13 @@ class Engine:
                 self.progress.micro += 1
                 with acc.accumulate(model), acc.autocast():
                     losses = self.recipe.step(model, batch, self.progress.step)
-                    acc.backward(losses["loss"])
-                    if acc.sync_gradients and self.cfg.train.grad_clip > 0 and not self.deepspeed:
-                        acc.clip_grad_norm_(model.parameters(), self.cfg.train.grad_clip)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    with record_function("engine/backward"):  # labels: what `bench kd-overhead` times
+                        acc.backward(losses["loss"])
+                    with record_function("engine/optimizer"):
+                        if acc.sync_gradients and self.cfg.train.grad_clip > 0 and not self.deepspeed:
+                            acc.clip_grad_norm_(model.parameters(), self.cfg.train.grad_clip)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
                 for k, v in losses.items():
                     totals[k] = totals.get(k, 0) + v.detach().float() / self.cfg.train.grad_accum
                 window.samples += batch["input"].shape[0]
@@ -294,7 +297,7 @@ class Engine:
         self.progress.step += 1
         if self.ema is not None:
             self.sync_buffers()
-            with self.gathered_params():
+            with self.gathered_params(), record_function("engine/ema"):
                 self.ema.update_parameters(acc.unwrap_model(model))
         self.recipe.after_step(self.progress.step, acc.unwrap_model(model), self.ema_module)
         window.total_s += time.perf_counter() - start

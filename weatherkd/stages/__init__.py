@@ -49,6 +49,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("synth", "job", "weatherkd.stages.synth",
           "synthesise distillation tars with degradation-prompted Stable Diffusion", True),
     Stage("dream", "job", "weatherkd.stages.dream", "synthesise distillation tars by inverting the teacher", True),
+    Stage("teach", "job", "weatherkd.stages.teach",
+          "cache the teacher's full-resolution outputs in a copy of a paired shard set, for kd/dckd", True),
     Stage("prune", "command", "weatherkd.stages.prune",
           "adaptively prune a trained network into a student initialisation", True),
     Stage("eval", "command", "weatherkd.stages.evaluate",

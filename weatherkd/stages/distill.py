@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.profiler import record_function
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from weatherkd import models
@@ -29,6 +30,7 @@ from weatherkd.config import ModelConfig, StageConfig
 from weatherkd.engine import Engine, Recipe
 from weatherkd.errors import UserError
 from weatherkd.losses import distill as D
+from weatherkd.stages.job import check_taught_by
 
 
 @dataclass
@@ -85,8 +87,15 @@ class DistillRecipe(Recipe):
         student = init_student(cfg.init) if cfg.init else \
             models.build(cfg.model.arch, **cfg.model.arch_kwargs())
         frozen = {}
+        # A set taught by this teacher (`weatherkd teach`, or dreamed/synthesised with it) carries its
+        # outputs: the teacher is not even loaded. A set made by another teacher is refused.
+        self.cached_teacher = False
         if cfg.objective != "scratch":
-            frozen["teacher"] = _load(cfg.teacher, "teacher")
+            if not cfg.teacher:
+                raise UserError("teacher is not set: give an exported model directory")
+            self.cached_teacher = check_taught_by(cfg.data.train_shards, cfg.teacher)
+            if not self.cached_teacher:
+                frozen["teacher"] = _load(cfg.teacher, "teacher")
             self.random_init = bool(models.registry.read_spec(cfg.teacher).get("random_init", False))
         if cfg.objective == "dckd":
             frozen["vq"] = _load(cfg.vq, "vq")
@@ -105,18 +114,23 @@ class DistillRecipe(Recipe):
     def teacher_output(self, batch: dict) -> torch.Tensor:
         if "teacher" in batch:  # cached in a distillation tar
             return batch["teacher"]
+        if "teacher" not in self.frozen:
+            raise UserError(f"{self.cfg.data.train_shards}: a sample has no teacher.png although the set says it "
+                            "holds the teacher's outputs")
         return self.frozen["teacher"](batch["input"]).clamp(0, 1)
 
     def step(self, model, batch, step):
         x, target, c = batch["input"], batch.get("target"), self.cfg
-        out = model(x)
+        with record_function("distill/student_forward"):  # labels: `weatherkd bench kd-overhead` times each part
+            out = model(x)
         losses = {}
         if c.objective == "scratch":
             if target is None:
                 raise UserError("objective: scratch needs shards with targets")
             losses["gt"] = F.l1_loss(out, target)
         else:
-            teacher = self.teacher_output(batch)
+            with record_function("distill/teacher"):
+                teacher = self.teacher_output(batch)
             losses["kd"] = c.w_kd * F.l1_loss(out, teacher)
             if target is not None and c.w_gt:
                 losses["gt"] = c.w_gt * F.l1_loss(out, target)
@@ -128,12 +142,18 @@ class DistillRecipe(Recipe):
     def dckd_terms(self, x, out, teacher) -> dict:
         c, vq, history = self.cfg.dckd, self.frozen["vq"], self.frozen["history"]
         with torch.no_grad():
-            negatives = [x] + [D.degrade(x, kind, teacher, self.generator) for kind in c.negatives]
-            restored = history(torch.cat(negatives)).clamp(0, 1)  # one batched forward for all negatives
-            neg_feats = [list(f.chunk(len(negatives))) for f in vq.features(restored)]
-            neg_feats = [[level[i] for level in neg_feats] for i in range(len(negatives))]
-            teacher_feats = vq.features(teacher)
-        student_feats = vq.features(out)
+            with record_function("distill/dckd_negatives"):
+                negatives = [x] + [D.degrade(x, kind, teacher, self.generator) for kind in c.negatives]
+            with record_function("distill/dckd_history"):
+                restored = history(torch.cat(negatives)).clamp(0, 1)  # one batched forward for all negatives
+            with record_function("distill/dckd_vq_frozen"):
+                # The negatives' and the teacher's features in one VQ forward.
+                feats = vq.features(torch.cat([restored, teacher]))
+            chunks = [list(f.chunk(len(negatives) + 1)) for f in feats]
+            neg_feats = [[level[i] for level in chunks] for i in range(len(negatives))]
+            teacher_feats = [level[-1] for level in chunks]
+        with record_function("distill/dckd_vq_student"):
+            student_feats = vq.features(out)
         terms = {"contrast": c.w_contrast * D.contrastive(student_feats, teacher_feats, neg_feats, c.level_weights,
                                                           c.eps)}
         if c.w_dmm:
@@ -150,7 +170,7 @@ class DistillRecipe(Recipe):
     def after_step(self, step, model, ema_model):
         if "history" not in self.frozen or step % self.history_interval(step):
             return
-        with torch.no_grad():
+        with torch.no_grad(), record_function("distill/history_update"):
             self.frozen["history"].update_parameters(ema_model if ema_model is not None else model)
         self.history_updates += 1
 
@@ -167,7 +187,8 @@ class DistillRecipe(Recipe):
             self.frozen["history"].load_state_dict(state["history"])
 
     def export_extra(self) -> dict:
-        return {"objective": self.cfg.objective, "teacher": self.cfg.teacher or None, "init": self.cfg.init or None}
+        return {"objective": self.cfg.objective, "teacher": self.cfg.teacher or None, "init": self.cfg.init or None,
+                "teacher_cached": self.cached_teacher}
 
 
 RECIPE = DistillRecipe  # what `weatherkd bench step` builds for this stage

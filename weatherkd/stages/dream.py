@@ -27,11 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from weatherkd import models
-from weatherkd.stages.job import ShardedJob, SliceConfig, sample_seed
+from weatherkd.stages.job import ShardedJob, SliceConfig, sample_seed, teacher_hash
 from weatherkd.data.samples import encode_sample, to_uint8
 from weatherkd.config import RunConfig
 from weatherkd.errors import UserError
-from weatherkd.io import sha256_file
 from weatherkd.logs import get_logger
 from weatherkd.losses import inversion as I
 from weatherkd.models import feature_stats
@@ -124,7 +123,8 @@ class Dreamer(ShardedJob):
         target = getattr(self.teacher, "trained_part", None)  # the trained part of a bundle with a frozen tower
         net_layers = [n for n in self.order if n.startswith(f"{target}.")] if target else []
         self.first_layer = (net_layers or self.order)[0]
-        self.prov = {"teacher": sha256_file(Path(cfg.teacher) / models.registry.WEIGHTS)[:16], "stats": source,
+        self.teacher_sha256 = teacher_hash(cfg.teacher)  # its teacher.png are this teacher's
+        self.prov = {"teacher": self.teacher_sha256[:16], "stats": source,
                      "iterations": cfg.iterations, "size": cfg.size, "init": cfg.init, "w_ortho": cfg.w_ortho}
         log.info("dream: %d layers with %s statistics, deep features at %s, weathers %s", len(self.layers), source,
                  self.ortho_layer, self.weathers)

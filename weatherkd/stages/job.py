@@ -19,7 +19,9 @@ from pathlib import Path
 
 from weatherkd.data import distill_tars
 from weatherkd.errors import UserError
-from weatherkd.io import atomic_write_json
+from weatherkd.data.shards import open_set
+from weatherkd.io import atomic_write_json, sha256_file
+from weatherkd.models.registry import WEIGHTS
 from weatherkd.logs import get_logger, progress
 from weatherkd.placement import Placement, place
 
@@ -46,17 +48,39 @@ def task_slice(cfg: SliceConfig, placement: Placement) -> tuple[int, int]:
     return index, count
 
 
+def teacher_hash(teacher_dir) -> str:
+    """What a set of cached teacher outputs is bound to: the teacher's weights file."""
+    return sha256_file(Path(teacher_dir) / WEIGHTS)
+
+
+def check_taught_by(shards, teacher) -> bool:
+    """Whether ``shards`` holds cached outputs of ``teacher``: True when they were taught by it,
+    False when it has none; a set taught (or dreamed, or synthesised) by another teacher is an error."""
+    manifest = open_set(shards).manifest
+    recorded = manifest.get("created_by", {}).get("teacher_sha256")
+    if not recorded:
+        return False
+    if teacher and recorded != teacher_hash(teacher):
+        raise UserError(f"{shards} holds the outputs of another teacher (sha256 {recorded[:12]}…), not of "
+                        f"{teacher}: teach the set again with this teacher, or distil from the one that made it")
+    return True
+
+
 def sample_seed(seed: int, k: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{k}".encode()).digest()[:8], "little") >> 1
 
 
 class ShardedJob:
     """Subclasses set ``stage``, ``weathers`` and ``total``, and define ``generate(ks) -> samples``
-    on ``self.device``."""
+    on ``self.device`` (or override ``samples(j)``, shard by shard). A job whose samples carry a
+    teacher's outputs sets ``teacher_sha256``: the manifest records it, and distillation refuses
+    the set for any other teacher. ``has_target``: its samples keep their clean targets."""
 
     stage = ""
     weathers: list[str]
     total: int
+    teacher_sha256: str | None = None
+    has_target: bool = False
 
     def __init__(self, out_dir: str, shard_size: int, batch_size: int, slice_cfg: SliceConfig, config: dict):
         self.out = Path(out_dir)
@@ -89,4 +113,7 @@ class ShardedJob:
         for j in progress(todo, desc=f"{self.stage} {index}/{count}", unit="shard"):
             distill_tars.write_shard(self.out, j, self.samples(j))
         atomic_write_json(self.out / "tasks" / f"task-{index}-of-{count}.json", {**record, "finished": time.time()})
-        return distill_tars.merge(self.out, self.n_shards, self.weathers, {"stage": self.stage, "config": self.config})
+        creator = {"stage": self.stage, "config": self.config}
+        if self.teacher_sha256:
+            creator["teacher_sha256"] = self.teacher_sha256
+        return distill_tars.merge(self.out, self.n_shards, self.weathers, creator, self.has_target)

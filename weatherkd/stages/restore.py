@@ -135,11 +135,18 @@ class Restorer:
 
     def __init__(self, model, device: torch.device, precision: str, tile, overlap: int, batch_size: int):
         self.model, self.device, self.batch_size = model, device, batch_size
-        self.dtype = dtype_named(precision, device) if isinstance(model, torch.nn.Module) else torch.float32
+        self.torch_model = isinstance(model, torch.nn.Module)  # an ONNX graph runs as exported, in fp32
+        self.precision = precision if self.torch_model else "fp32"
         self.tile, self.overlap = tile, overlap
-        self.channels_last = device.type == "cuda" and isinstance(model, torch.nn.Module)
+        self.channels_last = device.type == "cuda" and self.torch_model
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
+
+    def dtype(self, photos: list[image_files.Photo]) -> torch.dtype:
+        """``auto`` keeps 16-bit photos in fp32: fp16's 11-bit mantissa would cost them precision."""
+        if self.precision == "auto" and any(p.bits == 16 for p in photos):
+            return torch.float32
+        return dtype_named(self.precision, self.device)
 
     def __call__(self, photos: list[image_files.Photo]) -> list[np.ndarray]:
         x = torch.from_numpy(np.stack([p.rgb for p in photos])).permute(0, 3, 1, 2)
@@ -148,10 +155,14 @@ class Restorer:
         x = x.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
-                    else contextlib.nullcontext())
-        with torch.no_grad(), autocast:
-            y = tiled(self.model, x, self.tile, self.overlap, max_batch=self.batch_size)
+        dtype = self.dtype(photos)
+        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        try:
+            with torch.no_grad(), autocast:
+                y = tiled(self.model, x, self.tile, self.overlap, max_batch=self.batch_size)
+        except torch.OutOfMemoryError:
+            raise UserError(f"out of memory restoring {len(photos)} image(s) of {x.shape[-2]}x{x.shape[-1]} in "
+                            f"tiles of {self.tile}: lower --tile or --batch-size") from None
         return list(y.float().clamp_(0, 1).permute(0, 2, 3, 1).cpu().numpy())
 
 
@@ -266,6 +277,10 @@ def _across_ranks(counts: dict, world_size: int) -> dict:
 
 
 def run_cli(args) -> int:
+    if args.tile and (len(args.tile) > 2 or min(args.tile) < 16):
+        raise UserError("--tile takes one side, or a height and a width, of at least 16 pixels")
+    if args.batch_size < 1 or args.workers < 1:
+        raise UserError("--batch-size and --workers must be at least 1")
     tile = tuple(args.tile) if args.tile and len(args.tile) == 2 else (args.tile[0] if args.tile else None)
     counts = restore(args.model, args.inputs, args.out, args.format, args.quality, tile, args.overlap,
                      args.batch_size, args.precision, args.compare, args.overwrite, args.workers)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from weatherkd import models
 from weatherkd.placement import dtype_named
-from weatherkd.stages.job import ShardedJob, SliceConfig, sample_seed
+from weatherkd.stages.job import ShardedJob, SliceConfig, sample_seed, teacher_hash
 from weatherkd.data.samples import decode_image, encode_sample, to_uint8
 from weatherkd.data.shards import open_set
 from weatherkd.config import RunConfig
@@ -121,6 +121,8 @@ class Synthesiser(ShardedJob):
                             f"cross_attention_dim is {self.sd.prompt_width}; train the adapter with "
                             f"prompt.width={self.sd.prompt_width}")
         self.teacher = models.load(cfg.teacher).to(device).eval() if cfg.teacher else None
+        if cfg.teacher:  # its teacher.png are this teacher's outputs
+            self.teacher_sha256 = teacher_hash(cfg.teacher)
         self.clean = CleanImages(cfg.clean, cfg.clean_split, cfg.max_images)
         self.total = len(self.clean) * len(self.weathers)
         self.prov = {"sd": diffusion.file_hashes(cfg.sd_path), "adapter": sha256_file(Path(cfg.adapter) /
