@@ -212,9 +212,13 @@ def test_a_second_run_on_a_busy_out_dir_stops_at_once_naming_the_holder(tiny_set
         (run / "STOP").touch()
         first.wait(timeout=120)
         assert not (run / LOCK_FILE).exists()  # a preempted run releases its lock on the way out
-    finally:
+    finally:  # on a failure too: the stop file ends every rank (a SIGKILL to the launcher would orphan them)
         if first.poll() is None:
-            os.killpg(first.pid, 9)
+            (run / "STOP").touch()
+            try:
+                first.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(first.pid, 9)
 
 
 # ---------------------------------------------------------------------------- bad input files

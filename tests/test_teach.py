@@ -64,7 +64,9 @@ def test_two_processes_cache_whole_image_outputs_that_training_crops_share(built
     # (Without flips: this random teacher is not mirror-symmetric, so a flipped crop of its output
     # is not its output on the flipped crop. A trained restorer nearly is; flips stay on in training.)
     spec = stream.TrainSpec(crop=24, batch_size=4, shuffle_buffer=8, flip=False)
-    batch = next(iter(stream.train_loader(out, "train", None, spec, 0, 0, 1, 1, 0).epoch(0)))
+    raw = next(iter(stream.train_loader(out, "train", None, spec, 0, 0, 1, 1, 0).epoch(0)))
+    assert raw["input"].dtype == raw["teacher"].dtype == torch.uint8  # uint8 until the device
+    batch = stream.to_device(raw, "cpu")
     with torch.no_grad():
         online = model(batch["input"].float()).clamp(0, 1)
     margin = 3

@@ -30,6 +30,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from weatherkd import config as cfgmod
 from weatherkd import models, stages, tracking
+from weatherkd.data import stream
 from weatherkd.data.stream import TrainSpec, eval_loader, train_loader
 from weatherkd.engine import checkpoint, failpoints, validate
 from weatherkd.engine.preempt import EXIT_PREEMPTED, Preemption
@@ -193,14 +194,7 @@ class Engine:
             epoch, skip = epoch + 1, 0
 
     def to_device(self, batch: dict) -> dict:
-        out = {}
-        for k, v in batch.items():
-            if isinstance(v, torch.Tensor):
-                v = v.to(self.acc.device, non_blocking=True)
-                if self.cfg.train.channels_last and v.ndim == 4:
-                    v = v.contiguous(memory_format=torch.channels_last)
-            out[k] = v
-        return out
+        return stream.to_device(batch, self.acc.device, self.cfg.train.channels_last)
 
     # ------------------------------------------------------------------ the loop
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
+from weatherkd.data import stream
 from weatherkd.metrics import psnr_batch, quantize, ssim_batch
 
 
@@ -67,7 +68,7 @@ def run(accelerator, predict, loader, weathers: list[str], protocol: str = "rgb"
     """
     rows, examples = [], {}
     for batch in loader:
-        batch = to_device(batch) if to_device else batch
+        batch = to_device(batch) if to_device else stream.to_device(batch, accelerator.device)
         with accelerator.autocast():
             pred = predict(batch)
         pred = pred.float().clamp(0, 1)

@@ -14,12 +14,12 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from weatherkd import models, tracking
 from weatherkd.config import TrackerConfig
 from weatherkd.data.shards import open_set
+from weatherkd.data import stream
 from weatherkd.data.stream import eval_loader
 from weatherkd.engine import validate
 from weatherkd.placement import make_accelerator
@@ -70,10 +70,8 @@ def evaluate(model_dir, shards, out=None, protocol: str = "rgb", split: str = "t
         x = batch["input"].float()
         return tiled(model, x, tile, overlap) if tile else model(x)
 
-    def to_device(batch):
-        return {k: v.to(acc.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-    result = validate.run(acc, predict, loader, shard_set.weathers, protocol, to_device=to_device)
+    result = validate.run(acc, predict, loader, shard_set.weathers, protocol,
+                          to_device=lambda b: stream.to_device(b, acc.device))
     if result.summary["n"] == 0:
         raise UserError(f"{shards}/{split}: no sample has a target (clean image), so there is nothing to score")
     summary = {**result.summary, "corrupt_skipped": result.corrupt, "random_init": bool(spec.get("random_init")),

@@ -27,7 +27,7 @@ from accelerate.utils import gather_object
 from torch import nn
 
 from weatherkd import cost, models
-from weatherkd.data.stream import eval_loader
+from weatherkd.data.stream import eval_loader, to_device
 from weatherkd.placement import make_accelerator
 from weatherkd.config import RunConfig
 from weatherkd.errors import UserError
@@ -131,7 +131,7 @@ def calibration_inputs(cfg: Config) -> torch.Tensor:
                         "`weatherkd dream` makes them without data)")
     images = []
     for batch in eval_loader(cfg.calib_shards, cfg.calib_split, None, 0, 1, 0, cfg.calib_samples):
-        x = batch["input"]
+        x = to_device(batch, "cpu")["input"]
         h, w = x.shape[-2:]
         if min(h, w) < cfg.calib_size:
             raise UserError(f"calib_size {cfg.calib_size} is larger than a {h}×{w} calibration image")
