@@ -62,6 +62,9 @@ def test_two_processes_prune_the_teacher_by_the_requested_flops(tiny_teacher, ca
     assert y.shape == (2, 3, 40, 56) and model.net.head[0].weight.grad is not None
 
 
+# The quick demo test runs the same chain by default (prune -> distill-pruned on dreamed tars) and checks
+# the pruned arch of its result; this checks the details.
+@pytest.mark.slow
 def test_the_pruned_teacher_is_distilled_on_targetless_tars(tiny_teacher, calib, builtin_set, tmp_path):
     accelerate_launch(["weatherkd", "prune", "--config", "configs/prune/demo.yaml", f"network={tiny_teacher}",
                        f"out_dir={tmp_path / 'prune'}", f"calib_shards={calib}", "calib_samples=4",

@@ -232,7 +232,7 @@ def test_export_cli_record_and_restore_through_the_file(student, tmp_path):
 
     # A fixed-shape graph: images larger than it are tiled to it, smaller ones padded to it.
     fixed = tmp_path / "fixed.onnx"
-    run_cli("export", "--model", student, "--out", fixed, "--size", 64, 96)
+    export.export(student, "onnx", fixed, (64, 96))  # in process: the command line is checked above
     assert json.loads((tmp_path / "fixed.onnx.json").read_text())["fixed_size"] == [64, 96]
     run_cli("restore", "--model", fixed, tmp_path / "a.png", tmp_path / "b.png", "--out", tmp_path / "fixed")
     for name, shape in (("a.png", (70, 90, 3)), ("b.png", (200, 150, 3))):

@@ -210,6 +210,9 @@ def test_array_template_splits_synthesis_across_tasks(cluster, tmp_path):
     assert manifest["splits"] == {"train": {"mixed": 21}} and len(manifest["shards"]) == 7
 
 
+# The same array template as synthesis above (which runs by default); dream's own slicing is
+# covered by test_dream's 2-process resumable set.
+@pytest.mark.slow
 def test_array_template_splits_dreaming_across_tasks(cluster, tiny_teacher, tmp_path):
     out = tmp_path / "dream"
     logs = run_array(cluster, tmp_path, (0, 1), "dream", "--config", "configs/dream/demo.yaml", f"out_dir={out}",

@@ -55,6 +55,8 @@ def test_one_process_writes_a_complete_distillation_set(reference):
     assert any(k.startswith("unet/") for k in prov["sd"])
 
 
+# slice.index/count are also what test_slurm's synthesis array sets, by default.
+@pytest.mark.slow
 def test_two_array_tasks_together_write_the_same_set(parts, reference, tmp_path):
     out = tmp_path / "array"
     procs = [subprocess.Popen([sys.executable, "-m", "weatherkd", *synth_args(parts, out)], cwd=REPO,
