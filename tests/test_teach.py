@@ -1,6 +1,7 @@
 """`weatherkd teach`: the teacher's outputs cached once, over 2 processes, bound to that teacher."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -76,7 +77,12 @@ def test_two_processes_cache_whole_image_outputs_that_training_crops_share(built
 
     # Rerun: nothing left to write.
     again = teach(out, local_teacher, builtin_set)
-    assert "0 of its" in again.stderr
+    assert re.search(r"task 0/2: 0 of its \d+ shards to write", again.stderr), again.stderr[-2000:]
+    # ...and a rerun into the same folder with another teacher is refused: its shards would mix.
+    other = models.save(models.build("residual_cnn", width=4, depth=3), tmp_path / "other")
+    mixed = accelerate_launch(["weatherkd", "teach", "--config", "configs/teach/demo.yaml", f"out_dir={out}",
+                               f"teacher={other}", f"shards={builtin_set}"], nproc=1, module=True, check=False)
+    assert mixed.returncode == 1 and "holds shards made with another teacher" in mixed.stderr
 
 
 def test_distilling_from_another_teachers_cache_is_refused(builtin_set, local_teacher, tmp_path):

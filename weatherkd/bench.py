@@ -44,7 +44,8 @@ class NaiveFolderPairs(Dataset):
         pair = (("input", self.inputs[i]), ("target", self.root / "gt" / self.inputs[i].name))
         sample = {field: np.asarray(Image.open(path).convert("RGB")) for field, path in pair}
         sample = paired_crop_flip(sample, self.crop, rng)
-        return tuple(torch.from_numpy(sample[f].copy()).permute(2, 0, 1).float().div_(255.0) for f in ("input", "target"))
+        # uint8, as the shard loader yields (both become float on the device)
+        return tuple(torch.from_numpy(sample[f].copy()).permute(2, 0, 1) for f in ("input", "target"))
 
 
 def _export_folder(shards_dir: str, split: str, dest: Path) -> tuple[int, int]:
@@ -131,6 +132,7 @@ def bench_kd_overhead(argv: list[str]) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from weatherkd import config as cfgmod
+    from weatherkd import cost
     from weatherkd.engine.loop import Engine, Window
     from weatherkd.stages import teach
     from weatherkd.stages.distill import RECIPE, Config
@@ -153,10 +155,11 @@ def bench_kd_overhead(argv: list[str]) -> dict:
         subset = _first_shards(base.data.train_shards, base.data.train_split, a.teach_shards, Path(tmp) / "subset")
         taught = Path(tmp) / "taught"
         teach.Teach(cfgmod.load(teach.Config, None, [f"out_dir={taught}", f"teacher={base.teacher}",
-                                                      f"shards={subset}"])).run()
-        runs = {"scratch": ["objective=scratch"], "kd_online": ["objective=kd"],
-                "kd_cached": ["objective=kd", f"data.train_shards={taught}"], "dckd_online": ["objective=dckd"],
-                "dckd_cached": ["objective=dckd", f"data.train_shards={taught}"]}
+                                                      f"shards={subset}", f"split={base.data.train_split}",
+                                                      "slice.index=0", "slice.count=1"])).run()
+        cached = [f"data.train_shards={taught}", "data.train_split=train"]  # a taught set's one split
+        runs = {"scratch": ["objective=scratch"], "kd_online": ["objective=kd"], "kd_cached": ["objective=kd", *cached],
+                "dckd_online": ["objective=dckd"], "dckd_cached": ["objective=dckd", *cached]}
         for name, extra in runs.items():
             torch.manual_seed(0)
             data = [] if "cached" in name else [f"data.train_shards={subset}"]
@@ -167,17 +170,22 @@ def bench_kd_overhead(argv: list[str]) -> dict:
             batches = engine.train_batches()
             for _ in range(a.warmup):
                 engine.train_step(batches, Window())
-            window = Window()
+            window, device = Window(), engine.acc.device
+            cost.sync(device)
             start = time.perf_counter()
             for _ in range(a.steps):
                 engine.train_step(batches, window)
+            cost.sync(device)
             result["seconds_per_step"][name] = (time.perf_counter() - start) / a.steps
             result.setdefault("data_wait_frac", {})[name] = window.data_s / window.total_s
-            with profile(activities=[ProfilerActivity.CPU]) as prof:  # separate steps: profiling slows them
+            cuda = device.type == "cuda"  # on a GPU a part's time is its kernels', not its launches
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=activities) as prof:  # separate steps: profiling slows them
                 for _ in range(a.profile_steps):
                     engine.train_step(batches, Window())
-            totals = {e.key: e.cpu_time_total / 1e3 / a.profile_steps for e in prof.key_averages()
-                      if e.key in STEP_PARTS}
+                cost.sync(device)
+            totals = {e.key: (e.device_time_total if cuda else e.cpu_time_total) / 1e3 / a.profile_steps
+                      for e in prof.key_averages() if e.key in STEP_PARTS}
             result["ms_per_step_by_part"][name] = {k: totals[k] for k in STEP_PARTS if k in totals}
     t = result["seconds_per_step"]
     result["kd_cached_over_scratch"] = t["kd_cached"] / t["scratch"]
@@ -355,7 +363,7 @@ def bench_export(argv: list[str]) -> dict:
                     except Exception as e:  # torch.compile failing at a new size: reported, not fatal
                         notes[f"{name}@{size}"] = " ".join(str(e).split())[:200] or type(e).__name__
     speedup = {size: {name: t["eager"] / ms for name, ms in t.items() if name != "eager"}
-               for size, t in latency.items()}
+               for size, t in latency.items() if "eager" in t}
     return {"bench": "export", "model": a.model, "arch": spec["arch"], "random_init": bool(spec.get("random_init")),
             "device": "cpu", "threads": torch.get_num_threads(), "repeats": a.repeats, "median_ms": latency,
             "speedup_over_eager": speedup, "onnx_max_abs_error": max(record["check"]["max_abs_error"]),

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from weatherkd.errors import UserError
+from weatherkd.io import sha256_file
 from weatherkd.models.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 
 SUFFIXES = (".onnx",)
@@ -39,6 +40,8 @@ class Deployed:
         self.path = path
         rec = record_path(path)
         self.record = json.loads(rec.read_text()) if rec.is_file() else {}
+        if self.record.get("sha256") and self.record["sha256"] != sha256_file(path):
+            raise UserError(f"{rec} describes another export than {path} (sha256 differs); export again")
         self.tile = int(self.record.get("tile", DEFAULT_TILE))
         self.tile_overlap = int(self.record.get("tile_overlap", DEFAULT_OVERLAP))
         self.fixed: tuple[int, int] | None = tuple(self.record["fixed_size"]) if self.record.get("fixed_size") else None

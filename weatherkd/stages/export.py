@@ -139,7 +139,7 @@ def export(model_dir, fmt: str = "onnx", out=None, size=None, opset: int = OPSET
 
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
-        except onnx.checker.ValidationError as e:
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
             raise UserError(f"arch '{spec['arch']}': the ONNX graph fails onnx.checker: {str(e).splitlines()[0]}") from None
         runner = deployed.OnnxModel(tmp, torch.device("cpu"))
         errors = []
@@ -153,21 +153,22 @@ def export(model_dir, fmt: str = "onnx", out=None, size=None, opset: int = OPSET
         with torch.no_grad():
             latency = {"size": list(x.shape[-2:]), "torch_eager_ms": median_ms(model, x),
                        "onnxruntime_ms": median_ms(runner._run, x)}
-    record = {
-        "format": fmt, "file": out.name, "sha256": sha256_file(out),
-        "source": {"model": str(model_dir.resolve()), "arch": spec["arch"], "kwargs": spec["kwargs"],
-                   "base_arch": base["arch"], "random_init": bool(spec.get("random_init")),
-                   "weights_sha256": sha256_file(model_dir / WEIGHTS), "spec_sha256": sha256_file(model_dir / SPEC)},
-        "opset": opset,
-        "inputs": {"image": ["batch", 3, *(size or ["height", "width"])], "dtype": "float32", "range": [0, 1]},
-        "outputs": {"restored": ["batch", 3, *(size or ["height", "width"])]},
-        "fixed_size": list(size) if size else None,
-        "check": {"sizes": [list(s) for s in sizes], "max_abs_error": errors, "tolerance": TOLERANCE,
-                  "onnx_checker": "passed", "runtime": "onnxruntime CPUExecutionProvider"},
-        "latency": latency, "export_seconds": export_s, "tile": tile, "tile_overlap": overlap,
-        "versions": _versions(),
-    }
-    atomic_write_json(deployed.record_path(out), record)
+        record = {
+            "format": fmt, "file": out.name, "sha256": sha256_file(tmp),
+            "source": {"model": str(model_dir.resolve()), "arch": spec["arch"], "kwargs": spec["kwargs"],
+                       "base_arch": base["arch"], "random_init": bool(spec.get("random_init")),
+                       "weights_sha256": sha256_file(model_dir / WEIGHTS), "spec_sha256": sha256_file(model_dir / SPEC)},
+            "opset": opset,
+            "inputs": {"image": ["batch", 3, *(size or ["height", "width"])], "dtype": "float32", "range": [0, 1]},
+            "outputs": {"restored": ["batch", 3, *(size or ["height", "width"])]},
+            "fixed_size": list(size) if size else None,
+            "check": {"sizes": [list(s) for s in sizes], "max_abs_error": errors, "tolerance": TOLERANCE,
+                      "onnx_checker": "passed", "runtime": "onnxruntime CPUExecutionProvider"},
+            "latency": latency, "export_seconds": export_s, "tile": tile, "tile_overlap": overlap,
+            "versions": _versions(),
+        }
+        # The record first, then the graph: a graph is never left with another export's record.
+        atomic_write_json(deployed.record_path(out), record)
     log.info("exported %s -> %s (%s, max abs error %.1e over %d images; %s)", model_dir, out, fmt, max(errors),
              len(images), ", ".join(f"{k} {v:.2f}" for k, v in latency.items() if k.endswith("_ms")))
     return record

@@ -12,6 +12,7 @@ order make a rewritten shard equivalent, not identical). Each task records where
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -50,12 +51,17 @@ def task_slice(cfg: SliceConfig, placement: Placement) -> tuple[int, int]:
 
 def teacher_hash(teacher_dir) -> str:
     """What a set of cached teacher outputs is bound to: the teacher's weights file."""
-    return sha256_file(Path(teacher_dir) / WEIGHTS)
+    weights = Path(teacher_dir) / WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"teacher: {teacher_dir} is not an exported model ({WEIGHTS} is missing)")
+    return sha256_file(weights)
 
 
 def check_taught_by(shards, teacher) -> bool:
     """Whether ``shards`` holds cached outputs of ``teacher``: True when they were taught by it,
     False when it has none; a set taught (or dreamed, or synthesised) by another teacher is an error."""
+    if not shards or not (Path(shards) / "manifest.json").is_file():
+        return False  # no set (yet): the loader names what is missing when it opens it
     manifest = open_set(shards).manifest
     recorded = manifest.get("created_by", {}).get("teacher_sha256")
     if not recorded:
@@ -101,14 +107,24 @@ class ShardedJob:
         for start in range(ks.start, ks.stop, self.batch_size):
             yield from self.generate(list(range(start, min(start + self.batch_size, ks.stop))))
 
+    def _same_teacher_as_before(self) -> None:
+        """A rerun keeps the shards already written, so they must come from the same teacher."""
+        for task in sorted((self.out / "tasks").glob("task-*.json")) if (self.out / "tasks").is_dir() else []:
+            before = json.loads(task.read_text()).get("teacher_sha256")
+            if before != self.teacher_sha256:
+                raise UserError(f"{self.out} holds shards made with another teacher ({(before or 'none')[:12]}, "
+                                f"now {(self.teacher_sha256 or 'none')[:12]}); write to a new out_dir")
+
     def run(self) -> dict | None:
         index, count = task_slice(self.slice_cfg, self.placement)
         self.out.mkdir(parents=True, exist_ok=True)
+        self._same_teacher_as_before()
         mine = [j for j in range(self.n_shards) if j % count == index]
         todo = [j for j in mine if not distill_tars.is_done(self.out, j)]
         log.info("%s task %d/%d: %d of its %d shards to write (%d samples in all, %d shards), on %s", self.stage,
                  index, count, len(todo), len(mine), self.total, self.n_shards, self.device)
-        record = {**self.placement.record(), "task": index, "tasks": count, "shards": todo, "started": time.time()}
+        record = {**self.placement.record(), "task": index, "tasks": count, "shards": todo, "started": time.time(),
+                  "teacher_sha256": self.teacher_sha256}
         atomic_write_json(self.out / "tasks" / f"task-{index}-of-{count}.json", record)
         for j in progress(todo, desc=f"{self.stage} {index}/{count}", unit="shard"):
             distill_tars.write_shard(self.out, j, self.samples(j))

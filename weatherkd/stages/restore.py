@@ -48,19 +48,28 @@ class Job:
     compare: Path | None
 
 
-def find_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
+def find_inputs(inputs: list[str], out: Path | None = None) -> list[tuple[Path, Path]]:
     """(file, its path relative to the input it came from) for every file, folder and glob named.
-    A folder contributes its image files only; a file named directly is always tried."""
+    A folder contributes its image files only; a file named directly is always tried. Where
+    ``out`` lies inside a folder, the files under it are outputs, not inputs (a rerun with
+    ``--out photos/restored``); ``out`` equal to an input folder is left to the overwrite check."""
     found: dict[Path, Path] = {}
+    out = out.resolve() if out is not None else None
+
+    def add(f: Path, rel: Path) -> None:
+        found.setdefault(f.resolve(), rel)
 
     def add_folder(folder: Path) -> None:
+        inside = out is not None and out != folder.resolve() and out.is_relative_to(folder.resolve())
         for f in sorted(folder.rglob("*")):
             if f.is_file() and image_files.is_image_name(f):
-                found.setdefault(f.resolve(), f.relative_to(folder))
+                if inside and f.resolve().is_relative_to(out):
+                    continue
+                add(f, f.relative_to(folder))
 
     for item in map(str, inputs):
         path = Path(item)
-        if glob.has_magic(item):
+        if glob.has_magic(item) and not path.exists():  # a file named "a[1].png" is a file
             parts = Path(item).parts
             root = Path(*parts[:next(i for i, p in enumerate(parts) if glob.has_magic(p))] or ["."])
             matches = sorted(glob.glob(item, recursive=True))
@@ -70,11 +79,11 @@ def find_inputs(inputs: list[str]) -> list[tuple[Path, Path]]:
                 if m.is_dir():
                     add_folder(m)
                 elif image_files.is_image_name(m):
-                    found.setdefault(m.resolve(), m.relative_to(root))
+                    add(m, m.relative_to(root))
         elif path.is_dir():
             add_folder(path)
         elif path.is_file():
-            found.setdefault(path.resolve(), Path(path.name))
+            add(path, Path(path.name))
         else:
             raise UserError(f"{item}: no such file or folder")
     if not found:
@@ -91,15 +100,22 @@ def plan_jobs(found: list[tuple[Path, Path]], out: Path, fmt: str, compare: bool
     for _, rel in found:
         stems[rel.with_suffix("")] = stems.get(rel.with_suffix(""), 0) + 1
     inputs = {src for src, _ in found}
-    jobs = []
+    jobs, written = [], {}
     for src, rel in found:
         stem = rel.with_suffix("")
         if stems[stem] > 1:
-            stem = stem.with_name(f"{stem.name}_{rel.suffix[1:].lower()}")
+            stem = stem.with_name(f"{stem.name}_{rel.suffix[1:]}")
         dst = out / stem.parent / f"{stem.name}{ext}"
-        if dst.resolve() in inputs:
-            raise UserError(f"--out {out}: restoring {src} would overwrite it; choose another --out folder")
-        jobs.append(Job(src, dst, dst.with_name(f"{stem.name}_compare{ext}") if compare else None))
+        job = Job(src, dst, dst.with_name(f"{stem.name}_compare{ext}") if compare else None)
+        for path in filter(None, (job.dst, job.compare)):
+            if path.resolve() in inputs:
+                raise UserError(f"--out {out}: restoring {src} would overwrite the input {path}; "
+                                "choose another --out folder")
+            if path.resolve() in written:
+                raise UserError(f"{src} and {written[path.resolve()]} would both be written to {path}; "
+                                "restore them into different --out folders")
+            written[path.resolve()] = src
+        jobs.append(job)
     return jobs
 
 
@@ -163,7 +179,10 @@ class Restorer:
         except torch.OutOfMemoryError:
             raise UserError(f"out of memory restoring {len(photos)} image(s) of {x.shape[-2]}x{x.shape[-1]} in "
                             f"tiles of {self.tile}: lower --tile or --batch-size") from None
-        return list(y.float().clamp_(0, 1).permute(0, 2, 3, 1).cpu().numpy())
+        y = y.float()
+        if not torch.isfinite(y).all():  # fp16 overflow would be written as black pixels
+            raise ValueError(f"the output has non-finite values in {dtype}; try --precision fp32")
+        return list(y.clamp_(0, 1).permute(0, 2, 3, 1).cpu().numpy())
 
 
 def _write(job: Job, photo: image_files.Photo, restored: np.ndarray, fmt: str, quality: int) -> list[str]:
@@ -184,7 +203,7 @@ def restore(model_path, inputs: list[str], out, fmt: str = "png", quality: int =
     """Restore every image named by ``inputs`` into ``out``; returns this launch's counts."""
     if fmt not in image_files.WRITE_FORMATS:
         raise UserError(f"--format {fmt}: choose one of {', '.join(image_files.WRITE_FORMATS)}")
-    jobs = plan_jobs(find_inputs(inputs), Path(out), fmt, compare)  # one-line errors before anything loads
+    jobs = plan_jobs(find_inputs(inputs, Path(out)), Path(out), fmt, compare)  # one-line errors before anything loads
     where = place()
     model = load_model(model_path, where.device)
     model_tile, model_overlap = default_tiling(model)
@@ -218,13 +237,25 @@ def restore(model_path, inputs: list[str], out, fmt: str = "png", quality: int =
             try:
                 lost_notes.update(w.result())
                 counts["restored"] += 1
-            except OSError as e:
+            except (OSError, ValueError) as e:  # a full disk, or an encoder refusing the image
                 failures.append(f"{job.dst}: cannot write ({e})")
                 log.warning("cannot write %s: %s", job.dst, e, extra={"all_ranks": True})
                 counts["failed"] += 1
 
         def flush():
-            for (job, photo), restored in zip(batch, restorer([p for _, p in batch])):
+            try:
+                results = restorer([p for _, p in batch])
+            except UserError:
+                raise  # out of memory: the same for every batch that follows
+            except Exception as e:  # a graph or model that fails on these images: name them, go on
+                reason = " ".join(str(e).split())[:200] or type(e).__name__
+                for job, _ in batch:
+                    failures.append(f"{job.src}: the model failed on it ({reason})")
+                    log.warning("failed %s: the model failed on it (%s)", job.src, reason, extra={"all_ranks": True})
+                    counts["failed"] += 1
+                batch.clear()
+                return
+            for (job, photo), restored in zip(batch, results):
                 writing.append((job, writer.submit(_write, job, photo, restored, fmt, quality)))
                 while len(writing) > ahead:
                     finish_write()

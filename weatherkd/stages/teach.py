@@ -29,6 +29,7 @@ from weatherkd.data.samples import decode_image, encode_png, to_uint8
 from weatherkd.data.shards import open_set
 from weatherkd.errors import UserError
 from weatherkd.logs import get_logger
+from weatherkd.models.tiling import default_tiling, tiled
 from weatherkd.stages.job import ShardedJob, SliceConfig, teacher_hash
 
 log = get_logger(__name__)
@@ -65,6 +66,7 @@ class Teach(ShardedJob):
         self.teacher.requires_grad_(False)
         self.teacher_sha256 = teacher_hash(cfg.teacher)  # recorded in the manifest by the job runner
         self.prov = {"teacher": self.teacher_sha256[:16], "source": str(Path(cfg.shards).resolve())}
+        self.skipped = 0
 
     @property
     def n_shards(self) -> int:
@@ -73,8 +75,15 @@ class Teach(ShardedJob):
     def samples(self, j: int):
         """Input shard ``j``'s samples, each with the teacher's output added; images of one size
         go through the teacher together."""
-        raws = list(iter_tar(self.source.dir / self.inputs[j]["file"]))
-        images = [decode_image(r["input.png"]) for r in raws]
+        raws, images = [], []
+        for raw in iter_tar(self.source.dir / self.inputs[j]["file"]):
+            try:
+                images.append(decode_image(raw["input.png"]))
+                raws.append(raw)
+            except Exception as e:  # a corrupt sample is skipped and counted, as the loaders do
+                self.skipped += 1
+                log.warning("skipped corrupt sample %s in %s: %s", raw.get("__key__"), self.inputs[j]["file"],
+                            " ".join(str(e).split())[:120] or type(e).__name__, extra={"all_ranks": True})
         outputs: list[np.ndarray | None] = [None] * len(raws)
         by_size: dict[tuple, list[int]] = {}
         for i, img in enumerate(images):
@@ -84,7 +93,12 @@ class Teach(ShardedJob):
                 for start in range(0, len(idx), self.batch_size):
                     chunk = idx[start:start + self.batch_size]
                     x = torch.from_numpy(np.stack([images[i] for i in chunk])).to(self.device)
-                    y = self.teacher(x.permute(0, 3, 1, 2).float().div_(255)).clamp(0, 1)
+                    x = x.permute(0, 3, 1, 2).float().div_(255)
+                    try:  # whole images, in the model's tiles where they are larger (bounded memory)
+                        y = tiled(self.teacher, x, *default_tiling(self.teacher), max_batch=self.batch_size).clamp(0, 1)
+                    except torch.OutOfMemoryError:
+                        raise UserError(f"out of memory teaching {len(chunk)} images of {x.shape[-2]}x{x.shape[-1]}: "
+                                        "lower batch_size") from None
                     for i, out in zip(chunk, y):
                         outputs[i] = to_uint8(out)
         for raw, out in zip(raws, outputs):
@@ -104,5 +118,8 @@ class Teach(ShardedJob):
 def run(cfg: Config) -> int:
     if not Path(cfg.teacher).is_dir():
         raise UserError(f"teacher: {cfg.teacher} is not an exported model directory")
-    Teach(cfg).run()
+    job = Teach(cfg)
+    job.run()
+    if job.skipped:
+        log.warning("skipped %d corrupt samples", job.skipped, extra={"all_ranks": True})
     return 0
