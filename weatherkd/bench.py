@@ -119,6 +119,20 @@ def _first_shards(shards_dir: str, split: str, n: int, dest: Path) -> Path:
     return dest
 
 
+def _timed_steps(engine, batches, steps: int):
+    """Wall seconds of ``steps`` real engine steps, the device synchronised around them, and their Window."""
+    from weatherkd import cost
+    from weatherkd.engine.loop import Window
+
+    window = Window()
+    cost.sync(engine.acc.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.train_step(batches, window)
+    cost.sync(engine.acc.device)
+    return time.perf_counter() - start, window
+
+
 STEP_PARTS = ["distill/student_forward", "distill/teacher", "distill/dckd_negatives", "distill/dckd_history",
               "distill/dckd_vq_frozen", "distill/dckd_vq_student", "engine/backward", "engine/optimizer",
               "engine/ema", "distill/history_update"]
@@ -170,13 +184,9 @@ def bench_kd_overhead(argv: list[str]) -> dict:
             batches = engine.train_batches()
             for _ in range(a.warmup):
                 engine.train_step(batches, Window())
-            window, device = Window(), engine.acc.device
-            cost.sync(device)
-            start = time.perf_counter()
-            for _ in range(a.steps):
-                engine.train_step(batches, window)
-            cost.sync(device)
-            result["seconds_per_step"][name] = (time.perf_counter() - start) / a.steps
+            seconds, window = _timed_steps(engine, batches, a.steps)
+            device = engine.acc.device
+            result["seconds_per_step"][name] = seconds / a.steps
             result.setdefault("data_wait_frac", {})[name] = window.data_s / window.total_s
             cuda = device.type == "cuda"  # on a GPU a part's time is its kernels', not its launches
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -252,13 +262,8 @@ def bench_step(argv: list[str]) -> dict:
         counter = FlopCounterMode(display=False)
         with counter:
             engine.train_step(batches, Window())
-        window, device = Window(), engine.acc.device
-        cost.sync(device)
-        start = time.perf_counter()
-        for _ in range(a.steps):
-            engine.train_step(batches, window)
-        cost.sync(device)
-        seconds = time.perf_counter() - start
+        seconds, window = _timed_steps(engine, batches, a.steps)
+        device = engine.acc.device
         peak = cost.matmul_peak_flops(device, engine.compute_dtype)
     flops = counter.get_total_flops()
     achieved = flops * a.steps / seconds
