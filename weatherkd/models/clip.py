@@ -11,11 +11,11 @@ caller in model.json and every metrics file. Tiny configs (``wkd-tiny-vit``,
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,7 +25,16 @@ from weatherkd.logs import get_logger
 from weatherkd.models import pretrained
 
 log = get_logger(__name__)
-open_clip.add_model_config(Path(__file__).parent / "clip_configs")
+
+
+@functools.cache
+def _open_clip():
+    # Imported on first use: open_clip pulls in transformers, timm and torchvision (~5 s on a CPU),
+    # which a stage whose model has no CLIP tower (ClipTowerConfig is only its config) never needs.
+    import open_clip
+
+    open_clip.add_model_config(Path(__file__).parent / "clip_configs")
+    return open_clip
 
 # The RN50x4 stages the CLIP-SRD loss reads (papers/003: "stages 1, 3, 4 and 5" = stem, layer2..4).
 RN_STAGES = (0, 2, 3, 4)
@@ -111,7 +120,7 @@ class ResidualFeatures(nn.Module):
 @torch.no_grad()
 def text_features(clip_model: nn.Module, name: str, prompts: list[str]) -> torch.Tensor:
     """L2-normalised text embeddings of ``prompts``, tokenised offline."""
-    tokens = open_clip.get_tokenizer(name)(prompts)
+    tokens = _open_clip().get_tokenizer(name)(prompts)
     return F.normalize(clip_model.encode_text(tokens).float(), dim=-1)
 
 
@@ -128,6 +137,7 @@ def build_random(name: str) -> nn.Module:
         quiet = logging.getLogger()
         level, quiet.level = quiet.level, logging.ERROR  # open_clip logs "initialized randomly" at WARNING
         try:
+            open_clip = _open_clip()
             if name not in open_clip.list_models():
                 raise UserError(f"'{name}' is not an open_clip model config (e.g. ViT-B-32-quickgelu, "
                                 f"RN50x4-quickgelu; `open_clip.list_models()` has them all)")
