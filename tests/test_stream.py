@@ -45,10 +45,12 @@ def test_train_gives_equal_batches_per_rank_with_uneven_shards(tmp_path):
     accelerate_launch([PROCS / "stream_probe.py", "train", tmp_path, tmp_path / "uneven"])
     r0, r1 = (r[str(tmp_path / "uneven")] for r in read_rank_reports(tmp_path))
     for r in (r0, r1):
-        assert [len(e) for e in r["epochs"]] == [7, 7]
+        assert [len(e) for e in r["epochs"]] == [7, 7, 7]
         assert r["shapes"] == [4, 3, 8, 8]
         # A resume into the middle of an epoch replays exactly the batches that were left.
         assert r["replay_from_3"] == r["epochs"][0][3:]
+        # The engine's one unending stream gives the same batches across the epoch boundary.
+        assert r["continuous_from_3"] == r["epochs"][0][3:] + r["epochs"][1] + r["epochs"][2][:2]
     assert r0["epochs"][0] != r1["epochs"][0], "ranks must draw different samples"
     assert r0["epochs"][0] != r0["epochs"][1], "epochs must differ"
 

@@ -28,9 +28,14 @@ def main():
             spec = TrainSpec(crop=8, batch_size=4, shuffle_buffer=8)
             loader = train_loader(d, "train", None, spec, seed=1, rank=rank, world_size=world,
                                   batches_per_epoch=7, num_workers=2)
-            epochs = [[b["key"] for b in loader.epoch(e)] for e in range(2)]
+            epochs = [[b["key"] for b in loader.epoch(e)] for e in range(3)]
             replay = [b["key"] for b in loader.epoch(0, skip=3)]
-            report[d] = {"epochs": epochs, "replay_from_3": replay, "corrupt": loader.corrupt,
+            # One set of workers across epochs, as the engine runs it: 7 batches per epoch over 2
+            # workers hand the first batch of epoch 1 to worker 1.
+            stream = loader.from_position(0, skip=3)
+            continuous = [next(stream)["key"] for _ in range(4 + 7 + 2)]
+            report[d] = {"epochs": epochs, "replay_from_3": replay, "continuous_from_3": continuous,
+                         "corrupt": loader.corrupt,
                          "shapes": list(next(iter(loader.epoch(0)))["input"].shape)}
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
     state.wait_for_everyone()

@@ -161,7 +161,8 @@ class TrainSpec:
 
 
 class TrainStream(IterableDataset):
-    """Infinite resampled stream cut into epochs of a fixed number of batches per rank."""
+    """A resampled stream cut into epochs of a fixed number of batches per rank, from a position
+    (``epoch``, ``skip`` batches into it) onward: ``epochs`` of them, or without end when None."""
 
     def __init__(self, shard_set: ShardSet, split: str, weathers: list[str] | None, spec: TrainSpec,
                  seed: int, rank: int, world_size: int, batches_per_epoch: int):
@@ -173,7 +174,8 @@ class TrainStream(IterableDataset):
         self.spec, self.seed, self.rank, self.world_size = spec, seed, rank, world_size
         self.batches_per_epoch = batches_per_epoch
         self.epoch = 0
-        self.skip = 0  # global batches of this epoch already consumed (a mid-epoch resume)
+        self.skip = 0  # global batches of the first epoch already consumed (a mid-epoch resume)
+        self.epochs: int | None = 1
 
     def _worker_batches(self, worker: int, n_workers: int, total: int) -> int:
         # DataLoader interleaves workers round-robin, so global batch g comes from worker g % n_workers.
@@ -181,15 +183,24 @@ class TrainStream(IterableDataset):
 
     def __iter__(self):
         physical, n_workers = _worker()
-        # DataLoader always starts its round-robin at worker 0. After skipping `skip` batches the
-        # next batch belongs to worker skip % n, so each process takes over that logical role.
-        worker = (physical + self.skip) % n_workers
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        epoch, handed_out = self.epoch, -self.skip
+        while self.epochs is None or epoch < self.epoch + self.epochs:
+            # The loader hands out batches round-robin from worker 0 and never restarts it between
+            # epochs, so the worker whose turn comes first in an epoch takes over that epoch's role 0.
+            # ``handed_out`` counts from where the first epoch's batch 0 would have been.
+            worker = (physical - handed_out) % n_workers
+            skip = self.skip if epoch == self.epoch else 0
+            yield from self._epoch(epoch, worker, physical, n_workers, skip)
+            handed_out += self.batches_per_epoch
+            epoch += 1
+
+    def _epoch(self, epoch: int, worker: int, physical: int, n_workers: int, skip_total: int):
+        rng = np.random.default_rng([self.seed, epoch, self.rank, worker])
         corrupt = _Corrupt()
         urls = (self.urls[i] for i in iter(lambda: int(rng.integers(len(self.urls))), None))
         samples = _shuffled(_decoded(_raw_samples(urls, corrupt), corrupt), self.spec.shuffle_buffer, rng)
         n = self._worker_batches(worker, n_workers, self.batches_per_epoch)
-        skip = self._worker_batches(worker, n_workers, self.skip)
+        skip = self._worker_batches(worker, n_workers, skip_total)
         for b in range(n):
             items = []
             for s in samples:
@@ -204,7 +215,7 @@ class TrainStream(IterableDataset):
                                     self.spec.cutmix_max_frac)
             if b < skip:  # replayed only to advance the generator exactly as the first run did
                 continue
-            batch["__worker__"], batch["__corrupt__"] = physical, corrupt.count
+            batch["__epoch__"], batch["__worker__"], batch["__corrupt__"] = epoch, physical, corrupt.count
             yield batch
 
 
@@ -221,7 +232,7 @@ class _CorruptTally:
 
 
 class TrainLoader:
-    """Yields epochs of exactly ``batches_per_epoch`` batches; ``corrupt`` counts skipped samples."""
+    """Batches of a ``TrainStream``; ``corrupt`` counts the samples skipped."""
 
     def __init__(self, stream: TrainStream, num_workers: int):
         self.stream = stream
@@ -234,18 +245,19 @@ class TrainLoader:
         return sum(t.total for t in self.corrupt_by_epoch.values())
 
     def epoch(self, epoch: int, skip: int = 0):
-        self.stream.epoch, self.stream.skip = epoch, skip
-        tally = self.corrupt_by_epoch.setdefault(epoch, _CorruptTally())
-        for batch in self.loader:
-            tally.update(batch)
-            yield batch
+        """Epoch ``epoch`` alone, from batch ``skip`` on."""
+        return self._batches(epoch, skip, 1)
 
-    def __iter__(self):
-        """All epochs back to back: an infinite iterator for step-counted training."""
-        epoch = 0
-        while True:
-            yield from self.epoch(epoch)
-            epoch += 1
+    def from_position(self, epoch: int, skip: int = 0):
+        """Every epoch from (``epoch``, ``skip``) on, without end, from one set of workers: they
+        never stop to restart, so an epoch boundary (a checkpoint) does not drain the pipeline."""
+        return self._batches(epoch, skip, None)
+
+    def _batches(self, epoch: int, skip: int, epochs: int | None):
+        self.stream.epoch, self.stream.skip, self.stream.epochs = epoch, skip, epochs
+        for batch in self.loader:
+            self.corrupt_by_epoch.setdefault(batch.pop("__epoch__"), _CorruptTally()).update(batch)
+            yield batch
 
 
 def train_loader(path, split: str, weathers, spec: TrainSpec, seed: int, rank: int, world_size: int,

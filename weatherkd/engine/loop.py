@@ -188,10 +188,7 @@ class Engine:
 
     def train_batches(self):
         """Micro-batches from the current data position onward, across epochs."""
-        epoch, skip = divmod(self.progress.micro, self.batches_per_epoch)
-        while True:
-            yield from self.train_loader.epoch(epoch, skip)
-            epoch, skip = epoch + 1, 0
+        return self.train_loader.from_position(*divmod(self.progress.micro, self.batches_per_epoch))
 
     def to_device(self, batch: dict) -> dict:
         return stream.to_device(batch, self.acc.device, self.cfg.train.channels_last)
