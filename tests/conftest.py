@@ -54,6 +54,34 @@ def run_cli(*args, cwd=None, check=True, timeout=600, env=None) -> subprocess.Co
     return proc
 
 
+def refused(*args) -> subprocess.CompletedProcess:
+    """`weatherkd ARGS...` for a request that must be refused before anything is built, run in this
+    process: the same ``cli.main`` a user's process runs, without a process start (torch's import,
+    ~3 s). The result reads like ``run_cli``'s; a traceback would fail the test by raising here."""
+    import contextlib
+    import io
+    import logging
+
+    from weatherkd import cli, logs
+
+    logs.setup()
+    handler = logging.getLogger("weatherkd").handlers[0]
+    out, err = io.StringIO(), io.StringIO()
+    old = handler.setStream(err)
+    cwd = os.getcwd()
+    try:
+        os.chdir(REPO)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main([str(a) for a in args])
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(cwd)
+        handler.setStream(old)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def accelerate_launch(script_args: list, nproc: int = 2, config: str = "launch/cpu-ddp.yaml",
                       timeout: int = 180, module: bool = False, env=None, check: bool = True
                       ) -> subprocess.CompletedProcess:

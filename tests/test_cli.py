@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, refused
 
 STAGES = ["shards", "teacher", "distill", "vq", "adapter", "synth", "dream", "prune", "eval", "bench",
           "report", "demo"]
@@ -20,16 +20,16 @@ def test_help_lists_every_stage():
 
 
 def test_unknown_bench_and_untrainable_bench_step_are_one_line(tmp_path):
-    proc = run_cli("bench", "no-such-bench", check=False)
+    proc = refused("bench", "no-such-bench")
     assert proc.returncode == 2 and "invalid choice: 'no-such-bench'" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_cli("bench", "step", "--config", "configs/dream/demo.yaml", check=False)
+    proc = refused("bench", "step", "--config", "configs/dream/demo.yaml")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert lines[-1].startswith("error: bench step times") and "teacher, distill, vq, adapter" in lines[-1]
 
 
 def test_user_errors_are_one_line_without_traceback(tmp_path):
-    proc = run_cli("shards", "inspect", tmp_path / "missing", check=False)
+    proc = refused("shards", "inspect", tmp_path / "missing")
     assert proc.returncode == 1
     assert "shard set not found" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -106,10 +106,9 @@ SLOW_STEPS = ["train.max_steps=40", "train.log_every=1", "train.eval_every=0", "
               "model.kwargs={width: 32, depth: 6}", "data.crop=32", "data.batch_size=8"]
 
 
-@pytest.fixture(scope="module")
-def straight_slow(tiny_set, tmp_path_factory) -> Path:
-    """The uninterrupted run both preemption tests must match."""
-    out = tmp_path_factory.mktemp("straight") / "run"
+def _straight_slow(tiny_set, tmp_path: Path) -> Path:
+    """The uninterrupted run a preempted one must match."""
+    out = tmp_path / "straight"
     accelerate_launch(["weatherkd", "teacher", "--config", CONFIG, f"out_dir={out}",
                        f"data.train_shards={tiny_set}", *SLOW_STEPS], module=True)
     return out
@@ -117,8 +116,11 @@ def straight_slow(tiny_set, tmp_path_factory) -> Path:
 
 # The stop file is what SLURM's trap touches; test_slurm's preemption test and test_faults' busy
 # out_dir test stop runs through it by default, so here it runs with `-m slow` and SIGTERM by default.
+# That a resume from a preemption checkpoint is bit-exact is shown by test_slurm's requeued job and
+# test_faults' hard kills; the SIGTERM run checks what only it can: every rank stops on the signal
+# with a checkpoint, and the run resumes to its end.
 @pytest.mark.parametrize("how", [pytest.param("stop_file", marks=pytest.mark.slow), "sigterm"])
-def test_preemption_checkpoints_every_rank_and_resumes_exactly(how, tiny_set, straight_slow, tmp_path):
+def test_preemption_checkpoints_every_rank_and_resumes(how, tiny_set, tmp_path):
     run = tmp_path / "preempted"
     proc = _launch_background(run, tiny_set, *SLOW_STEPS)
     _wait_for_line(proc, "step 3 ")
@@ -133,11 +135,13 @@ def test_preemption_checkpoints_every_rank_and_resumes_exactly(how, tiny_set, st
     assert 3 <= stopped_at < 40
     if how == "stop_file":
         assert proc.returncode != 0  # accelerate reports the workers' exit 75 as a failure
-    accelerate_launch(["weatherkd", "teacher", "--config", CONFIG, f"out_dir={run}",
-                       f"data.train_shards={tiny_set}", *SLOW_STEPS], module=True)
+    resumed = accelerate_launch(["weatherkd", "teacher", "--config", CONFIG, f"out_dir={run}",
+                                 f"data.train_shards={tiny_set}", *SLOW_STEPS], module=True)
+    assert f"step-{stopped_at:07d}" in resumed.stderr and "resumed from" in resumed.stderr
     assert not (run / "STOP").exists()
     assert json.loads((run / "metrics.json").read_text())["step"] == 40
-    assert_same_weights(straight_slow, run)
+    if how == "stop_file":
+        assert_same_weights(_straight_slow(tiny_set, tmp_path), run)
 
 
 def test_single_process_exit_code_on_preemption(tiny_set, tmp_path):

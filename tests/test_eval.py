@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import accelerate_launch, make_set, run_cli
+from conftest import accelerate_launch, make_set, run_cli, refused
 from weatherkd import metrics, models, report
 from weatherkd.errors import UserError
 from weatherkd.stages import evaluate
@@ -100,7 +100,7 @@ def test_eval_errors_are_clear(eval_set, tmp_path):
     for kwargs, message in cases:  # in process; the command line's one-line form is checked once below
         with pytest.raises(UserError, match=message):
             evaluate.evaluate(**kwargs, tracker="none")
-    proc = run_cli("eval", "--model", tmp_path / "not-a-model", "--shards", eval_set, check=False)
+    proc = refused("eval", "--model", tmp_path / "not-a-model", "--shards", eval_set)
     assert proc.returncode == 1 and "model.json is missing" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -152,5 +152,5 @@ def test_report_tabulates_identity_then_each_run(eval_set, tmp_path):
     evaluate.evaluate(tmp_path / "wide" / "model", other_set, tmp_path / "other", tracker="none")
     with pytest.raises(UserError, match="different data \\(shards"):
         report.gather([runs[0], tmp_path / "other"], latency_size=64)
-    proc = run_cli("report", *runs, "--out", tmp_path / "r.json", check=False)
+    proc = refused("report", *runs, "--out", tmp_path / "r.json")
     assert proc.returncode == 1 and "not " in proc.stderr and not (tmp_path / "r.json").exists()

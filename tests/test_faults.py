@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO, accelerate_launch, cli_env, free_port, run_cli
+from conftest import REPO, accelerate_launch, cli_env, free_port, run_cli, refused
 
 from weatherkd.engine import checkpoint
 from weatherkd.engine.run_lock import LOCK_FILE
@@ -249,7 +249,7 @@ def test_ingest_names_a_truncated_image_or_skips_and_counts_it(tmp_path):
         Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(targets / p.name,
                                                                                  "JPEG" if p.suffix == ".jpg" else "PNG")
     args = ["shards", "ingest", "--layout", "paired", "--root", inputs, "--target-root", targets, "--weather", "snow"]
-    line = one_error_line(run_cli(*args, "--out", tmp_path / "strict", check=False))
+    line = one_error_line(refused(*args, "--out", tmp_path / "strict"))
     assert str(inputs / "bad_jpeg.jpg") in line and "--skip-bad" in line
     assert not (tmp_path / "strict" / "manifest.json").exists()
     run_cli(*args, "--out", tmp_path / "lenient", "--skip-bad")
@@ -268,7 +268,7 @@ def test_synth_from_a_folder_names_or_skips_unreadable_photos(tmp_path):
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(photos / f"ok{i}.png")
     _truncated_copies(photos, rng)
     args = ["shards", "synth", "--source", photos, "--train", 2, "--test", 1, "--size", 32, "--test-size", 48]
-    line = one_error_line(run_cli(*args, "--out", tmp_path / "strict", check=False))
+    line = one_error_line(refused(*args, "--out", tmp_path / "strict"))
     assert "bad_jpeg.jpg" in line and "unreadable image" in line
     run_cli(*args, "--out", tmp_path / "lenient", "--skip-bad")
     manifest = json.loads((tmp_path / "lenient" / "manifest.json").read_text())
@@ -278,5 +278,5 @@ def test_synth_from_a_folder_names_or_skips_unreadable_photos(tmp_path):
 def test_malformed_yaml_is_one_line_on_the_command_line(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("train:\n  max_steps: 4\n lr: 1\n")
-    line = one_error_line(run_cli("teacher", "--config", config, "train.max_steps=2", check=False))
+    line = one_error_line(refused("teacher", "--config", config, "train.max_steps=2"))
     assert line.startswith(f"error: {config}:3:") and "invalid YAML" in line

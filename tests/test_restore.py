@@ -11,7 +11,7 @@ import tifffile
 import torch
 from PIL import Image, ImageOps
 
-from conftest import accelerate_launch, run_cli
+from conftest import accelerate_launch, run_cli, refused
 from weatherkd import config as cfgmod
 from weatherkd import models
 from weatherkd.data import image_files
@@ -135,7 +135,7 @@ def test_restore_refuses_bad_requests_in_one_line(identity_model, tmp_path):
         counts = restore.restore(identity_model, [str(tmp_path / "photos")], inside)
     assert (counts["restored"], counts["skipped"]) == (0, 1) and [p.name for p in inside.iterdir()] == ["a.png"]
     # ...and on the command line each is one line, no traceback.
-    proc = run_cli("restore", "--model", identity_model, tmp_path / "empty", "--out", out, check=False)
+    proc = refused("restore", "--model", identity_model, tmp_path / "empty", "--out", out)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: no image files in")
     assert "Traceback" not in proc.stderr and not out.exists()
 
@@ -252,5 +252,5 @@ def test_export_cli_record_and_restore_through_the_file(student, tmp_path):
     for name, shape in (("a.png", (70, 90, 3)), ("b.png", (200, 150, 3))):
         assert np.asarray(Image.open(tmp_path / "fixed" / name)).shape == shape
 
-    bad = run_cli("export", "--model", student, "--out", tmp_path / "x.txt", check=False)
+    bad = refused("export", "--model", student, "--out", tmp_path / "x.txt")
     assert bad.returncode == 1 and "must end in .onnx" in bad.stderr and "Traceback" not in bad.stderr

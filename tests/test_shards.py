@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_set, run_cli
+from conftest import make_set, run_cli, refused
 from test_stream import corrupt_member
 
 from weatherkd.data.check import iter_tar
@@ -39,7 +39,7 @@ def test_synth_is_reproducible_and_refuses_to_overwrite(builtin_set, tmp_path):
     a = json.loads((builtin_set / MANIFEST).read_text())["shards"]
     b = json.loads((again / MANIFEST).read_text())["shards"]
     assert [s["sha256"] for s in a] == [s["sha256"] for s in b]
-    proc = run_cli("shards", "synth", "--out", again, "--train", 4, check=False)
+    proc = refused("shards", "synth", "--out", again, "--train", 4)
     assert proc.returncode == 1 and "--overwrite" in proc.stderr
     run_cli("shards", "synth", "--out", again, "--train", 4, "--test", 1, "--size", 32, "--overwrite")
     assert json.loads((again / MANIFEST).read_text())["splits"]["train"]["snow"] == 4
@@ -54,7 +54,7 @@ def test_inspect_passes_a_good_set_and_names_corruption(builtin_set, tmp_path):
     bad = tmp_path / "bad"
     make_set(bad, {("train", "snow"): 4}, shard_size=4)
     corrupt_member(bad / "train-snow-000000.tar", "train_snow_0001.target.png")
-    proc = run_cli("shards", "inspect", bad, check=False)
+    proc = refused("shards", "inspect", bad)
     assert proc.returncode == 1
     assert "train-snow-000000.tar: sha256 does not match" in proc.stderr
     assert "train-snow-000000.tar: sample 'train_snow_0001' does not decode" in proc.stderr
@@ -71,7 +71,7 @@ def test_killed_writer_leaves_an_incomplete_set_that_loaders_refuse(tmp_path):
         "train-snow-000000.tar"]
     with pytest.raises(ShardSetError, match="no manifest.json"):
         open_set(tmp_path / "half")
-    proc = run_cli("shards", "inspect", tmp_path / "half", check=False)
+    proc = refused("shards", "inspect", tmp_path / "half")
     assert proc.returncode == 1 and "writer was killed" in proc.stderr
     # A missing shard listed in a manifest is named.
     make_set(tmp_path / "gone", {("train", "snow"): 4}, shard_size=2)
@@ -135,12 +135,12 @@ def test_ingest_paired_folders(tmp_path):
 
 
 def test_leakage_finds_resized_recompressed_duplicates(builtin_set, tmp_path):
-    proc = run_cli("shards", "leakage", builtin_set, builtin_set, check=False)
+    proc = refused("shards", "leakage", builtin_set, builtin_set)
     assert proc.returncode == 1  # a set against itself leaks everything
 
     # A test set of unrelated images does not leak ...
     make_set(tmp_path / "other", {("test", "snow"): 3}, size=32, seed=7)
-    assert run_cli("shards", "leakage", builtin_set, tmp_path / "other", check=False).returncode == 0
+    assert refused("shards", "leakage", builtin_set, tmp_path / "other").returncode == 0
 
     # ... but a train image, downscaled and JPEG-recompressed into the test set, is found.
     train = decode_sample(next(iter_tar(builtin_set / "train-snow-000000.tar")))
@@ -153,7 +153,7 @@ def test_leakage_finds_resized_recompressed_duplicates(builtin_set, tmp_path):
     writer = ShardSetWriter(tmp_path / "leaky", ["snow"])
     writer.add("test", "snow", encode_sample("leaked", leaked, 0, {}, target=leaked))
     writer.close()
-    proc = run_cli("shards", "leakage", builtin_set, tmp_path / "leaky", check=False)
+    proc = refused("shards", "leakage", builtin_set, tmp_path / "leaky")
     assert proc.returncode == 1
     pairs = json.loads(proc.stdout)["pairs"]
     # The same clean crop is stored once per weather; the report names its first copy.

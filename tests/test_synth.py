@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, accelerate_launch, cli_env, make_set, run_cli
+from conftest import REPO, accelerate_launch, cli_env, make_set, run_cli, refused
 from tiny_sd import save_d4ir_parts, save_tiny_sd
 from weatherkd import models
 
@@ -112,11 +112,11 @@ def test_bad_settings_are_clear_errors(parts, tmp_path):
         with pytest.raises(cfgmod.ConfigError, match=re.escape(message)):
             cfgmod.load(synth.Config, "configs/synth/demo.yaml", extra)
     for extra, message in [([f"sd_path={tmp_path}"], "is not a local diffusers Stable Diffusion folder")]:
-        proc = run_cli(*synth_args(parts, tmp_path / "x", *extra), check=False)
+        proc = refused(*synth_args(parts, tmp_path / "x", *extra))
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     wide = tmp_path / "wide-sd"
     save_tiny_sd(wide, cross_attention_dim=16)
-    proc = run_cli(*synth_args(parts, tmp_path / "y", f"sd_path={wide}"), check=False)
+    proc = refused(*synth_args(parts, tmp_path / "y", f"sd_path={wide}"))
     assert proc.returncode == 1 and "cross_attention_dim is 16" in proc.stderr
 
 
