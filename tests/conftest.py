@@ -119,7 +119,8 @@ def read_rank_reports(out: Path, nproc: int = 2) -> list[dict]:
 
 
 def make_set(path: Path, counts: dict[tuple[str, str], int], size: int = 12, shard_size: int = 3,
-             weathers=("rain_haze", "raindrop", "snow"), seed: int = 0, target: bool = True) -> dict:
+             weathers=("rain_haze", "raindrop", "snow"), seed: int = 0, target: bool = True,
+             encoding: str = "png") -> dict:
     """A small shard set of random images: ``counts[(split, weather)]`` samples each."""
     rng = np.random.default_rng(seed)
     writer = ShardSetWriter(path, list(weathers), shard_size=shard_size)
@@ -127,7 +128,8 @@ def make_set(path: Path, counts: dict[tuple[str, str], int], size: int = 12, sha
         for i in range(n):
             img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
             clean = rng.integers(0, 256, (size, size, 3), dtype=np.uint8) if target else None
-            sample = encode_sample(f"{split}_{w}_{i:04d}", img, list(weathers).index(w), {"i": i}, target=clean)
+            sample = encode_sample(f"{split}_{w}_{i:04d}", img, list(weathers).index(w), {"i": i}, target=clean,
+                                   encoding=encoding)
             writer.add(split, w, sample)
     return writer.close()
 

@@ -59,14 +59,20 @@ def test_sharded_eval_is_exactly_once_and_matches_the_uint8_metrics(eval_set, tm
             with torch.no_grad():
                 x = torch.from_numpy(sample["input"]).permute(2, 0, 1)[None].float() / 255
                 pred = (model(x).clamp(0, 1)[0].permute(1, 2, 0).double().numpy() * 255).round().astype(np.uint8)
+                y = torch.from_numpy(sample["target"]).permute(2, 0, 1)[None].float() / 255
+                clean = (model(y).clamp(0, 1)[0].permute(1, 2, 0).double().numpy() * 255).round().astype(np.uint8)
             row = by_key[sample["__key__"]]
             assert row["psnr"] == pytest.approx(metrics.psnr(pred, sample["target"], "y"), abs=1e-6)
+            # clean in: the target restored, scored against itself
+            assert row["clean_psnr"] == pytest.approx(metrics.psnr(clean, sample["target"], "y"), abs=1e-6)
             assert row["ssim"] == pytest.approx(metrics.ssim(pred, sample["target"], "y"), abs=1e-6)
             assert row["id_psnr"] == pytest.approx(metrics.psnr(sample["input"], sample["target"], "y"), abs=1e-6)
 
     example = np.asarray(Image.open(two / "examples" / "rain_haze.png"))
     assert example.shape == (40, 120, 3)  # input | output | target
     assert "| identity |" in (two / "metrics.md").read_text() and "random weights" in (two / "metrics.md").read_text()
+    assert b["clean_in"]["psnr"] == pytest.approx(a["clean_in"]["psnr"], abs=1e-9)
+    assert b["clean_in"]["min"] == pytest.approx(min(r["clean_psnr"] for r in rows))
 
 
 def test_tiled_eval_equals_whole_image_eval(eval_set, tmp_path):
@@ -136,8 +142,12 @@ def test_report_tabulates_identity_then_each_run(eval_set, tmp_path):
     out = tmp_path / "report.md"
     table = run_cli("report", *runs, "--out", out, "--latency-size", 64).stdout
     assert out.read_text() == table
-    lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
+    main, differences = table.split("Paired differences")
+    lines = [ln for ln in main.splitlines() if ln.startswith("| ")]
     assert [ln.split("|")[1].strip() for ln in lines[1:]] == ["identity", "small †", "wide †"]
+    assert "clean-in PSNR" in lines[0]
+    assert [ln.split("|")[1].strip() for ln in differences.splitlines() if ln.startswith("| ")][1:] == \
+        ["small − identity", "wide − identity"]
     report_json = json.loads(out.with_suffix(".json").read_text())
     small, wide = report_json["rows"][1:]
     assert small["cost"]["params"] < wide["cost"]["params"] and small["cost"]["gflops"] < wide["cost"]["gflops"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import accelerate_launch
+from conftest import accelerate_launch, make_set
 from weatherkd import config as cfgmod
 from weatherkd import models
 from weatherkd.data import stream
@@ -16,6 +16,7 @@ from weatherkd.data.samples import decode_image
 from weatherkd.data.shards import open_set
 from weatherkd.errors import UserError
 from weatherkd.stages import distill
+from weatherkd.stages import teach as teach_stage
 from weatherkd.stages.job import teacher_hash
 
 
@@ -85,9 +86,18 @@ def test_two_processes_cache_whole_image_outputs_that_training_crops_share(built
     assert mixed.returncode == 1 and "holds shards made with another teacher" in mixed.stderr
 
 
-def test_distilling_from_another_teachers_cache_is_refused(builtin_set, local_teacher, tmp_path):
-    out = tmp_path / "taught"
-    teach(out, local_teacher, builtin_set, nproc=1)
+def test_a_qoi_set_is_taught_in_qoi_and_another_teachers_cache_is_refused(local_teacher, tmp_path):
+    source, out = tmp_path / "qoi", tmp_path / "taught"
+    make_set(source, {("train", "snow"): 5, ("train", "raindrop"): 4}, size=16, encoding="qoi")
+    # In process, one task: the launch over 2 processes is the test above.
+    teach_stage.Teach(cfgmod.load(teach_stage.Config, "configs/teach/demo.yaml",
+                                  [f"out_dir={out}", f"teacher={local_teacher}", f"shards={source}",
+                                   "slice.index=0", "slice.count=1"])).run()
+    taught = open_set(out, "train")
+    assert taught.encoding == "qoi" and taught.count("train") == 9
+    raws = [raw for s in taught.shards("train") for raw in iter_tar(taught.dir / s["file"])]
+    assert all({"input.qoi", "target.qoi", "teacher.qoi"} <= set(r) and not any(".png" in k for k in r) for r in raws)
+
     other = models.save(models.build("residual_cnn", width=4, depth=3), tmp_path / "other")
     cfg = cfgmod.load(distill.Config, "configs/distill/demo.yaml",
                       ["objective=kd", f"teacher={other}", f"data.train_shards={out}"])

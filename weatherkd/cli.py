@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from weatherkd import __version__, stages
+from weatherkd.data.samples import ENCODINGS
 from weatherkd.errors import UserError
 
 
@@ -34,6 +35,8 @@ def _add_shards(sub) -> None:
     s.add_argument("--overwrite", action="store_true", help="replace an existing complete set")
     s.add_argument("--skip-bad", action="store_true",
                    help="skip, count and list (in the manifest) source images that cannot be read")
+    s.add_argument("--encoding", choices=ENCODINGS, default="png",
+                   help="lossless image encoding: png (any viewer reads it) or qoi (decodes ~5x faster, ~1.2x the bytes)")
 
     s = ssub.add_parser("ingest", help="convert an AllWeather/TransWeather or paired-folder dataset to shards")
     s.add_argument("--layout", required=True, choices=["allweather", "paired"])
@@ -48,6 +51,8 @@ def _add_shards(sub) -> None:
                    help="skip, count and list (in the manifest) pairs with an unreadable or truncated image")
     s.add_argument("--shard-size", type=int, default=None)
     s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--encoding", choices=ENCODINGS, default="png",
+                   help="lossless image encoding: png (any viewer reads it) or qoi (decodes ~5x faster, ~1.2x the bytes)")
 
     s = ssub.add_parser("inspect", help="counts per split/weather; verify checksums and decoding (exit 1 on corruption)")
     s.add_argument("dir")
@@ -127,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories (out_dir of a stage) or `weatherkd eval` outputs")
     p.add_argument("--out", default=None, help="markdown file to write; the JSON goes next to it")
     p.add_argument("--latency-size", type=int, default=256, help="image side for the latency column")
+    p.add_argument("--diff", action="append", metavar="A:B",
+                   help="also show row A minus row B, image by image (repeatable; every row minus identity is shown)")
     p.add_argument("--tracker", default="auto", choices=["auto", "wandb", "none"],
                    help="log the comparison table to W&B (auto: inside a pipeline, i.e. $WEATHERKD_PIPELINE set)")
 
@@ -135,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", default=None, help="where the default shard set is built (default: shards/demo)")
     p.add_argument("--sd-path", default=None,
                    help="local diffusers Stable Diffusion folder: adds the data-free D4IR student (real weights only)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train every student this many times, with seeds 0..N-1; the report shows mean ± std "
+                        "and paired differences (the teacher and the data it makes are built once)")
     p.add_argument("--quick", action="store_true",
                    help="a few steps per stage on a tiny set, to check an install in minutes "
                         "(default paths runs/demo-quick, shards/demo-quick)")

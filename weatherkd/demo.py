@@ -75,21 +75,30 @@ def _max_steps(stage: str, config: str, overrides: list[str]) -> int:
     return cfgmod.load(stages.get(stage).config_class, ROOT / config, overrides).train.max_steps
 
 
+def seeded(name: str, seed: int) -> str:
+    """Seed 0 keeps the stage's name; others get ``-s<seed>``, which `weatherkd report` folds into one row."""
+    return name if seed == 0 else f"{name}-s{seed}"
+
+
 def plan(out: Path, shards: Path, overrides: dict[str, list[str]] | None = None,
-         synth_args: tuple = (), sd_path: Path | None = None) -> list[Stage]:
+         synth_args: tuple = (), sd_path: Path | None = None, seeds: int = 1) -> list[Stage]:
     """The demo's stages in order. ``overrides`` adds config overrides per stage (the tests shrink it).
-    With ``sd_path`` (real Stable Diffusion weights) the data-free D4IR student joins."""
+    With ``sd_path`` (real Stable Diffusion weights) the data-free D4IR student joins. ``seeds``: each
+    student trains that many times, with seeds 0, 1, ...; the teacher, its cache, the VQ, the
+    dreamed set and the pruned teacher are made once."""
     overrides = overrides or {}
     zero, ddp, nproc = _launcher()
     stages = [Stage("shards", ["weatherkd", "shards", "synth", "--out", str(shards), *map(str, synth_args)],
                     shards / "manifest.json")]
 
-    def train(name: str, stage: str, config: str, launch_config: str, *extra: str) -> Stage:
+    def train(name: str, stage: str, config: str, launch_config: str, *extra: str, seed: int = 0) -> Stage:
         bf16 = ["train.mixed_precision=bf16"] if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else []
-        args = [f"out_dir={out / name}", f"data.train_shards={shards}", *bf16, *extra, *overrides.get(name, [])]
+        seed_args = [f"seed={seed}"] if seed else []
+        args = [f"out_dir={out / seeded(name, seed)}", f"data.train_shards={shards}", *bf16, *extra, *seed_args,
+                *overrides.get(name, [])]
         argv = _accelerate(launch_config, nproc, stage, "--config", config, *args)
-        return Stage(name, argv, out / name / "metrics.json", _max_steps(stage, config, args),
-                     out / name / PROGRESS_FILE)
+        return Stage(seeded(name, seed), argv, out / seeded(name, seed) / "metrics.json",
+                     _max_steps(stage, config, args), out / seeded(name, seed) / PROGRESS_FILE)
 
     teacher, taught = out / "teacher" / "model", out / "taught-shards"
     stages.append(train("teacher", "teacher", "configs/teacher/demo.yaml", zero))
@@ -100,11 +109,14 @@ def plan(out: Path, shards: Path, overrides: dict[str, list[str]] | None = None,
     stages.append(train("vq", "vq", "configs/vq/demo.yaml", ddp))
     for objective in STUDENTS:
         data = [] if objective == "scratch" else [f"data.train_shards={taught}", f"data.eval_shards={shards}"]
-        stages.append(train(f"distill-{objective}", "distill", "configs/distill/demo.yaml", ddp,
-                            f"objective={objective}", f"teacher={teacher}", f"vq={out / 'vq' / 'model'}", *data))
-    students = [f"distill-{o}" for o in STUDENTS]
-    stages += data_free_stages(out, shards, ddp, nproc, train, overrides)
-    students += ["distill-dream", "prune", "distill-pruned"]
+        for seed in range(seeds):
+            stages.append(train(f"distill-{objective}", "distill", "configs/distill/demo.yaml", ddp,
+                                f"objective={objective}", f"teacher={teacher}", f"vq={out / 'vq' / 'model'}", *data,
+                                seed=seed))
+    students = [seeded(f"distill-{o}", s) for o in STUDENTS for s in range(seeds)]
+    stages += data_free_stages(out, shards, ddp, nproc, train, overrides, seeds)
+    students += [*(seeded("distill-dream", s) for s in range(seeds)), "prune",
+                 *(seeded("distill-pruned", s) for s in range(seeds))]
     if sd_path is not None:
         stages += d4ir_stages(out, shards, sd_path, ddp, nproc, train, overrides)
         students.append("distill-d4ir")
@@ -115,7 +127,7 @@ def plan(out: Path, shards: Path, overrides: dict[str, list[str]] | None = None,
     return stages
 
 
-def data_free_stages(out: Path, shards: Path, ddp: str, nproc: int, train, overrides) -> list[Stage]:
+def data_free_stages(out: Path, shards: Path, ddp: str, nproc: int, train, overrides, seeds: int = 1) -> list[Stage]:
     """papers/002: dream inputs from the teacher alone, distil a student on them, and prune the
     teacher (calibrated on the dreamed inputs) and distil it back on them. No training image is read."""
     dreamed, teacher = out / "dream-shards", out / "teacher" / "model"
@@ -124,12 +136,13 @@ def data_free_stages(out: Path, shards: Path, ddp: str, nproc: int, train, overr
     return [
         Stage("dream", _accelerate(ddp, nproc, "dream", "--config", "configs/dream/demo.yaml", *dream_args),
               dreamed / "manifest.json"),
-        train("distill-dream", "distill", "configs/distill/demo-dream.yaml", ddp, f"data.train_shards={dreamed}",
-              f"data.eval_shards={shards}", f"teacher={teacher}"),
+        *(train("distill-dream", "distill", "configs/distill/demo-dream.yaml", ddp, f"data.train_shards={dreamed}",
+                f"data.eval_shards={shards}", f"teacher={teacher}", seed=s) for s in range(seeds)),
         Stage("prune", _accelerate(ddp, nproc, "prune", "--config", "configs/prune/demo.yaml", *prune_args),
               out / "prune" / "prune.json"),
-        train("distill-pruned", "distill", "configs/distill/demo-pruned.yaml", ddp, f"data.train_shards={dreamed}",
-              f"data.eval_shards={shards}", f"teacher={teacher}", f"init={out / 'prune' / 'model'}"),
+        *(train("distill-pruned", "distill", "configs/distill/demo-pruned.yaml", ddp, f"data.train_shards={dreamed}",
+                f"data.eval_shards={shards}", f"teacher={teacher}", f"init={out / 'prune' / 'model'}", seed=s)
+          for s in range(seeds)),
     ]
 
 
@@ -224,7 +237,12 @@ def _pipeline_id(out: Path) -> str:
     return path.read_text().strip()
 
 
-def run(out="runs/demo", shards="shards/demo", overrides=None, synth_args: tuple = (), sd_path=None) -> dict:
+# The paired differences the demo's report shows besides each row's against identity.
+DIFFS = [("distill-kd", "distill-scratch"), ("distill-dckd", "distill-kd"), ("distill-dckd", "distill-scratch")]
+
+
+def run(out="runs/demo", shards="shards/demo", overrides=None, synth_args: tuple = (), sd_path=None,
+        seeds: int = 1) -> dict:
     if not (ROOT / "launch").is_dir() or not (ROOT / "configs").is_dir():
         raise UserError(f"weatherkd demo runs from a source checkout (launch/ and configs/ next to the package); "
                         f"{ROOT} has none. Install with `pip install -e .` from the repository.")
@@ -232,7 +250,9 @@ def run(out="runs/demo", shards="shards/demo", overrides=None, synth_args: tuple
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env[tracking.PIPELINE_ENV] = env.get(tracking.PIPELINE_ENV) or _pipeline_id(out)  # one W&B group
     sd_path = Path(sd_path).resolve() if sd_path else None
-    stages = plan(out, shards, overrides, synth_args, sd_path)
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1 (got {seeds})")
+    stages = plan(out, shards, overrides, synth_args, sd_path, seeds)
     start = time.time()
     timings = out / "logs" / "seconds.json"  # per stage, kept across reruns: the README's timing table
     seconds = json.loads(timings.read_text()) if timings.is_file() else {}
@@ -249,7 +269,7 @@ def run(out="runs/demo", shards="shards/demo", overrides=None, synth_args: tuple
         print(f"{head}: finished in {seconds[stage.name]:.0f} s", flush=True)
     print(f"[{len(stages) + 1}/{len(stages) + 1}] report", flush=True)
     evals = [done.parent for done in stages[-1].done]
-    table = report.gather(evals)
+    table = report.gather(evals, diffs=DIFFS)
     table["targets"], table["notes"] = data_free_targets(table)
     if sd_path is None:
         table["notes"].append("No D4IR row: it needs real Stable Diffusion weights, and a random diffusion model "
@@ -305,9 +325,9 @@ def run_cli(args) -> int:
     out, shards = args.out or f"runs/demo{suffix}", args.shards or f"shards/demo{suffix}"
     try:
         if args.quick:
-            run(out, shards, QUICK["overrides"], QUICK["synth_args"], args.sd_path)
+            run(out, shards, QUICK["overrides"], QUICK["synth_args"], args.sd_path, args.seeds)
         else:
-            run(out, shards, sd_path=args.sd_path)
+            run(out, shards, sd_path=args.sd_path, seeds=args.seeds)
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to continue where it stopped", file=sys.stderr)
         return 130

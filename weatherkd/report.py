@@ -3,16 +3,24 @@
 A RUN_DIR is a stage's ``out_dir`` (``metrics.json`` + ``model/``) or a ``weatherkd eval`` output
 (whose ``metrics.json`` names its model). Rows: identity, then each run in the order given.
 Costs are measured now, in this process, so the latency column compares like with like.
+
+Runs whose configs differ only in ``seed`` are one row: mean ± standard deviation over the seeds,
+with n. Every row's paired difference to identity, and the differences asked for with
+``--diff A:B``, are computed image by image on the shared test images (``samples.json``): their
+mean, its standard error over the images, and the spread of the per-seed differences.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
 
 from weatherkd import cost, models
 from weatherkd.errors import UserError
@@ -28,10 +36,114 @@ def _load_run(run_dir: Path) -> dict:
     model_dir = Path(metrics["model"]) if "model" in metrics else run_dir / "model"
     name = model_dir.resolve().parent.name if "model" in metrics else run_dir.resolve().name
     models.read_spec(model_dir)  # a clear error when the model folder is missing
-    return {"name": name, "dir": str(run_dir), "model": str(model_dir), "metrics": metrics}
+    samples = run_dir / "samples.json"
+    config, seed = _config_and_seed(model_dir.parent)
+    return {"name": name, "dir": str(run_dir), "model": str(model_dir), "metrics": metrics, "config": config,
+            "seed": seed, "samples": json.loads(samples.read_text()) if samples.is_file() else None}
 
 
-def gather(run_dirs: list, latency_size: int = 256, device: str | None = None) -> dict:
+# Settings that say where a run wrote and how it was watched, not what it is.
+_NOT_THE_METHOD = ("seed", "out_dir", "tracker")
+
+
+def _config_and_seed(run_dir: Path) -> tuple[str | None, int | None]:
+    """The run's config without its seed (what runs of one method share), and its seed."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None, None
+    config = yaml.safe_load(path.read_text()) or {}
+    seed = config.get("seed")
+    return json.dumps({k: v for k, v in config.items() if k not in _NOT_THE_METHOD}, sort_keys=True), seed
+
+
+def _group_name(names: list[str]) -> str:
+    stripped = {re.sub(r"-(s|seed)\d+$", "", n) for n in names}
+    return stripped.pop() if len(stripped) == 1 else names[0]
+
+
+def _groups(runs: list[dict]) -> list[list[dict]]:
+    """Runs in order of first appearance, those of one config (all but the seed) together."""
+    groups: dict = {}
+    for i, r in enumerate(runs):
+        key = r["config"] if r["config"] is not None and r["seed"] is not None else f"#{i}"
+        groups.setdefault(key, []).append(r)
+    for members in groups.values():
+        seeds = [r["seed"] for r in members]
+        if len(set(seeds)) < len(seeds):
+            raise UserError(f"runs {', '.join(r['dir'] for r in members)} share a config and a seed: "
+                            "list each run once")
+    return list(groups.values())
+
+
+def _spread(values: list[float]) -> dict:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def _group_row(members: list[dict]) -> dict:
+    """mean ± std over the members' (seeds') per-weather and mean figures."""
+    first = members[0]["metrics"]
+    row = {"name": _group_name([r["name"] for r in members]), "runs": len(members),
+           "seeds": [r["seed"] for r in members], "weathers": {}, "mean": {}, "std": {"weathers": {}, "mean": {}}}
+    for w in first["weathers"]:
+        for m in ("psnr", "ssim"):
+            s = _spread([r["metrics"]["weathers"][w][m] for r in members])
+            row["weathers"].setdefault(w, {})[m] = s["mean"]
+            row["std"]["weathers"].setdefault(w, {})[m] = s["std"]
+    for m in ("psnr", "ssim"):
+        s = _spread([r["metrics"]["mean"][m] for r in members])
+        row["mean"][m], row["std"]["mean"][m] = s["mean"], s["std"]
+    if all("clean_in" in r["metrics"] for r in members):
+        s = _spread([r["metrics"]["clean_in"]["psnr"] for r in members])
+        row["clean_in"] = {"psnr": s["mean"], "min": min(r["metrics"]["clean_in"]["min"] for r in members)}
+        row["std"]["clean_in"] = {"psnr": s["std"]}
+    return row
+
+
+def _per_image(members: list[dict], metric: str = "psnr") -> dict[str, tuple[str, list[float]]] | None:
+    """key -> (weather, the metric of each member on that image); None without per-image rows."""
+    if any(r["samples"] is None for r in members):
+        return None
+    out: dict = {}
+    for r in members:
+        for s in r["samples"]:
+            out.setdefault(s["key"], (s["weather"], []))[1].append(s[metric])
+    return out
+
+
+def _identity_images(run: dict) -> dict[str, tuple[str, list[float]]] | None:
+    return None if run["samples"] is None else {s["key"]: (s["weather"], [s["id_psnr"]]) for s in run["samples"]}
+
+
+def paired_difference(a: dict, b: dict, seeds_a: list, seeds_b: list) -> dict | None:
+    """A − B in PSNR, image by image (each image's value averaged over a group's seeds): the mean,
+    its standard error over images, per weather; and, where both have the same seeds, the spread of
+    the per-seed differences of the mean."""
+    keys = sorted(set(a) & set(b))
+    if not keys or set(a) != set(b):
+        return None
+    diffs = np.array([np.mean(a[k][1]) - np.mean(b[k][1]) for k in keys])
+
+    def summary(d: np.ndarray) -> dict:
+        se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+        return {"mean": float(d.mean()), "se": se, "n_images": len(d)}
+
+    out = {**summary(diffs), "weathers": {}}
+    for w in sorted({a[k][0] for k in keys}):
+        out["weathers"][w] = summary(np.array([d for k, d in zip(keys, diffs) if a[k][0] == w]))
+    if len(seeds_a) > 1 and seeds_a == seeds_b:
+        per_seed = []
+        for i in range(len(seeds_a)):  # the papers' mean: per weather first, then over weathers
+            by_w: dict = {}
+            for k in keys:
+                by_w.setdefault(a[k][0], []).append(a[k][1][i] - b[k][1][i])
+            per_seed.append(float(np.mean([np.mean(v) for v in by_w.values()])))
+        out["per_seed"] = _spread(per_seed)
+    return out
+
+
+def gather(run_dirs: list, latency_size: int = 256, device: str | None = None,
+           diffs: list[tuple[str, str]] = ()) -> dict:
     runs = [_load_run(Path(d)) for d in run_dirs]
     protocols = {r["metrics"]["protocol"] for r in runs}
     if len(protocols) > 1:
@@ -44,17 +156,35 @@ def gather(run_dirs: list, latency_size: int = 256, device: str | None = None) -
             raise UserError(f"runs were evaluated on different data ({what}: {', '.join(sorted(seen))}); "
                             "evaluate them on the same shard set and split with `weatherkd eval`")
     device = str(place(device).device)
-    for r in runs:
-        r["cost"] = cost.summary(models.load(r["model"]), latency_size=latency_size, device=device)
     first = runs[0]["metrics"]
     rows = [{"name": "identity", "weathers": first["identity"]["weathers"], "mean": first["identity"]["mean"]}]
-    for r in runs:
-        m = r["metrics"]
-        rows.append({"name": r["name"], "weathers": m["weathers"], "mean": m["mean"], "cost": r["cost"],
-                     "random_init": bool(m.get("random_init")), "model": r["model"], "dir": r["dir"]})
+    images = {"identity": (_identity_images(runs[0]), [None])}
+    for members in _groups(runs):
+        r = members[0]  # the cost is the arch's: the same for every seed
+        row = _group_row(members) if len(members) > 1 else {"name": r["name"], "weathers": r["metrics"]["weathers"],
+                                                            "mean": r["metrics"]["mean"]}
+        if len(members) == 1 and "clean_in" in r["metrics"]:
+            row["clean_in"] = r["metrics"]["clean_in"]
+        row.update(cost=cost.summary(models.load(r["model"]), latency_size=latency_size, device=device),
+                   random_init=bool(r["metrics"].get("random_init")), model=r["model"], dir=r["dir"])
+        if row["name"] in images:
+            raise UserError(f"two rows are named '{row['name']}' ({r['dir']}); name the runs' folders apart")
+        rows.append(row)
+        images[row["name"]] = (_per_image(members), [m["seed"] for m in members])
+    differences = []
+    wanted = [(row["name"], "identity") for row in rows[1:]] + [tuple(d) for d in diffs]
+    for a, b in wanted:
+        for name in (a, b):
+            if name not in images:
+                raise UserError(f"--diff {a}:{b}: no row named '{name}' (rows: {', '.join(images)})")
+        if images[a][0] is None or images[b][0] is None:
+            continue  # a run without per-image results (a training run's own validation)
+        d = paired_difference(images[a][0], images[b][0], images[a][1], images[b][1])
+        if d is not None:
+            differences.append({"a": a, "b": b, **d})
     return {"protocol": first["protocol"], "n": first["n"], "weathers": list(first["weathers"]), "rows": rows,
-            "device": device, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-            "date": time.strftime("%Y-%m-%d")}
+            "differences": differences, "device": device,
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d")}
 
 
 def markdown(report: dict) -> str:
@@ -62,20 +192,58 @@ def markdown(report: dict) -> str:
     sizes = _cost_sizes(report)
     cols = [*(f"{w} PSNR/SSIM" for w in weathers), "mean PSNR/SSIM", "params", f"GFLOPs@{sizes[0]}",
             f"latency ms@{sizes[1]}"]
+    seeded = any(row.get("runs", 1) > 1 for row in report["rows"])
+    cols = ["n", *cols] if seeded else cols
+    clean = any("clean_in" in row for row in report["rows"])
+    if clean:
+        cols.insert(cols.index("params"), "clean-in PSNR")
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for row in report["rows"]:
-        cells = [f"{row['weathers'][w]['psnr']:.2f} / {row['weathers'][w]['ssim']:.3f}" for w in weathers]
-        cells.append(f"**{row['mean']['psnr']:.2f}** / {row['mean']['ssim']:.3f}")
+        std = row.get("std")
+
+        def cell(value: dict, spread: dict | None, bold: bool = False) -> str:
+            p = f"{value['psnr']:.2f}" + (f" ± {spread['psnr']:.2f}" if spread else "")
+            return (f"**{p}**" if bold else p) + f" / {value['ssim']:.3f}"
+
+        cells = [str(row.get("runs", 1))] if seeded else []
+        cells += [cell(row["weathers"][w], std and std["weathers"][w]) for w in weathers]
+        cells.append(cell(row["mean"], std and std["mean"], bold=True))
+        if clean:
+            ci = row.get("clean_in")
+            spread = (std or {}).get("clean_in")
+            cells.append("—" if ci is None else f"{ci['psnr']:.2f}" + (f" ± {spread['psnr']:.2f}" if spread else ""))
         c = row.get("cost")
         cells += [f"{c['params'] / 1e6:.3f} M", f"{c['gflops']:.2f}", f"{c['latency_ms']:.1f}"] if c else ["—"] * 3
         name = row["name"] + (" †" if row.get("random_init") else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     notes = [f"Protocol `{report['protocol']}`, {report['n']} samples; latency on {report['device']} "
              f"({report['machine']}), {report['date']}."]
+    if seeded:
+        notes.append("a ± b: mean and standard deviation over the n seeds of a row (one run each).")
+    if clean:
+        notes.append("clean-in PSNR: each clean test target given as the input, the output scored against it "
+                     "(a model that leaves clean content alone scores high; 35 dB is the bar).")
     if any(r.get("random_init") for r in report["rows"]):
         notes.append("† built with random pretrained towers (allow_random_init): a pipeline check, not a result.")
     notes += report.get("notes", [])
-    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n" + _differences_markdown(report)
+
+
+def _differences_markdown(report: dict) -> str:
+    if not report.get("differences"):
+        return ""
+    weathers = report["weathers"]
+    cols = ["mean ΔPSNR ± SE", *weathers, "per-seed Δ (mean ± std, n)"]
+    lines = ["", "Paired differences in PSNR (dB), image by image on the same test images; SE is the standard "
+             "error over the images:", "", "| A − B | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for d in report["differences"]:
+        cells = [f"**{d['mean']:+.2f}** ± {d['se']:.2f}"]
+        cells += [f"{d['weathers'][w]['mean']:+.2f} ± {d['weathers'][w]['se']:.2f}" if w in d["weathers"] else "—"
+                  for w in weathers]
+        s = d.get("per_seed")
+        cells.append(f"{s['mean']:+.2f} ± {s['std']:.2f}, {s['n']}" if s else "—")
+        lines.append(f"| {d['a']} − {d['b']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _cost_sizes(report: dict) -> tuple[int, int]:
@@ -108,7 +276,13 @@ def track(report: dict, out_dir: Path) -> Path:
 def run_cli(args) -> int:
     if args.out and Path(args.out).suffix == ".json":
         raise UserError(f"--out names the markdown file (the JSON goes next to it), not {args.out}")
-    report = gather(args.runs, latency_size=args.latency_size)
+    diffs = []
+    for d in args.diff or []:
+        a, sep, b = d.partition(":")
+        if not sep or not a or not b:
+            raise UserError(f"--diff takes A:B, two row names (got '{d}')")
+        diffs.append((a, b))
+    report = gather(args.runs, latency_size=args.latency_size, diffs=diffs)
     text = markdown(report)
     if args.out:
         write(report, text, Path(args.out))

@@ -30,3 +30,19 @@ def test_the_plan_chains_every_stage_and_sd_path_adds_the_d4ir_student(tmp_path)
     assert stages["eval"].done[-1] == out / "eval" / "distill-d4ir" / "metrics.json" and d4ir.progress == out / "distill-d4ir" / "progress.json"
     kd = stages["distill-kd"]
     assert "configs/distill/demo.yaml" in kd.argv and "objective=kd" in kd.argv and kd.steps > 0
+
+
+def test_seeds_train_each_student_again_and_evaluate_every_run(tmp_path):
+    out, shards = tmp_path / "out", tmp_path / "shards"
+    one = demo.plan(out, shards)
+    three = {s.name: s for s in demo.plan(out, shards, seeds=3)}
+    assert [s.name for s in one] == [n for n in three if not n.endswith(("-s1", "-s2"))]  # seed 0 is the default run
+    for student in ("distill-scratch", "distill-kd", "distill-dckd", "distill-dream", "distill-pruned"):
+        assert not any(a.startswith("seed=") for a in three[student].argv)
+        for s in (1, 2):
+            stage = three[f"{student}-s{s}"]
+            assert f"seed={s}" in stage.argv and f"out_dir={out / f'{student}-s{s}'}" in stage.argv
+            assert stage.done == (out / f"{student}-s{s}" / "metrics.json",)
+    assert sum(n.startswith("teacher") or n == "prune" or n == "dream" for n in three) == 3  # made once
+    evaluated = [d.parent.name for d in three["eval"].done]
+    assert len(evaluated) == 1 + 5 * 3 + 1 and "distill-kd-s2" in evaluated

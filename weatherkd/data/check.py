@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import tarfile
 from collections import Counter
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from weatherkd.data.samples import CorruptSample, decode_sample
+from weatherkd.data.samples import CorruptSample, decode_member, decode_sample
 from weatherkd.data.shards import ShardSet, open_set
 from weatherkd.io import sha256_file
 from weatherkd.logs import progress
@@ -84,7 +83,7 @@ def _hashes(shard_set: ShardSet) -> tuple[np.ndarray, list[str]]:
     seen: dict[bytes, str] = {}
     bits, keys = [], []
     for s in shard_set.manifest["shards"]:
-        field = "target.png" if shard_set.has_target(s["split"]) else "input.png"
+        field = f"{'target' if shard_set.has_target(s['split']) else 'input'}.{shard_set.encoding}"
         for raw in iter_tar(shard_set.dir / s["file"]):
             data = raw.get(field)
             if data is None:
@@ -93,8 +92,7 @@ def _hashes(shard_set: ShardSet) -> tuple[np.ndarray, list[str]]:
             if digest in seen:
                 continue
             seen[digest] = raw["__key__"]
-            with Image.open(BytesIO(data)) as im:
-                h = imagehash.phash(im.convert("RGB"))
+            h = imagehash.phash(Image.fromarray(decode_member(field, data)))
             bits.append(h.hash.flatten())
             keys.append(f"{s['file']}:{raw['__key__']}")
     return np.array(bits, dtype=bool).reshape(len(bits), -1), keys

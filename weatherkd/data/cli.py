@@ -17,7 +17,7 @@ def run_cli(args) -> int:
 def _synth(args) -> int:
     from weatherkd.data.photo_set import SynthSpec, build
 
-    spec = SynthSpec(seed=args.seed)
+    spec = SynthSpec(seed=args.seed, encoding=args.encoding)
     for name in ("weathers", "train", "test", "size", "test_size", "shard_size"):
         value = getattr(args, name)
         if value is not None:
@@ -34,7 +34,8 @@ def _ingest(args) -> int:
 
     manifest = ingest(args.layout, args.root, args.out, split=args.split, list_file=args.list_file,
                       target_root=args.target_root, weather=args.weather, skip_missing=args.skip_missing,
-                      skip_bad=args.skip_bad, shard_size=args.shard_size or 256, overwrite=args.overwrite)
+                      skip_bad=args.skip_bad, shard_size=args.shard_size or 256, overwrite=args.overwrite,
+                      encoding=args.encoding)
     created = manifest["created_by"]
     log.info("wrote %s: %s (skipped %d pairs with a missing file, %d with an unreadable image)", args.out,
              json.dumps(manifest["splits"]), created.get("skipped_missing", 0), len(created.get("skipped_bad", [])))

@@ -16,7 +16,9 @@ from typing import Iterable
 
 import webdataset as wds
 
+from weatherkd.data.samples import sample_encoding
 from weatherkd.data.shards import build_manifest, shard_name
+from weatherkd.errors import UserError
 from weatherkd.io import atomic_write_json, sha256_file
 from weatherkd.logs import get_logger
 
@@ -40,14 +42,16 @@ def write_shard(out: Path, j: int, samples: Iterable[dict]) -> None:
     final = shard_path(out, j)
     tmp = out / f".{final.name}.tmp"
     writer = wds.TarWriter(str(tmp), mtime=0, format=tarfile.USTAR_FORMAT)
-    count = 0
+    count, encoding = 0, "png"
     for sample in samples:
         writer.write(sample)
+        encoding = sample_encoding(sample)
         count += 1
     writer.close()
     os.replace(tmp, final)
     atomic_write_json(sidecar_path(out, j), {"file": final.name, "split": SPLIT, "group": GROUP, "count": count,
-                                             "sha256": sha256_file(final), "bytes": final.stat().st_size})
+                                             "sha256": sha256_file(final), "bytes": final.stat().st_size,
+                                             "encoding": encoding})
 
 
 def merge(out: Path, n_shards: int, weathers: list[str], creator: dict, has_target: bool = False) -> dict | None:
@@ -55,7 +59,11 @@ def merge(out: Path, n_shards: int, weathers: list[str], creator: dict, has_targ
     if not all(sidecar_path(out, j).is_file() for j in range(n_shards)):
         return None
     shards = [json.loads(sidecar_path(out, j).read_text()) for j in range(n_shards)]
-    manifest = build_manifest(shards, weathers, {SPLIT: has_target}, creator)
+    encodings = {s.pop("encoding", "png") for s in shards if s["count"]}
+    if len(encodings) > 1:
+        raise UserError(f"{out}: its shards were written in different encodings ({', '.join(sorted(encodings))}); "
+                        "write to a new out_dir")
+    manifest = build_manifest(shards, weathers, {SPLIT: has_target}, creator, next(iter(encodings), "png"))
     manifest.pop("created", None)  # identical whichever task merges, and on every rerun
     manifest["created_by"].pop("argv", None)
     atomic_write_json(out / "manifest.json", manifest)

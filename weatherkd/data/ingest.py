@@ -77,7 +77,7 @@ def _key(split: str, index: int, path: Path) -> str:
 
 def ingest(layout: str, root: str, out: str, split: str = "train", list_file: str | None = None,
            target_root: str | None = None, weather: str | None = None, skip_missing: bool = False,
-           skip_bad: bool = False, shard_size: int = 256, overwrite: bool = False) -> dict:
+           skip_bad: bool = False, shard_size: int = 256, overwrite: bool = False, encoding: str = "png") -> dict:
     """``skip_missing``/``skip_bad``: skip pairs with an absent / undecodable file, count them and
     list the bad files in the manifest, instead of stopping at the first one."""
     root_p = Path(root)
@@ -118,7 +118,7 @@ def ingest(layout: str, root: str, out: str, split: str = "train", list_file: st
             raise ShardSetError(f"{inp} is {input_img.shape[:2]} but its target {tgt} is {target_img.shape[:2]}")
         meta = {"source": layout, "weather": w, "params": None, "origin": str(inp.relative_to(root_p)), "seed": None}
         sample = encode_sample(_key(split, i, inp), np.ascontiguousarray(input_img), weathers.index(w), meta,
-                               target=np.ascontiguousarray(target_img))
+                               target=np.ascontiguousarray(target_img), encoding=encoding)
         writer.add(split, w, sample)
     writer.creator["skipped_missing"] = missing
     writer.creator["skipped_bad"] = bad

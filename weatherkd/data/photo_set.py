@@ -50,6 +50,7 @@ class SynthSpec:
     test_size: int = 192  # longest side of a test photo
     seed: int = 0
     shard_size: int = 128
+    encoding: str = "png"  # samples.ENCODINGS
     params: weather_models.WeatherParams = field(default_factory=weather_models.WeatherParams)
 
 
@@ -156,7 +157,8 @@ def _add(writer, split, i, w, wi, clean, name, crop, rng, spec):
     degraded, params = weather_models.degrade(clean, w, rng, spec.params)
     meta = {"source": "builtin-skimage" if name in BUILTIN_PHOTOS else "folder", "weather": w,
             "params": params, "origin": name, "crop": crop, "seed": spec.seed}
-    sample = encode_sample(f"{split}_{w}_{i:06d}", to_uint8(degraded), wi, meta, target=to_uint8(clean))
+    sample = encode_sample(f"{split}_{w}_{i:06d}", to_uint8(degraded), wi, meta, target=to_uint8(clean),
+                           encoding=spec.encoding)
     writer.add(split, w, sample)
 
 

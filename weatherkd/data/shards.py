@@ -19,6 +19,7 @@ from pathlib import Path
 import webdataset as wds
 
 from weatherkd import __version__
+from weatherkd.data.samples import image_member, sample_encoding
 from weatherkd.errors import UserError
 from weatherkd.io import atomic_write_json, sha256_file
 
@@ -47,6 +48,7 @@ class ShardSetWriter:
         self._open: dict[tuple[str, str], tuple[wds.TarWriter, Path, int, int]] = {}
         self._next_index: dict[tuple[str, str], int] = {}
         self._has_target: dict[str, bool] = {}
+        self.encoding: str | None = None
         self._prepare_dir(overwrite)
 
     def _prepare_dir(self, overwrite: bool) -> None:
@@ -62,9 +64,14 @@ class ShardSetWriter:
 
     def add(self, split: str, group: str, sample: dict) -> None:
         key = (split, group)
-        has_target = "target.png" in sample
+        has_target = image_member(sample, "target") is not None
         if self._has_target.setdefault(split, has_target) != has_target:
             raise ValueError(f"split '{split}' mixes samples with and without targets")
+        encoding = sample_encoding(sample)
+        if (self.encoding or encoding) != encoding:
+            raise ValueError(f"a shard set has one encoding: sample '{sample['__key__']}' is {encoding}, "
+                             f"the set {self.encoding}")
+        self.encoding = encoding
         if key not in self._open:
             index = self._next_index.get(key, 0)
             tmp = self.dir / f".{shard_name(split, group, index)}.tmp"
@@ -93,12 +100,13 @@ class ShardSetWriter:
     def close(self) -> dict:
         for key in list(self._open):
             self._finish(key)
-        manifest = build_manifest(self.shards, self.weathers, self._has_target, self.creator)
+        manifest = build_manifest(self.shards, self.weathers, self._has_target, self.creator, self.encoding)
         atomic_write_json(self.dir / MANIFEST, manifest)
         return manifest
 
 
-def build_manifest(shards: list[dict], weathers: list[str], has_target: dict, creator: dict) -> dict:
+def build_manifest(shards: list[dict], weathers: list[str], has_target: dict, creator: dict,
+                   encoding: str | None = None) -> dict:
     shards = sorted(shards, key=lambda s: s["file"])
     splits: dict[str, dict[str, int]] = {}
     for s in shards:
@@ -109,6 +117,7 @@ def build_manifest(shards: list[dict], weathers: list[str], has_target: dict, cr
         "weathers": weathers,
         "splits": splits,
         "has_target": has_target,
+        "encoding": encoding or "png",
         "shards": shards,
         "created_by": {"argv": sys.argv, **creator},
         "version": __version__,
@@ -138,6 +147,11 @@ class ShardSet:
 
     def count(self, split: str, weathers: list[str] | None = None) -> int:
         return sum(s["count"] for s in self.shards(split, weathers))
+
+    @property
+    def encoding(self) -> str:
+        """How its images are stored; sets written before the manifest said so are PNG."""
+        return self.manifest.get("encoding", "png")
 
     def has_target(self, split: str) -> bool:
         return bool(self.manifest.get("has_target", {}).get(split, False))

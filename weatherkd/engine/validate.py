@@ -13,19 +13,23 @@ from weatherkd.data import stream
 from weatherkd.metrics import psnr_batch, quantize, ssim_batch
 
 
-def _rows(batch: dict, pred: torch.Tensor, weathers: list[str], protocol: str) -> list[dict]:
+def _rows(batch: dict, pred: torch.Tensor, weathers: list[str], protocol: str,
+          clean_pred: torch.Tensor | None = None) -> list[dict]:
     valid = batch["valid"].tolist()
     if "target" not in batch or not any(valid):
         return []
     target, inp = batch["target"].float(), batch["input"].float()
     p_psnr, p_ssim = psnr_batch(pred, target, protocol), ssim_batch(pred, target, protocol)
     i_psnr, i_ssim = psnr_batch(inp, target, protocol), ssim_batch(inp, target, protocol)
-    return [
+    rows = [
         {"key": k, "weather": weathers[int(w)], "psnr": float(a), "ssim": float(b),
          "id_psnr": float(c), "id_ssim": float(d)}
-        for k, w, ok, a, b, c, d in zip(batch["key"], batch["weather"], valid, p_psnr, p_ssim, i_psnr, i_ssim)
-        if ok
+        for k, w, a, b, c, d in zip(batch["key"], batch["weather"], p_psnr, p_ssim, i_psnr, i_ssim)
     ]
+    if clean_pred is not None:  # the clean image in: how far the model moves what needs no restoring
+        for r, c in zip(rows, psnr_batch(clean_pred, target, protocol)):
+            r["clean_psnr"] = float(c)
+    return [r for r, ok in zip(rows, valid) if ok]
 
 
 def summarise(rows: list[dict], protocol: str) -> dict:
@@ -43,7 +47,12 @@ def summarise(rows: list[dict], protocol: str) -> dict:
         return {"weathers": weathers, "mean": mean}
 
     model, identity = table("psnr", "ssim"), table("id_psnr", "id_ssim")
-    return {"protocol": protocol, **model, "n": len(rows), "identity": identity}
+    summary = {"protocol": protocol, **model, "n": len(rows), "identity": identity}
+    if rows and all("clean_psnr" in r for r in rows):
+        per_weather = {w: float(np.mean([r["clean_psnr"] for r in rs])) for w, rs in sorted(by_weather.items())}
+        summary["clean_in"] = {"psnr": float(np.mean(list(per_weather.values()))), "weathers": per_weather,
+                               "min": float(min(r["clean_psnr"] for r in rows))}
+    return summary
 
 
 def triplet(batch: dict, pred: torch.Tensor, i: int = 0) -> np.ndarray:
@@ -61,8 +70,10 @@ class Result:
 
 
 @torch.no_grad()
-def run(accelerator, predict, loader, weathers: list[str], protocol: str = "rgb", to_device=None) -> Result:
+def run(accelerator, predict, loader, weathers: list[str], protocol: str = "rgb", to_device=None,
+        clean_in: bool = False) -> Result:
     """Evaluate over a sharded eval loader: every rank runs its slice, rows are gathered everywhere.
+    ``clean_in``: also restore each clean target and score it against itself (``clean_psnr``).
 
     Examples are the first sample of each weather, gathered from whichever rank saw it.
     """
@@ -72,7 +83,11 @@ def run(accelerator, predict, loader, weathers: list[str], protocol: str = "rgb"
         with accelerator.autocast():
             pred = predict(batch)
         pred = pred.float().clamp(0, 1)
-        new_rows = _rows(batch, pred, weathers, protocol)
+        clean_pred = None
+        if clean_in and "target" in batch:
+            with accelerator.autocast():
+                clean_pred = predict({**batch, "input": batch["target"]}).float().clamp(0, 1)
+        new_rows = _rows(batch, pred, weathers, protocol, clean_pred)
         rows += new_rows
         if new_rows and new_rows[0]["weather"] not in examples:
             examples[new_rows[0]["weather"]] = (new_rows[0]["key"], triplet(batch, pred))

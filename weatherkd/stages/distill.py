@@ -115,7 +115,7 @@ class DistillRecipe(Recipe):
         if "teacher" in batch:  # cached in a distillation tar
             return batch["teacher"]
         if "teacher" not in self.frozen:
-            raise UserError(f"{self.cfg.data.train_shards}: a sample has no teacher.png although the set says it "
+            raise UserError(f"{self.cfg.data.train_shards}: a sample has no teacher image although the set says it "
                             "holds the teacher's outputs")
         return self.frozen["teacher"](batch["input"]).clamp(0, 1)
 

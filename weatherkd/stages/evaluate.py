@@ -47,8 +47,12 @@ def markdown(summary: dict, title: str) -> str:
         return f"| {name} | " + " | ".join(cells) + f" | {mean} |\n"
 
     random_note = " — **random weights**" if summary.get("random_init") else ""
+    clean = summary.get("clean_in")
+    clean_line = (f"\nClean in (each clean target as the input): PSNR {clean['psnr']:.2f} dB of the output against "
+                  f"it, {clean['min']:.2f} dB at worst.\n" if clean else "")
     return (f"### {title}{random_note}\n\nPSNR (dB) / SSIM, protocol `{summary['protocol']}`, "
-            f"{summary['n']} samples\n\n" + head + row(title, summary) + row("identity", summary["identity"]))
+            f"{summary['n']} samples\n\n" + head + row(title, summary) + row("identity", summary["identity"])
+            + clean_line)
 
 
 def evaluate(model_dir, shards, out=None, protocol: str = "rgb", split: str = "test", tile: int = 0,
@@ -71,7 +75,7 @@ def evaluate(model_dir, shards, out=None, protocol: str = "rgb", split: str = "t
         return tiled(model, x, tile, overlap) if tile else model(x)
 
     result = validate.run(acc, predict, loader, shard_set.weathers, protocol,
-                          to_device=lambda b: stream.to_device(b, acc.device))
+                          to_device=lambda b: stream.to_device(b, acc.device), clean_in=True)
     if result.summary["n"] == 0:
         raise UserError(f"{shards}/{split}: no sample has a target (clean image), so there is nothing to score")
     summary = {**result.summary, "corrupt_skipped": result.corrupt, "random_init": bool(spec.get("random_init")),

@@ -20,7 +20,7 @@ from PIL import Image
 from weatherkd import models
 from weatherkd.placement import dtype_named
 from weatherkd.stages.job import ShardedJob, SliceConfig, sample_seed, teacher_hash
-from weatherkd.data.samples import decode_image, encode_sample, to_uint8
+from weatherkd.data.samples import decode_member, encode_sample, to_uint8
 from weatherkd.data.shards import open_set
 from weatherkd.config import RunConfig
 from weatherkd.errors import UserError
@@ -64,7 +64,8 @@ class CleanImages:
         # items: (file, key, byte range of the image inside a tar, or None for a plain image file)
         if (path / "manifest.json").is_file():
             shard_set = open_set(path, split)
-            suffix = ".target.png" if shard_set.has_target(split) else ".input.png"
+            field = "target" if shard_set.has_target(split) else "input"
+            suffix = self.suffix = f".{field}.{shard_set.encoding}"
             self.items = []
             for s in shard_set.shards(split):
                 with tarfile.open(shard_set.dir / s["file"]) as tar:  # headers only: offsets for direct reads
@@ -89,7 +90,7 @@ class CleanImages:
         else:
             with open(where, "rb") as f:  # one seek, not a scan of the tar up to this member
                 f.seek(span[0])
-                img = decode_image(f.read(span[1]))
+                img = decode_member(self.suffix, f.read(span[1]))
         return _square(img, size)
 
 

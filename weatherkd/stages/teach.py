@@ -25,7 +25,7 @@ import torch
 from weatherkd import models
 from weatherkd.config import ConfigError, RunConfig
 from weatherkd.data.check import iter_tar
-from weatherkd.data.samples import decode_image, encode_png, to_uint8
+from weatherkd.data.samples import decode_member, encode_image, image_member, sample_encoding, to_uint8
 from weatherkd.data.shards import open_set
 from weatherkd.errors import UserError
 from weatherkd.logs import get_logger
@@ -78,7 +78,8 @@ class Teach(ShardedJob):
         raws, images = [], []
         for raw in iter_tar(self.source.dir / self.inputs[j]["file"]):
             try:
-                images.append(decode_image(raw["input.png"]))
+                name = image_member(raw, "input")
+                images.append(decode_member(name, raw[name]))
                 raws.append(raw)
             except Exception as e:  # a corrupt sample is skipped and counted, as the loaders do
                 self.skipped += 1
@@ -102,8 +103,9 @@ class Teach(ShardedJob):
                     for i, out in zip(chunk, y):
                         outputs[i] = to_uint8(out)
         for raw, out in zip(raws, outputs):
-            sample = {k: v for k, v in raw.items() if k not in ("teacher.png", "prov.json")}
-            sample["teacher.png"] = encode_png(out)
+            sample = {k: v for k, v in raw.items() if k.split(".", 1)[0] not in ("teacher", "prov")}
+            encoding = sample_encoding(raw)  # the cache keeps the set's encoding
+            sample[f"teacher.{encoding}"] = encode_image(out, encoding)
             sample["prov.json"] = json.dumps({**self.prov, "key": raw["__key__"]}).encode()
             yield sample
 

@@ -1,0 +1,83 @@
+"""`weatherkd report`: runs that differ only in seed become one row with its spread, and paired
+differences are taken image by image."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from weatherkd import models, report
+from weatherkd.engine.validate import summarise
+from weatherkd.errors import UserError
+
+KEYS = [("a", "snow"), ("b", "snow"), ("c", "rain_haze"), ("d", "rain_haze"), ("e", "rain_haze")]
+IDENTITY = np.array([20.0, 21.0, 18.0, 19.0, 17.0])
+
+
+def seed_or_0(seed):
+    return seed or 0
+
+
+def fake_eval(root, name, psnr, seed=None, objective="kd"):
+    """An eval output as `weatherkd eval` writes it, with made-up per-image PSNRs."""
+    run = root / name
+    models.save(models.build("residual_cnn", width=4, depth=2), run / "model")
+    if seed is not None:
+        (run / "config.yaml").write_text(yaml.safe_dump({"objective": objective, "seed": seed, "out_dir": str(run)}))
+    rows = [{"key": k, "weather": w, "psnr": float(p), "ssim": 0.5, "id_psnr": float(i), "id_ssim": 0.4,
+             "clean_psnr": 40.0 + seed_or_0(seed)} for (k, w), p, i in zip(KEYS, psnr, IDENTITY)]
+    ev = run / "eval"
+    ev.mkdir()
+    (ev / "samples.json").write_text(json.dumps(rows))
+    (ev / "metrics.json").write_text(json.dumps({**summarise(rows, "rgb"), "model": str(run / "model"),
+                                                 "shards": "s", "split": "test"}))
+    return ev
+
+
+def test_seeds_are_one_row_with_their_spread_and_differences_are_paired(tmp_path):
+    rng = np.random.default_rng(0)
+    kd = [IDENTITY + 1 + rng.normal(0, 0.3, 5) for _ in range(3)]
+    dckd = [k + 0.5 + rng.normal(0, 0.1, 5) for k in kd]
+    runs = [fake_eval(tmp_path, "teacher", IDENTITY + 2)]
+    runs += [fake_eval(tmp_path, f"kd-s{s}", kd[s], seed=s) for s in range(3)]
+    runs += [fake_eval(tmp_path, f"dckd-s{s}", dckd[s], seed=s, objective="dckd") for s in range(3)]
+    table = report.gather(runs, latency_size=16, diffs=[("dckd", "kd")])
+    assert [r["name"] for r in table["rows"]] == ["identity", "teacher", "kd", "dckd"]
+
+    def paper_mean(p):  # per weather first, then over weathers
+        return np.mean([p[:2].mean(), p[2:].mean()])
+
+    row = table["rows"][2]
+    assert row["runs"] == 3 and row["seeds"] == [0, 1, 2]
+    assert row["mean"]["psnr"] == pytest.approx(np.mean([paper_mean(k) for k in kd]))
+    assert row["std"]["mean"]["psnr"] == pytest.approx(np.std([paper_mean(k) for k in kd], ddof=1))
+    assert row["weathers"]["snow"]["psnr"] == pytest.approx(np.mean([k[:2].mean() for k in kd]))
+
+    diffs = {(d["a"], d["b"]): d for d in table["differences"]}
+    assert set(diffs) == {("teacher", "identity"), ("kd", "identity"), ("dckd", "identity"), ("dckd", "kd")}
+    d = diffs[("dckd", "kd")]
+    per_image = np.mean(dckd, axis=0) - np.mean(kd, axis=0)
+    assert d["mean"] == pytest.approx(per_image.mean()) and d["n_images"] == 5
+    assert d["se"] == pytest.approx(np.std(per_image, ddof=1) / np.sqrt(5))
+    assert d["weathers"]["snow"]["mean"] == pytest.approx(per_image[:2].mean())
+    per_seed = [paper_mean(a - b) for a, b in zip(dckd, kd)]
+    assert d["per_seed"]["mean"] == pytest.approx(np.mean(per_seed))
+    assert d["per_seed"]["std"] == pytest.approx(np.std(per_seed, ddof=1)) and d["per_seed"]["n"] == 3
+    assert diffs[("teacher", "identity")]["mean"] == pytest.approx(2.0) and "per_seed" not in diffs[("teacher", "identity")]
+
+    assert row["clean_in"]["psnr"] == pytest.approx(41.0) and row["std"]["clean_in"]["psnr"] == pytest.approx(1.0)
+    assert table["rows"][1]["clean_in"] == {"psnr": 40.0, "weathers": {"rain_haze": 40.0, "snow": 40.0}, "min": 40.0}
+    text = report.markdown(table)
+    assert "clean-in PSNR" in text and "| 41.00 ± 1.00 |" in text
+    assert "| model | n |" in text and f"{row['mean']['psnr']:.2f} ± {row['std']['mean']['psnr']:.2f}" in text
+    assert f"| dckd − kd | **{d['mean']:+.2f}** ± {d['se']:.2f}" in text
+
+
+def test_a_repeated_seed_and_an_unknown_diff_are_refused(tmp_path):
+    a = fake_eval(tmp_path, "kd-s0", IDENTITY + 1, seed=0)
+    b = fake_eval(tmp_path, "kd-again", IDENTITY + 1, seed=0)
+    with pytest.raises(UserError, match="share a config and a seed"):
+        report.gather([a, b], latency_size=16)
+    with pytest.raises(UserError, match="no row named 'dckd'"):
+        report.gather([a], latency_size=16, diffs=[("dckd", "kd-s0")])
