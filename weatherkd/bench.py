@@ -180,7 +180,7 @@ def _first_shards(shards_dir: str, split: str, n: int, dest: Path) -> Path:
     chosen = source.shards(split)[:n]
     dest.mkdir(parents=True)
     for s in chosen:
-        (dest / s["file"]).symlink_to(source.dir / s["file"])
+        (dest / s["file"]).symlink_to((source.dir / s["file"]).resolve())  # a relative --shards too
     splits: dict = {}
     for s in chosen:
         splits.setdefault(split, {}).setdefault(s["group"], 0)
@@ -189,18 +189,17 @@ def _first_shards(shards_dir: str, split: str, n: int, dest: Path) -> Path:
     return dest
 
 
-def _timed_steps(engine, batches, steps: int):
-    """Wall seconds of ``steps`` real engine steps, the device synchronised around them, and their Window."""
+def _timed_steps(engine, batches, steps: int, window) -> float:
+    """Wall seconds of ``steps`` real engine steps, the device synchronised around them; the steps'
+    data and step times add up in ``window``."""
     from weatherkd import cost
-    from weatherkd.engine.loop import Window
 
-    window = Window()
     cost.sync(engine.acc.device)
     start = time.perf_counter()
     for _ in range(steps):
         engine.train_step(batches, window)
     cost.sync(engine.acc.device)
-    return time.perf_counter() - start, window
+    return time.perf_counter() - start
 
 
 STEP_PARTS = ["distill/student_forward", "distill/teacher", "distill/dckd_negatives", "distill/dckd_history",
@@ -223,7 +222,7 @@ def bench_kd_overhead(argv: list[str]) -> dict:
 
     p = argparse.ArgumentParser(prog="weatherkd bench kd-overhead")
     p.add_argument("--config", default="configs/distill/demo.yaml")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=20, help="timed steps of each kind, taken in turn; the median counts")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--teach-shards", type=int, default=2, help="shards of the training set the cache is made of")
     p.add_argument("--profile-steps", type=int, default=3, help="steps profiled for the split into parts")
@@ -244,6 +243,7 @@ def bench_kd_overhead(argv: list[str]) -> dict:
         cached = [f"data.train_shards={taught}", "data.train_split=train"]  # a taught set's one split
         runs = {"scratch": ["objective=scratch"], "kd_online": ["objective=kd"], "kd_cached": ["objective=kd", *cached],
                 "dckd_online": ["objective=dckd"], "dckd_cached": ["objective=dckd", *cached]}
+        engines = {}
         for name, extra in runs.items():
             torch.manual_seed(0)
             data = [] if "cached" in name else [f"data.train_shards={subset}"]
@@ -254,9 +254,15 @@ def bench_kd_overhead(argv: list[str]) -> dict:
             batches = engine.train_batches()
             for _ in range(a.warmup):
                 engine.train_step(batches, Window())
-            seconds, window = _timed_steps(engine, batches, a.steps)
+            engines[name] = (engine, batches, Window(), [])
+        # Round robin, one step of each in turn: a shared machine's slow spells hit every kind
+        # alike, and the median step ignores the spikes.
+        for _ in range(a.steps):
+            for engine, batches, window, seconds in engines.values():
+                seconds.append(_timed_steps(engine, batches, 1, window))
+        for name, (engine, batches, window, seconds) in engines.items():
             device = engine.acc.device
-            result["seconds_per_step"][name] = seconds / a.steps
+            result["seconds_per_step"][name] = float(np.median(seconds))
             result.setdefault("data_wait_frac", {})[name] = window.data_s / window.total_s
             cuda = device.type == "cuda"  # on a GPU a part's time is its kernels', not its launches
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -332,7 +338,8 @@ def bench_step(argv: list[str]) -> dict:
         counter = FlopCounterMode(display=False)
         with counter:
             engine.train_step(batches, Window())
-        seconds, window = _timed_steps(engine, batches, a.steps)
+        window = Window()
+        seconds = _timed_steps(engine, batches, a.steps, window)
         device = engine.acc.device
         peak = cost.matmul_peak_flops(device, engine.compute_dtype)
     flops = counter.get_total_flops()

@@ -237,8 +237,11 @@ def _differences_markdown(report: dict) -> str:
     lines = ["", "Paired differences in PSNR (dB), image by image on the same test images; SE is the standard "
              "error over the images:", "", "| A − B | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for d in report["differences"]:
-        cells = [f"**{d['mean']:+.2f}** ± {d['se']:.2f}"]
-        cells += [f"{d['weathers'][w]['mean']:+.2f} ± {d['weathers'][w]['se']:.2f}" if w in d["weathers"] else "—"
+        def pm(x: dict) -> str:  # one image has no standard error
+            return f" ± {x['se']:.2f}" if x["n_images"] > 1 else " (1 image)"
+
+        cells = [f"**{d['mean']:+.2f}**{pm(d)}"]
+        cells += [f"{d['weathers'][w]['mean']:+.2f}{pm(d['weathers'][w])}" if w in d["weathers"] else "—"
                   for w in weathers]
         s = d.get("per_seed")
         cells.append(f"{s['mean']:+.2f} ± {s['std']:.2f}, {s['n']}" if s else "—")

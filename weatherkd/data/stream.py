@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import queue
 import signal
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -231,11 +233,63 @@ class _CorruptTally:
         return sum(self.per_worker.values())
 
 
-class TrainLoader:
-    """Batches of a ``TrainStream``; ``corrupt`` counts the samples skipped."""
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
 
-    def __init__(self, stream: TrainStream, num_workers: int):
+
+_END = object()
+
+
+def _ahead(batches, prepare, depth: int = 2):
+    """``prepare(batch)`` for each of ``batches``, taken in a background thread up to ``depth`` ahead
+    of the consumer, in order. Receiving a batch from the workers (unpickling it, mapping its shared
+    memory, which costs milliseconds per batch here) and moving it to the device then overlap the
+    step instead of adding to it."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fill():
+        try:
+            for batch in batches:
+                if not put(prepare(batch)):
+                    return
+            put(_END)
+        except BaseException as e:  # raised again in the consumer, where the loop can handle it
+            put(_Failed(e))
+
+    thread = threading.Thread(target=fill, name="weatherkd-batches", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not _END:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        # The thread holds the loader's iterator: it must let go (its workers shut down when it is
+        # collected) before the process exits, or exit would wait on workers that ignore SIGTERM.
+        stop.set()
+        thread.join(timeout=60)
+
+
+class TrainLoader:
+    """Batches of a ``TrainStream``; ``corrupt`` counts the samples skipped. With loader workers, a
+    background thread receives their batches and ``prepare``s them (the engine's ``to_device``)
+    ahead of the step."""
+
+    def __init__(self, stream: TrainStream, num_workers: int, prepare=None):
         self.stream = stream
+        self.num_workers = num_workers
+        self.prepare = prepare
         self.loader = _loader(stream, num_workers, prefetch_factor=4 if num_workers else None,
                               pin_memory=torch.cuda.is_available())
         self.corrupt_by_epoch: dict[int, _CorruptTally] = {}
@@ -255,16 +309,21 @@ class TrainLoader:
 
     def _batches(self, epoch: int, skip: int, epochs: int | None):
         self.stream.epoch, self.stream.skip, self.stream.epochs = epoch, skip, epochs
-        for batch in self.loader:
-            self.corrupt_by_epoch.setdefault(batch.pop("__epoch__"), _CorruptTally()).update(batch)
-            yield batch
+        prepare = self.prepare or (lambda batch: batch)
+        batches = _ahead(self.loader, prepare) if self.num_workers else (prepare(b) for b in self.loader)
+        try:
+            for batch in batches:
+                self.corrupt_by_epoch.setdefault(batch.pop("__epoch__"), _CorruptTally()).update(batch)
+                yield batch
+        finally:
+            batches.close()
 
 
 def train_loader(path, split: str, weathers, spec: TrainSpec, seed: int, rank: int, world_size: int,
-                 batches_per_epoch: int, num_workers: int) -> TrainLoader:
+                 batches_per_epoch: int, num_workers: int, prepare=None) -> TrainLoader:
     shard_set = open_set(path, split)
     stream = TrainStream(shard_set, split, weathers, spec, seed, rank, world_size, batches_per_epoch)
-    return TrainLoader(stream, num_workers)
+    return TrainLoader(stream, num_workers, prepare)
 
 
 # ---------------------------------------------------------------------------

@@ -162,6 +162,8 @@ class Engine:
         for module in self.recipe.frozen.values():
             module.requires_grad_(False)
             module.to(self.acc.device, dtype=self.compute_dtype if module_is_float(module) else None).eval()
+            if self.cfg.train.channels_last:  # the batches arrive channels_last: so must every conv's weights
+                module.to(memory_format=torch.channels_last)
 
     def _optimizer(self, params):
         t = self.cfg.train
@@ -180,14 +182,15 @@ class Engine:
         # An epoch is one checkpoint interval: a resume at a checkpoint starts a fresh epoch, with no replay.
         per_epoch = max(1, cfg.ckpt.every) * cfg.train.grad_accum
         self.train_loader = train_loader(d.train_shards, d.train_split, d.weathers, spec, cfg.seed,
-                                         acc.process_index, acc.num_processes, per_epoch, d.num_workers)
+                                         acc.process_index, acc.num_processes, per_epoch, d.num_workers,
+                                         prepare=self.to_device)
         self.batches_per_epoch = per_epoch
         self.weathers = self.train_loader.stream.weathers
         self.eval_loader = eval_loader(d.eval_shards or d.train_shards, d.eval_split, d.weathers, acc.process_index,
                                        acc.num_processes, d.num_workers, d.eval_max_samples)
 
     def train_batches(self):
-        """Micro-batches from the current data position onward, across epochs."""
+        """Micro-batches on the device (``to_device``), from the current data position onward, across epochs."""
         return self.train_loader.from_position(*divmod(self.progress.micro, self.batches_per_epoch))
 
     def to_device(self, batch: dict) -> dict:
@@ -216,6 +219,7 @@ class Engine:
                     self.preemption.clear()  # the requeued run must not stop again at once
                 log.warning("preempted (%s) at step %d: checkpoint saved, exiting %d",
                             self.preemption.signal_name or "stop file", self.progress.step, EXIT_PREEMPTED)
+                batches.close()
                 self.tracker.finish()
                 sys.exit(EXIT_PREEMPTED)
             window.add(self.train_step(batches, window, check_sync=self.progress.step > start_step))
@@ -230,6 +234,7 @@ class Engine:
                 metrics = self.validate(step)
             if last or step % cfg.ckpt.every == 0:
                 self.save()
+        batches.close()  # stops the loader's workers (and its prefetching thread)
         bar.close()
         if metrics is None:  # resumed at max_steps: nothing left to train, still report
             metrics = self.validate(self.progress.step)
@@ -269,7 +274,7 @@ class Engine:
         with self.host_sync_check(check_sync):
             for _ in range(self.cfg.train.grad_accum):
                 t0 = time.perf_counter()
-                batch = self.to_device(next(batches))
+                batch = next(batches)  # already on the device: the loader prepared it ahead
                 window.data_s += time.perf_counter() - t0
                 self.progress.micro += 1
                 with acc.accumulate(model), acc.autocast():

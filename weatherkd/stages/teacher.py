@@ -162,13 +162,13 @@ class TeacherRecipe(Recipe):
         d = cfg.data
         plain = TrainSpec.of(d, flip=False, cutmix_prob=0.0)
         loader = train_loader(d.train_shards, d.train_split, d.weathers, plain, cfg.seed + 1, acc.process_index,
-                              acc.num_processes, want.batches, d.num_workers)
+                              acc.num_processes, want.batches, d.num_workers, prepare=engine.to_device)
         exported = models.load(path).to(acc.device).eval()
         if not feature_stats.select_layers(exported, want.layers):
             log.info("no layer of the exported model matches stats.layers %s: no feature statistics recorded",
                      want.layers)
             return
-        batches = (engine.to_device(b) for b in loader.epoch(0, 0))
+        batches = loader.epoch(0, 0)
         reduce = (lambda t: acc.reduce(t.to(acc.device), reduction="sum").cpu()) if acc.num_processes > 1 else None
         stats = feature_stats.record(exported, batches, engine.weathers, want.layers, reduce)
         if acc.is_main_process:
