@@ -75,7 +75,9 @@ def refused(*args) -> subprocess.CompletedProcess:
             try:
                 code = cli.main([str(a) for a in args])
             except SystemExit as e:  # argparse's usage errors
-                code = e.code if isinstance(e.code, int) else 1
+                code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+                if isinstance(e.code, str):
+                    print(e.code, file=err)
     finally:
         os.chdir(cwd)
         handler.setStream(old)

@@ -58,7 +58,7 @@ def _allweather_like(dest: Path, n: int, size: tuple[int, int], encodings: list[
     Built untimed, from the builtin photos; the pixels are the same in every copy."""
     from weatherkd.data import weather as weather_models
     from weatherkd.data.photo_set import load_photos
-    from weatherkd.data.samples import encode_image, encode_sample
+    from weatherkd.data.samples import encode_image, encode_sample, to_uint8
     from weatherkd.data.shards import ShardSetWriter
 
     photos = load_photos("builtin")
@@ -69,10 +69,10 @@ def _allweather_like(dest: Path, n: int, size: tuple[int, int], encodings: list[
     for k in range(n):
         rng = np.random.default_rng([7, k])
         name, photo = photos[k % len(photos)]
-        clean = np.asarray(Image.fromarray((photo * 255 + 0.5).astype(np.uint8)).resize(size, Image.BICUBIC))
+        clean = np.asarray(Image.fromarray(to_uint8(photo)).resize(size, Image.BICUBIC))
         w = weathers[k % len(weathers)]
         degraded, _ = weather_models.degrade(clean.astype(np.float32) / 255, w, rng)
-        images = {"input": (np.clip(degraded, 0, 1) * 255 + 0.5).astype(np.uint8), "target": clean}
+        images = {"input": to_uint8(degraded), "target": clean}
         images["teacher"] = ((images["input"].astype(np.uint16) + clean) // 2).astype(np.uint8)
         for e, writer in writers.items():
             writer.add("train", w, encode_sample(f"aw_{k:06d}", images["input"], weathers.index(w), {"origin": name},
@@ -273,6 +273,8 @@ def bench_kd_overhead(argv: list[str]) -> dict:
             totals = {e.key: (e.device_time_total if cuda else e.cpu_time_total) / 1e3 / a.profile_steps
                       for e in prof.key_averages() if e.key in STEP_PARTS}
             result["ms_per_step_by_part"][name] = {k: totals[k] for k in STEP_PARTS if k in totals}
+        for _, batches, _, _ in engines.values():
+            batches.close()  # their loader workers read from the temporary folder
     t = result["seconds_per_step"]
     result["kd_cached_over_scratch"] = t["kd_cached"] / t["scratch"]
     result["kd_online_over_scratch"] = t["kd_online"] / t["scratch"]

@@ -72,6 +72,8 @@ def _groups(runs: list[dict]) -> list[list[dict]]:
         if len(set(seeds)) < len(seeds):
             raise UserError(f"runs {', '.join(r['dir'] for r in members)} share a config and a seed: "
                             "list each run once")
+        if len(members) > 1:
+            members.sort(key=lambda r: r["seed"])
     return list(groups.values())
 
 
@@ -100,44 +102,52 @@ def _group_row(members: list[dict]) -> dict:
     return row
 
 
-def _per_image(members: list[dict], metric: str = "psnr") -> dict[str, tuple[str, list[float]]] | None:
-    """key -> (weather, the metric of each member on that image); None without per-image rows."""
+def _per_image(members: list[dict], metric: str = "psnr") -> list[dict[str, tuple[str, float]]] | None:
+    """Per member (in seed order): image key -> (weather, the metric); None without per-image rows."""
     if any(r["samples"] is None for r in members):
         return None
-    out: dict = {}
-    for r in members:
-        for s in r["samples"]:
-            out.setdefault(s["key"], (s["weather"], []))[1].append(s[metric])
+    return [{s["key"]: (s["weather"], s[metric]) for s in r["samples"]} for r in members]
+
+
+def _identity_images(runs: list[dict]) -> list[dict[str, tuple[str, float]]] | None:
+    run = next((r for r in runs if r["samples"] is not None), None)
+    return None if run is None else [{s["key"]: (s["weather"], s["id_psnr"]) for s in run["samples"]}]
+
+
+def _by_weather(values: dict[str, tuple[str, float]]) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for key in sorted(values):
+        weather, v = values[key]
+        out.setdefault(weather, []).append(v)
     return out
 
 
-def _identity_images(run: dict) -> dict[str, tuple[str, list[float]]] | None:
-    return None if run["samples"] is None else {s["key"]: (s["weather"], [s["id_psnr"]]) for s in run["samples"]}
-
-
-def paired_difference(a: dict, b: dict, seeds_a: list, seeds_b: list) -> dict | None:
-    """A − B in PSNR, image by image (each image's value averaged over a group's seeds): the mean,
-    its standard error over images, per weather; and, where both have the same seeds, the spread of
-    the per-seed differences of the mean."""
-    keys = sorted(set(a) & set(b))
-    if not keys or set(a) != set(b):
+def paired_difference(a: list[dict], b: list[dict], seeds_a: list, seeds_b: list) -> dict | None:
+    """A − B in PSNR, image by image on the same images (each image's value averaged over a row's
+    seeds). Per weather: the mean and its standard error over that weather's images; overall, as
+    the table's mean column is taken, the mean of the per-weather means, with the SE that follows
+    (sqrt of the summed per-weather variances, over the number of weathers). Where both rows have
+    the same seeds, the spread of the per-seed differences of that mean. None when the rows were
+    not scored on the same images."""
+    keys = set(a[0])
+    if any(set(run) != keys for run in (*a, *b)):
         return None
-    diffs = np.array([np.mean(a[k][1]) - np.mean(b[k][1]) for k in keys])
-
-    def summary(d: np.ndarray) -> dict:
-        se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-        return {"mean": float(d.mean()), "se": se, "n_images": len(d)}
-
-    out = {**summary(diffs), "weathers": {}}
-    for w in sorted({a[k][0] for k in keys}):
-        out["weathers"][w] = summary(np.array([d for k, d in zip(keys, diffs) if a[k][0] == w]))
-    if len(seeds_a) > 1 and seeds_a == seeds_b:
+    diff = {k: (a[0][k][0], float(np.mean([run[k][1] for run in a]) - np.mean([run[k][1] for run in b])))
+            for k in keys}
+    weathers = {}
+    for w, d in sorted(_by_weather(diff).items()):
+        se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None
+        weathers[w] = {"mean": float(np.mean(d)), "se": se, "n_images": len(d)}
+    ses = [v["se"] for v in weathers.values()]
+    out = {"mean": float(np.mean([v["mean"] for v in weathers.values()])),
+           "se": None if None in ses else float(np.sqrt(np.sum(np.square(ses))) / len(ses)),
+           "n_images": len(keys), "weathers": weathers}
+    if len(seeds_a) > 1 and sorted(seeds_a) == sorted(seeds_b):
+        runs_b = dict(zip(seeds_b, b))
         per_seed = []
-        for i in range(len(seeds_a)):  # the papers' mean: per weather first, then over weathers
-            by_w: dict = {}
-            for k in keys:
-                by_w.setdefault(a[k][0], []).append(a[k][1][i] - b[k][1][i])
-            per_seed.append(float(np.mean([np.mean(v) for v in by_w.values()])))
+        for seed, run_a in zip(seeds_a, a):
+            d = {k: (run_a[k][0], run_a[k][1] - runs_b[seed][k][1]) for k in keys}
+            per_seed.append(float(np.mean([np.mean(v) for v in _by_weather(d).values()])))
         out["per_seed"] = _spread(per_seed)
     return out
 
@@ -158,7 +168,7 @@ def gather(run_dirs: list, latency_size: int = 256, device: str | None = None,
     device = str(place(device).device)
     first = runs[0]["metrics"]
     rows = [{"name": "identity", "weathers": first["identity"]["weathers"], "mean": first["identity"]["mean"]}]
-    images = {"identity": (_identity_images(runs[0]), [None])}
+    images = {"identity": (_identity_images(runs), [None])}
     for members in _groups(runs):
         r = members[0]  # the cost is the arch's: the same for every seed
         row = _group_row(members) if len(members) > 1 else {"name": r["name"], "weathers": r["metrics"]["weathers"],
@@ -177,11 +187,15 @@ def gather(run_dirs: list, latency_size: int = 256, device: str | None = None,
         for name in (a, b):
             if name not in images:
                 raise UserError(f"--diff {a}:{b}: no row named '{name}' (rows: {', '.join(images)})")
-        if images[a][0] is None or images[b][0] is None:
-            continue  # a run without per-image results (a training run's own validation)
-        d = paired_difference(images[a][0], images[b][0], images[a][1], images[b][1])
+        asked = (a, b) in {tuple(d) for d in diffs}
+        d = None
+        if images[a][0] is not None and images[b][0] is not None:
+            d = paired_difference(images[a][0], images[b][0], images[a][1], images[b][1])
         if d is not None:
             differences.append({"a": a, "b": b, **d})
+        elif asked:  # against identity, a run without per-image results (a training run's own) is left out
+            raise UserError(f"--diff {a}:{b}: the two rows were not scored on the same images, image by image "
+                            "(give `weatherkd eval` outputs, which hold samples.json, evaluated on one split)")
     return {"protocol": first["protocol"], "n": first["n"], "weathers": list(first["weathers"]), "rows": rows,
             "differences": differences, "device": device,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d")}
@@ -238,7 +252,7 @@ def _differences_markdown(report: dict) -> str:
              "error over the images:", "", "| A − B | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for d in report["differences"]:
         def pm(x: dict) -> str:  # one image has no standard error
-            return f" ± {x['se']:.2f}" if x["n_images"] > 1 else " (1 image)"
+            return f" ± {x['se']:.2f}" if x["se"] is not None else f" ({x['n_images']} image, no SE)"
 
         cells = [f"**{d['mean']:+.2f}**{pm(d)}"]
         cells += [f"{d['weathers'][w]['mean']:+.2f}{pm(d['weathers'][w])}" if w in d["weathers"] else "—"

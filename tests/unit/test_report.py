@@ -40,7 +40,7 @@ def test_seeds_are_one_row_with_their_spread_and_differences_are_paired(tmp_path
     kd = [IDENTITY + 1 + rng.normal(0, 0.3, 5) for _ in range(3)]
     dckd = [k + 0.5 + rng.normal(0, 0.1, 5) for k in kd]
     runs = [fake_eval(tmp_path, "teacher", IDENTITY + 2)]
-    runs += [fake_eval(tmp_path, f"kd-s{s}", kd[s], seed=s) for s in range(3)]
+    runs += [fake_eval(tmp_path, f"kd-s{s}", kd[s], seed=s) for s in (2, 0, 1)]  # any order
     runs += [fake_eval(tmp_path, f"dckd-s{s}", dckd[s], seed=s, objective="dckd") for s in range(3)]
     table = report.gather(runs, latency_size=16, diffs=[("dckd", "kd")])
     assert [r["name"] for r in table["rows"]] == ["identity", "teacher", "kd", "dckd"]
@@ -58,8 +58,11 @@ def test_seeds_are_one_row_with_their_spread_and_differences_are_paired(tmp_path
     assert set(diffs) == {("teacher", "identity"), ("kd", "identity"), ("dckd", "identity"), ("dckd", "kd")}
     d = diffs[("dckd", "kd")]
     per_image = np.mean(dckd, axis=0) - np.mean(kd, axis=0)
-    assert d["mean"] == pytest.approx(per_image.mean()) and d["n_images"] == 5
-    assert d["se"] == pytest.approx(np.std(per_image, ddof=1) / np.sqrt(5))
+    # as the table's mean column: per weather first, then over the weathers
+    assert d["mean"] == pytest.approx(paper_mean(per_image)) and d["n_images"] == 5
+    se_snow, se_rain = (np.std(x, ddof=1) / np.sqrt(len(x)) for x in (per_image[:2], per_image[2:]))
+    assert d["weathers"]["snow"]["se"] == pytest.approx(se_snow)
+    assert d["se"] == pytest.approx(np.sqrt(se_snow**2 + se_rain**2) / 2)
     assert d["weathers"]["snow"]["mean"] == pytest.approx(per_image[:2].mean())
     per_seed = [paper_mean(a - b) for a, b in zip(dckd, kd)]
     assert d["per_seed"]["mean"] == pytest.approx(np.mean(per_seed))
@@ -74,10 +77,19 @@ def test_seeds_are_one_row_with_their_spread_and_differences_are_paired(tmp_path
     assert f"| dckd − kd | **{d['mean']:+.2f}** ± {d['se']:.2f}" in text
 
 
-def test_a_repeated_seed_and_an_unknown_diff_are_refused(tmp_path):
+def test_a_repeated_seed_an_unknown_diff_and_other_images_are_refused(tmp_path):
     a = fake_eval(tmp_path, "kd-s0", IDENTITY + 1, seed=0)
     b = fake_eval(tmp_path, "kd-again", IDENTITY + 1, seed=0)
     with pytest.raises(UserError, match="share a config and a seed"):
         report.gather([a, b], latency_size=16)
     with pytest.raises(UserError, match="no row named 'dckd'"):
         report.gather([a], latency_size=16, diffs=[("dckd", "kd-s0")])
+    c = fake_eval(tmp_path, "other", IDENTITY + 2)
+    rows = json.loads((c / "samples.json").read_text())
+    (c / "samples.json").write_text(json.dumps([dict(r, key=r["key"] + "x") for r in rows]))
+    with pytest.raises(UserError, match="not scored on the same images"):
+        report.gather([a, c], latency_size=16, diffs=[("other", "kd-s0")])
+    # One image of a weather has no standard error: null in the JSON, said in the table.
+    one = report.paired_difference([{"a": ("snow", 2.0), "b": ("rain", 1.0), "c": ("rain", 3.0)}],
+                                   [{"a": ("snow", 1.0), "b": ("rain", 1.0), "c": ("rain", 1.0)}], [None], [None])
+    assert one["weathers"]["snow"]["se"] is None and one["se"] is None and one["mean"] == pytest.approx(1.0)

@@ -59,7 +59,7 @@ def merge(out: Path, n_shards: int, weathers: list[str], creator: dict, has_targ
     if not all(sidecar_path(out, j).is_file() for j in range(n_shards)):
         return None
     shards = [json.loads(sidecar_path(out, j).read_text()) for j in range(n_shards)]
-    encodings = {s.pop("encoding", "png") for s in shards if s["count"]}
+    encodings = {e for s in shards if (e := s.pop("encoding", "png")) and s["count"]}
     if len(encodings) > 1:
         raise UserError(f"{out}: its shards were written in different encodings ({', '.join(sorted(encodings))}); "
                         "write to a new out_dir")

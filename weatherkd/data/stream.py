@@ -310,7 +310,9 @@ class TrainLoader:
     def _batches(self, epoch: int, skip: int, epochs: int | None):
         self.stream.epoch, self.stream.skip, self.stream.epochs = epoch, skip, epochs
         prepare = self.prepare or (lambda batch: batch)
-        batches = _ahead(self.loader, prepare) if self.num_workers else (prepare(b) for b in self.loader)
+        # The loader's iterator is made here, in the consumer's thread: it starts the workers and
+        # the pin-memory thread on this thread's device (a new thread's would be device 0).
+        batches = _ahead(iter(self.loader), prepare) if self.num_workers else (prepare(b) for b in self.loader)
         try:
             for batch in batches:
                 self.corrupt_by_epoch.setdefault(batch.pop("__epoch__"), _CorruptTally()).update(batch)

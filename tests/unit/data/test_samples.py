@@ -9,7 +9,7 @@ import torch
 from conftest import make_set
 
 from weatherkd.data import check
-from weatherkd.data.samples import decode_sample, encode_sample, image_member
+from weatherkd.data.samples import CorruptSample, decode_sample, encode_sample, image_member
 from weatherkd.data.shards import ShardSetWriter, open_set
 from weatherkd.data.stream import TrainSpec, train_loader
 
@@ -58,3 +58,10 @@ def test_a_set_has_one_encoding(tmp_path):
     writer.add("train", "snow", encode_sample("a", img, 0, {}, encoding="qoi"))
     with pytest.raises(ValueError, match="one encoding: sample 'b' is png, the set qoi"):
         writer.add("train", "snow", encode_sample("b", img, 0, {}, encoding="png"))
+
+
+def test_a_truncated_qoi_member_is_a_corrupt_sample():
+    raw = encode_sample("k", np.zeros((9, 9, 3), np.uint8), 0, {}, encoding="qoi")
+    raw["input.qoi"] = raw["input.qoi"][:-12]
+    with pytest.raises(CorruptSample, match="member 'input.qoi'"):
+        decode_sample(raw)
