@@ -219,7 +219,7 @@ def markdown(report: dict) -> str:
             p = f"{value['psnr']:.2f}" + (f" ± {spread['psnr']:.2f}" if spread else "")
             return (f"**{p}**" if bold else p) + f" / {value['ssim']:.3f}"
 
-        cells = [str(row.get("runs", 1))] if seeded else []
+        cells = [("—" if row["name"] == "identity" else str(row.get("runs", 1)))] if seeded else []
         cells += [cell(row["weathers"][w], std and std["weathers"][w]) for w in weathers]
         cells.append(cell(row["mean"], std and std["mean"], bold=True))
         if clean:
