@@ -21,12 +21,17 @@ def test_synth_builds_a_paired_set_with_disjoint_photos(builtin_set):
     created = manifest["created_by"]
     assert set(created["train_photos"]).isdisjoint(created["test_photos"])
     assert manifest["version"] and all(len(s["sha256"]) == 64 for s in manifest["shards"])
-    sample = decode_sample(next(iter_tar(builtin_set / "train-snow-000000.tar")))
+    train = [decode_sample(s) for s in iter_tar(builtin_set / "train-snow-000000.tar")]
+    sample = next(s for s in train if s["meta"]["params"]["severity"] > 0)
     assert sample["input"].shape == sample["target"].shape == (48, 48, 3)
     assert sample["meta"]["weather"] == "snow" and "veil" in sample["meta"]["params"]
     assert sample["meta"]["origin"] in created["train_photos"]
+    assert all(0.2 <= s["meta"]["params"]["severity"] <= 1 or s["meta"]["params"] == {"severity": 0.0} for s in train)
+    # the clean crops are clean: input = target, bit for bit
+    assert all(np.array_equal(s["input"], s["target"]) == (s["meta"]["params"]["severity"] == 0) for s in train)
     test = decode_sample(next(iter_tar(builtin_set / "test-snow-000000.tar")))
     assert test["meta"]["origin"] in created["test_photos"] and max(test["input"].shape) <= 96
+    assert test["meta"]["params"]["severity"] == 1.0  # the test split keeps the full-strength protocol
     # Every training crop is degraded by every weather: the same target appears once per weather.
     targets = {w: decode_sample(next(iter_tar(builtin_set / f"train-{w}-000000.tar")))["target"]
                for w in manifest["weathers"]}

@@ -20,14 +20,19 @@ def _run_configured(args) -> int:
 
 def _add_shards(sub) -> None:
     p = sub.add_parser("shards", help=stages.get("shards").help)
-    ssub = p.add_subparsers(dest="shards_cmd", required=True, metavar="{synth,ingest,inspect,leakage}")
+    ssub = p.add_subparsers(dest="shards_cmd", required=True, metavar="{synth,heldout,ingest,inspect,leakage}")
 
     s = ssub.add_parser("synth", help="degrade clean photos with physical weather models into a train/test set")
     s.add_argument("--out", required=True, help="shard-set directory to create")
     s.add_argument("--source", default="builtin", help="'builtin' (scikit-image photos) or a folder of images")
     s.add_argument("--weathers", nargs="+", default=None, help="weathers to synthesise (default: all canonical)")
     s.add_argument("--train", type=int, default=None, help="training crops per weather")
-    s.add_argument("--test", type=int, default=None, help="held-out photos (whole images) in the test split")
+    s.add_argument("--test", type=int, default=None,
+                   help="test samples per weather: views of the held-out photos, each degraded its own way")
+    s.add_argument("--severity", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="range of training severities, 1 = the configured weather ranges (default 0.2 1.0)")
+    s.add_argument("--clean-fraction", type=float, default=None,
+                   help="share of training crops left clean, input = target (default 0.15)")
     s.add_argument("--size", type=int, default=None, help="training crop size in pixels")
     s.add_argument("--test-size", type=int, default=None, help="longest side of test images")
     s.add_argument("--seed", type=int, default=0)
@@ -37,6 +42,17 @@ def _add_shards(sub) -> None:
                    help="skip, count and list (in the manifest) source images that cannot be read")
     s.add_argument("--encoding", choices=ENCODINGS, default="png",
                    help="lossless image encoding: png (any viewer reads it) or qoi (decodes ~5x faster, ~1.2x the bytes)")
+
+    s = ssub.add_parser("heldout", help="a test-only set of other photos, degraded by a second, independent "
+                                          "weather generator, from mild to moderate")
+    s.add_argument("--out", required=True, help="shard-set directory to create")
+    s.add_argument("--source", default="builtin-other",
+                   help="'builtin-other' (scikit-image's greyscale photos, none used for training) or a folder")
+    s.add_argument("--levels", nargs="+", default=None, help="weather levels: mild, moderate (default: both)")
+    s.add_argument("--views", type=int, default=None, help="degradations per photo, weather and level (default 2)")
+    s.add_argument("--size", type=int, default=None, help="longest side of each image (default 192)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true", help="replace an existing complete set")
 
     s = ssub.add_parser("ingest", help="convert an AllWeather/TransWeather or paired-folder dataset to shards")
     s.add_argument("--layout", required=True, choices=["allweather", "paired"])
@@ -164,10 +180,20 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup()
     args = build_parser().parse_args(argv)
     try:
-        return _dispatch(args)
+        code = _dispatch(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        _leave_process_group(together=False)
         return 1
+    _leave_process_group(together=True)
+    return code
+
+
+def _leave_process_group(together: bool) -> None:
+    if "torch.distributed" in sys.modules:  # a command that never loaded torch joined no group
+        from weatherkd.placement import leave_process_group
+
+        leave_process_group(together)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
       -> distill scratch | kd | dckd (DDP; kd and dckd from the cached outputs)
       -> dream (teacher inversion) -> distill-dream (the data-free student)
       -> prune (the teacher, -45% FLOPs) -> distill-pruned (on the dreamed inputs)
-      -> eval (every model, sharded) -> report
+      -> eval (every model, sharded) -> heldout (other photos, another weather generator)
+      -> eval-heldout -> report
 
 Every stage is the command a user would type on a cluster, printed before it runs, with its
 output in ``OUT/logs/<stage>.log``. A stage whose outputs exist is skipped, and a half-done
@@ -121,10 +122,19 @@ def plan(out: Path, shards: Path, overrides: dict[str, list[str]] | None = None,
         stages += d4ir_stages(out, shards, sd_path, ddp, nproc, train, overrides)
         students.append("distill-d4ir")
     evaluated = ("teacher", *students)  # one launch for all: one process start-up, not one per model
-    argv = _accelerate(ddp, nproc, "eval", "--model", *(out / name / "model" for name in evaluated),
-                       "--shards", shards, "--out", out / "eval", *overrides.get("eval", []))
-    stages.append(Stage("eval", argv, tuple(out / "eval" / name / "metrics.json" for name in evaluated)))
+    # The same models on other photos, degraded by a generator the training set never saw.
+    heldout = heldout_set(shards)
+    stages.append(Stage("heldout", ["weatherkd", "shards", "heldout", "--out", str(heldout),
+                                    *overrides.get("heldout", [])], heldout / "manifest.json"))
+    for name, data in (("eval", shards), ("eval-heldout", heldout)):
+        argv = _accelerate(ddp, nproc, "eval", "--model", *(out / m / "model" for m in evaluated),
+                           "--shards", data, "--out", out / name, *overrides.get("eval", []))
+        stages.append(Stage(name, argv, tuple(out / name / m / "metrics.json" for m in evaluated)))
     return stages
+
+
+def heldout_set(shards: Path) -> Path:
+    return shards.parent / f"{shards.name}-heldout"
 
 
 def data_free_stages(out: Path, shards: Path, ddp: str, nproc: int, train, overrides, seeds: int = 1) -> list[Stage]:
@@ -268,14 +278,22 @@ def run(out="runs/demo", shards="shards/demo", overrides=None, synth_args: tuple
         atomic_write_json(timings, seconds)
         print(f"{head}: finished in {seconds[stage.name]:.0f} s", flush=True)
     print(f"[{len(stages) + 1}/{len(stages) + 1}] report", flush=True)
-    evals = [done.parent for done in stages[-1].done]
-    table = report.gather(evals, diffs=DIFFS)
+    evals = {s.name: [done.parent for done in s.done] for s in stages if s.name.startswith("eval")}
+    table = report.gather(evals["eval"], diffs=DIFFS)
+    heldout = report.gather(evals["eval-heldout"])
     table["targets"], table["notes"] = data_free_targets(table)
+    quality, quality_notes = quality_targets(table, heldout)
+    table["targets"].update(quality)
+    table["notes"] += quality_notes
+    table["heldout"] = heldout
     if sd_path is None:
         table["notes"].append("No D4IR row: it needs real Stable Diffusion weights, and a random diffusion model "
                               "makes images with no weather in them. Rerun with --sd-path DIR (a local diffusers "
                               "folder) to add it.")
-    text = report.markdown(table)
+    text = report.markdown(table) + (f"\n### Held-out check: other photos, another weather generator\n\n"
+                                     f"`{_display([str(heldout_set(shards))])}` (`weatherkd shards heldout`: "
+                                     f"scikit-image's greyscale photos, weather drawn by `weatherkd/data/heldout.py`, "
+                                     f"mild and moderate).\n\n{report.markdown(heldout)}")
     report.write(table, text, out / "report.md")
     if "none" not in overrides.get("eval", []):  # the quick demo tracks nothing
         report.track(table, out)
@@ -305,6 +323,35 @@ def data_free_targets(table: dict) -> tuple[dict, list[str]]:
     return targets, notes
 
 
+CLEAN_IN_BAR = 35.0  # dB: a clean photo comes back nearly unchanged
+HELDOUT_LOSS_BAR = 0.5  # dB: on the held-out check, no weather may lose more than this to identity
+
+
+def quality_targets(table: dict, heldout: dict) -> tuple[dict, list[str]]:
+    """The bars a restoration model must clear to be safe on a user's photos: the teacher beats
+    identity on every weather; no model returns a clean photo below 35 dB; and on the held-out
+    check no model loses more than 0.5 dB to identity on any weather."""
+    vs_identity = {d["a"]: d for d in table["differences"] if d["b"] == "identity"}
+    teacher = vs_identity.get("teacher", {}).get("weathers", {})
+    teacher_worse = sorted(w for w, d in teacher.items() if d["mean"] <= 0)
+    clean_in = {r["name"]: r["clean_in"]["psnr"] for r in table["rows"] if "clean_in" in r}  # seeded: the mean
+    below = {name: v for name, v in clean_in.items() if v < CLEAN_IN_BAR}
+    held = {d["a"]: min(x["mean"] for x in d["weathers"].values()) for d in heldout["differences"] if d["b"] == "identity"}
+    losers = {name: v for name, v in held.items() if v < -HELDOUT_LOSS_BAR}
+    targets = {"teacher_weathers_worse_than_identity": teacher_worse, "clean_in_below_bar": below,
+               "heldout_worst_weather_vs_identity": held}
+    notes = [
+        "teacher against identity, per weather: " + (", ".join(f"{w} {d['mean']:+.2f} dB" for w, d in teacher.items())
+                                                    or "not scored image by image")
+        + (f" (worse on {', '.join(teacher_worse)})" if teacher_worse else " (better on every weather)") + ".",
+        f"clean-in PSNR under the {CLEAN_IN_BAR:.0f} dB bar: "
+        + (", ".join(f"{n} {v:.2f}" for n, v in below.items()) if below else "none") + ".",
+        f"held-out check, each model's worst weather against identity (bar: -{HELDOUT_LOSS_BAR} dB): "
+        + ", ".join(f"{n} {v:+.2f}" + (" (FAILS)" if n in losers else "") for n, v in held.items()) + ".",
+    ]
+    return targets, notes
+
+
 # `--quick`: the same stages and launches on a tiny set for a few steps; checks an install in minutes.
 _QUICK_TRAIN = ["train.max_steps=4", "train.eval_every=2", "train.log_every=1", "ckpt.every=2", "data.crop=32",
                 "train.warmup_steps=1", "tracker.kind=none", "data.num_workers=0"]  # 4 steps need no loader workers
@@ -316,6 +363,7 @@ QUICK = {
                   "dream": ["samples=16", "size=32", "batch_size=4", "shard_size=4", "iterations=3"],
                   "prune": ["calib_samples=4", "calib_size=32", "flops_size=64"],
                   "distill-dream": _QUICK_TRAIN, "distill-pruned": _QUICK_TRAIN, "eval": ["--tracker", "none"],
+                  "heldout": ["--views", "1", "--size", "64", "--levels", "mild"],
                   **{f"distill-{o}": _QUICK_TRAIN for o in STUDENTS}},
 }
 

@@ -70,3 +70,24 @@ def place(device: str | None = None) -> Placement:
     state = acc.state
     return Placement(torch.device(device) if device else acc.device, state.process_index, state.num_processes,
                      state.local_process_index)
+
+
+def leave_process_group(together: bool) -> None:
+    """Leave the launcher's process group, if this process joined one, before the interpreter exits.
+
+    Left to interpreter teardown, gloo's threads can outlive the group and abort a rank whose work
+    is done ("terminate called without an active exception", SIGABRT: a launch that succeeded
+    exits 1). ``together``: every rank got here, so they first meet, and rank 0, which hosts the
+    store, does not go away under the others. After an error only some ranks may get here, so
+    they leave without waiting.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if together:
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer left on an error of its own: nothing left to wait for
+            pass
+    dist.destroy_process_group()

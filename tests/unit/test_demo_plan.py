@@ -15,10 +15,15 @@ def test_the_plan_chains_every_stage_and_sd_path_adds_the_d4ir_student(tmp_path)
     for student in ("distill-kd", "distill-dckd"):  # from the cache, scored on the real test split
         assert f"data.train_shards={taught}" in plan[student].argv and f"data.eval_shards={shards}" in plan[student].argv
     assert f"data.train_shards={taught}" not in plan["distill-scratch"].argv
-    assert "adapter" not in names and names[-1] == "eval"
-    evaluated = [d.parent.name for d in demo.plan(out, shards)[-1].done]
+    assert "adapter" not in names and names[-3:] == ["heldout", "eval", "eval-heldout"]
+    evaluated = [d.parent.name for d in plan["eval"].done]
     assert evaluated == ["teacher", "distill-scratch", "distill-kd", "distill-dckd", "distill-dream", "prune",
                          "distill-pruned"]
+    # the same models on the held-out check: other photos, another generator
+    heldout = tmp_path / "shards-heldout"
+    assert plan["heldout"].argv[:3] == ["weatherkd", "shards", "heldout"] and str(heldout) in plan["heldout"].argv
+    assert f"{heldout}" in plan["eval-heldout"].argv and str(out / "eval-heldout") in plan["eval-heldout"].argv
+    assert [d.parent.name for d in plan["eval-heldout"].done] == evaluated
     (tmp_path / "sd" / "unet").mkdir(parents=True)
     (tmp_path / "sd" / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 32}))
     stages = {s.name: s for s in demo.plan(out, shards, sd_path=tmp_path / "sd")}

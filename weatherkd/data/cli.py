@@ -11,14 +11,14 @@ log = get_logger(__name__)
 
 
 def run_cli(args) -> int:
-    return {"synth": _synth, "ingest": _ingest, "inspect": _inspect, "leakage": _leakage}[args.shards_cmd](args)
+    return {"synth": _synth, "heldout": _heldout, "ingest": _ingest, "inspect": _inspect, "leakage": _leakage}[args.shards_cmd](args)
 
 
 def _synth(args) -> int:
     from weatherkd.data.photo_set import SynthSpec, build
 
     spec = SynthSpec(seed=args.seed, encoding=args.encoding)
-    for name in ("weathers", "train", "test", "size", "test_size", "shard_size"):
+    for name in ("weathers", "train", "test", "size", "test_size", "shard_size", "severity", "clean_fraction"):
         value = getattr(args, name)
         if value is not None:
             setattr(spec, name, value)
@@ -26,6 +26,19 @@ def _synth(args) -> int:
     bad = manifest["created_by"].get("skipped_bad", [])
     log.info("wrote %s: %s%s", args.out, json.dumps(manifest["splits"]),
              f" (skipped {len(bad)} unreadable images)" if bad else "")
+    return 0
+
+
+def _heldout(args) -> int:
+    from weatherkd.data.heldout import HeldoutSpec, build
+
+    spec = HeldoutSpec(seed=args.seed)
+    for name in ("levels", "views", "size"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(spec, name, value)
+    manifest = build(args.out, args.source, spec, overwrite=args.overwrite)
+    log.info("wrote %s: %s", args.out, json.dumps(manifest["splits"]))
     return 0
 
 

@@ -60,7 +60,7 @@ class RainHazeParams:
     airlight: list[float] = field(default_factory=lambda: [0.75, 0.95])
 
 
-def rain_haze(clean: np.ndarray, rng: np.random.Generator, p: RainHazeParams | None = None):
+def rain_haze(clean: np.ndarray, rng: np.random.Generator, p: RainHazeParams | None = None, severity: float = 1.0):
     p = p or RainHazeParams()
     h, w, _ = clean.shape
     short = min(h, w)
@@ -69,7 +69,7 @@ def rain_haze(clean: np.ndarray, rng: np.random.Generator, p: RainHazeParams | N
     streaks = np.zeros((h, w), np.float32)
     layers = []
     for _ in range(n_layers):
-        density = _uniform(rng, p.density)
+        density = _uniform(rng, p.density) * severity
         length = max(3.0, _uniform(rng, p.length) * short)
         angle = storm_angle + float(rng.uniform(-p.angle_jitter, p.angle_jitter))
         intensity = _uniform(rng, p.intensity)
@@ -82,7 +82,7 @@ def rain_haze(clean: np.ndarray, rng: np.random.Generator, p: RainHazeParams | N
     # Depth proxy: far at the top of the frame, plus smooth scene-dependent variation.
     ramp = np.linspace(1.0, 0.0, h, dtype=np.float32)[:, None]
     depth = 0.6 * ramp + 0.4 * _smooth_field(rng, h, w)
-    beta = _uniform(rng, p.beta)
+    beta = _uniform(rng, p.beta) * severity
     T = np.exp(-beta * depth)[..., None]
     A = _uniform(rng, p.airlight) + rng.uniform(-0.03, 0.03, 3).astype(np.float32)
     out = T * (clean + streaks[..., None]) + (1 - T) * A
@@ -111,11 +111,11 @@ class RaindropParams:
     edge_softness: float = 0.15
 
 
-def raindrop(clean: np.ndarray, rng: np.random.Generator, p: RaindropParams | None = None):
+def raindrop(clean: np.ndarray, rng: np.random.Generator, p: RaindropParams | None = None, severity: float = 1.0):
     p = p or RaindropParams()
     h, w, _ = clean.shape
     short = min(h, w)
-    n = max(1, int(round(rng.integers(p.count[0], p.count[1] + 1) * h * w / 256**2)))
+    n = max(1, int(round(rng.integers(p.count[0], p.count[1] + 1) * h * w / 256**2 * severity)))
     cy, cx = rng.uniform(0, h, n), rng.uniform(0, w, n)
     ry = rng.uniform(*p.radius, n) * short
     rx = ry * rng.uniform(*p.aspect, n)
@@ -165,11 +165,11 @@ class SnowParams:
     veil: list[float] = field(default_factory=lambda: [0.05, 0.25])  # veiling brightening
 
 
-def snow(clean: np.ndarray, rng: np.random.Generator, p: SnowParams | None = None):
+def snow(clean: np.ndarray, rng: np.random.Generator, p: SnowParams | None = None, severity: float = 1.0):
     p = p or SnowParams()
     h, w, _ = clean.shape
     scale = min(h, w) / 256
-    density_scale = _uniform(rng, p.density_scale)
+    density_scale = _uniform(rng, p.density_scale) * severity
     angle = _uniform(rng, p.angle)
     motion = _uniform(rng, p.motion) * max(scale, 0.5)
     opacity = _uniform(rng, p.opacity)
@@ -183,7 +183,7 @@ def snow(clean: np.ndarray, rng: np.random.Generator, p: SnowParams | None = Non
         Z = 1 - (1 - Z) * (1 - flakes)  # flakes at different depths occlude, they don't add
     flake_colour = 0.92 + rng.uniform(0, 0.08, 3).astype(np.float32)
     out = (1 - Z[..., None]) * clean + Z[..., None] * flake_colour
-    veil = _uniform(rng, p.veil)
+    veil = _uniform(rng, p.veil) * severity
     out = (1 - veil) * out + veil * 0.9
     params = {
         "density_scale": density_scale,
@@ -211,9 +211,17 @@ class WeatherParams:
 MODELS = {"rain_haze": rain_haze, "raindrop": raindrop, "snow": snow}
 
 
-def degrade(clean: np.ndarray, weather: str, rng: np.random.Generator, params: WeatherParams | None = None):
-    """Degrade a float H×W×3 image in [0, 1]; returns (degraded, parameters used)."""
+def degrade(clean: np.ndarray, weather: str, rng: np.random.Generator, params: WeatherParams | None = None,
+            severity: float = 1.0):
+    """Degrade a float H×W×3 image in [0, 1]; returns (degraded, parameters used).
+
+    ``severity`` scales how much weather there is (streak and flake density, haze and veil, the
+    number of drops), not what one streak, flake or drop looks like: 1 is the ranges as
+    configured, 0.2 a light shower of the same weather. Every random draw happens at any
+    severity, so a sample's other parameters do not depend on it.
+    """
     if weather not in MODELS:
         raise ValueError(f"unknown weather '{weather}'; known: {', '.join(MODELS)}")
     params = params or WeatherParams()
-    return MODELS[weather](clean.astype(np.float32), rng, getattr(params, weather))
+    degraded, used = MODELS[weather](clean.astype(np.float32), rng, getattr(params, weather), severity)
+    return degraded, {**used, "severity": severity}

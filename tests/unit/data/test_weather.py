@@ -71,3 +71,13 @@ def test_snow_brightens_and_raindrops_refract(photos):
 def test_unknown_weather_is_an_error(photos):
     with pytest.raises(ValueError, match="unknown weather 'fog'"):
         degrade(photos[0], "fog", np.random.default_rng(0))
+
+
+def test_severity_scales_the_amount_of_weather(photos):
+    clean = photos[1].astype(np.float32)
+    for w in MODELS:
+        light, lp = degrade(clean, w, np.random.default_rng(5), severity=0.2)
+        full, fp = degrade(clean, w, np.random.default_rng(5))
+        assert lp["severity"] == 0.2 and fp["severity"] == 1.0
+        # the same draws, less of them: a light shower changes the photo less than the storm
+        assert peak_signal_noise_ratio(clean, light, data_range=1.0) > peak_signal_noise_ratio(clean, full, data_range=1.0) + 2, w
