@@ -36,10 +36,14 @@ def ssim_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 - ssim(pred, target).mean()
 
 
-def psnr_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Minus the mean per-image PSNR for data range 1 (scaled down by 10 so its gradients sit near L1's)."""
+def psnr_loss(pred: torch.Tensor, target: torch.Tensor, ceiling_db: float = 40.0) -> torch.Tensor:
+    """Minus the mean per-image PSNR for data range 1 (scaled down by 10 so its gradients sit near L1's),
+    saturating near ``ceiling_db``. Without a ceiling, an image the model already returns almost
+    exactly (a clean training pair) has a gradient that grows without bound as its error shrinks:
+    with clean pairs in the data, that term drowned every other one, and a teacher trained to
+    return its input unchanged, exactly, weather and all."""
     mse = (pred - target).pow(2).flatten(1).mean(1)
-    return (10 * torch.log10(mse + eps)).mean() / 10
+    return (10 * torch.log10(mse + 10 ** (-ceiling_db / 10))).mean() / 10
 
 
 def soft_cross_entropy(logits: torch.Tensor, soft_labels: torch.Tensor) -> torch.Tensor:

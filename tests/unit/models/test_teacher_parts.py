@@ -26,8 +26,21 @@ def test_ssim_and_psnr_losses_match_skimage():
     assert abs(float(L.ssim(tn, tc)[0]) - ref) < 1e-6
     assert float(L.ssim_loss(tc, tc)) == pytest.approx(0.0, abs=1e-7)
     assert float(L.ssim_loss(tn, tc)) == pytest.approx(1 - ref, abs=1e-6)
-    assert float(L.psnr_loss(tn, tc)) * -10 == pytest.approx(peak_signal_noise_ratio(clean, noisy, data_range=1.0),
-                                                             abs=1e-4)
+    psnr = peak_signal_noise_ratio(clean, noisy, data_range=1.0)
+    assert float(L.psnr_loss(tn, tc, ceiling_db=90)) * -10 == pytest.approx(psnr, abs=1e-4)
+    assert 0 < psnr + float(L.psnr_loss(tn, tc)) * 10 < 0.2  # the 40 dB ceiling barely moves a 26 dB image
+
+
+def test_the_psnr_loss_of_an_image_already_restored_stays_bounded():
+    """A clean pair returned almost exactly must not outweigh the degraded images (it did, without
+    the ceiling: the teacher learned to return its input unchanged)."""
+    clean, noisy, tc, tn = photo_pair()
+    grads = []
+    for err in (0.05, 1e-3, 1e-5):  # per-pixel error of the output
+        out = (tc + err * torch.randn_like(tc)).requires_grad_()
+        L.psnr_loss(out, tc).backward()
+        grads.append(float(out.grad.norm()))
+    assert grads[2] < grads[1] < 10 * grads[0], grads
 
 
 def test_text_classification_is_cross_entropy_with_soft_labels():
