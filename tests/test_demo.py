@@ -72,7 +72,9 @@ def test_quick_demo_runs_every_stage_and_resumes_a_half_done_one(tmp_path):
     assert "distill-dckd: accelerate launch" in second
     assert "resumed from" in (out / "logs" / "distill-dckd.log").read_text().split("\n# ")[-1]
     assert json.loads((dckd / "metrics.json").read_text())["step"] == 4
-    table, differences = (out / "report.md").read_text().split("Paired differences")
+    main, heldout = (out / "report.md").read_text().split("### Held-out check")
+    table, differences = main.split("Paired differences")
+    assert heldout.count("| distill-") == 5 + 5 and "Paired differences" in heldout  # rows, then against identity
     assert table.count("| distill-") == 5
     assert "| distill-dckd − distill-kd |" in differences and "| distill-kd − distill-scratch |" in differences
     assert "No D4IR row" in (out / "report.md").read_text()
