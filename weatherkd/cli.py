@@ -33,6 +33,8 @@ def _add_shards(sub) -> None:
                    help="range of training severities, 1 = the configured weather ranges (default 0.2 1.0)")
     s.add_argument("--clean-fraction", type=float, default=None,
                    help="share of training crops left clean, input = target (default 0.15)")
+    s.add_argument("--grey-fraction", type=float, default=None,
+                   help="share of training crops made greyscale before they are degraded (default 0.2)")
     s.add_argument("--size", type=int, default=None, help="training crop size in pixels")
     s.add_argument("--test-size", type=int, default=None, help="longest side of test images")
     s.add_argument("--seed", type=int, default=0)

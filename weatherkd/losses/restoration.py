@@ -46,6 +46,16 @@ def psnr_loss(pred: torch.Tensor, target: torch.Tensor, ceiling_db: float = 40.0
     return (10 * torch.log10(mse + 10 ** (-ceiling_db / 10))).mean() / 10
 
 
+def keep_loss(pred: torch.Tensor, degraded: torch.Tensor, target: torch.Tensor, tol: float = 1 / 255) -> torch.Tensor:
+    """L1 between the output and the input where the weather changed nothing (input = target to
+    within ``tol`` in every channel), over all pixels. MSE-like pixel losses barely pull on the small
+    changes a model makes to such pixels (their gradient shrinks with the error), so a model
+    trained on them alone brightens and hazes clean photos and the clean parts of a raindrop
+    photo; L1's pull does not shrink."""
+    unchanged = ((degraded - target).abs().amax(1, keepdim=True) <= tol).to(pred.dtype)
+    return ((pred - degraded).abs() * unchanged).mean()
+
+
 def soft_cross_entropy(logits: torch.Tensor, soft_labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against soft labels (CutMix mixes two weathers by area)."""
     return -(soft_labels * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()

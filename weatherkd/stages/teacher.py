@@ -54,6 +54,7 @@ class LossConfig:
     w_pixel: float = 1.0
     w_ssim: float = 0.0
     w_psnr: float = 0.0
+    w_keep: float = 0.0  # L1 to the input where the weather changed nothing (losses.restoration.keep_loss)
     w_perceptual: float = 0.0
     vgg_weights: str = ""  # local VGG16 weights (torchvision layout); required when w_perceptual > 0
     w_text: float = 0.0  # clipweather only
@@ -122,6 +123,8 @@ class TeacherRecipe(Recipe):
             losses["ssim"] = w.w_ssim * L.ssim_loss(out.float(), y.float())
         if w.w_psnr:
             losses["psnr"] = w.w_psnr * L.psnr_loss(out.float(), y.float())
+        if w.w_keep:
+            losses["keep"] = w.w_keep * L.keep_loss(out, x, y)
         if w.w_perceptual:
             losses["perceptual"] = w.w_perceptual * self.frozen["vgg"](out, y)
         if w.w_text and "prior_embedding" in aux:

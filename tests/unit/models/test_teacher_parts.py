@@ -43,6 +43,24 @@ def test_the_psnr_loss_of_an_image_already_restored_stays_bounded():
     assert grads[2] < grads[1] < 10 * grads[0], grads
 
 
+def test_the_keep_loss_reads_only_what_the_weather_left_alone_and_pulls_as_hard_on_small_changes():
+    clean, noisy, tc, tn = photo_pair()
+    x = tc.clone()
+    x[..., :48, :] += torch.where(tc > 0.5, -0.1, 0.1)[..., :48, :]  # weather on the top half, clean below
+    out = x.clone()
+    out[..., :48, :] = tc[..., :48, :]  # restored where there was weather: nothing for this loss to say
+    assert float(L.keep_loss(out, x, tc)) == 0.0
+    out[..., 48:, :] += 0.01  # a small change where nothing was degraded
+    share = 48 / 96  # the loss is a mean over every pixel
+    assert float(L.keep_loss(out, x, tc)) == pytest.approx(0.01 * share, rel=1e-6)
+    grads = []
+    for err in (0.05, 1e-3):  # L1's pull: the same for a big and a small change
+        o = (x + err).requires_grad_()
+        L.keep_loss(o, x, tc).backward()
+        grads.append(float(o.grad.abs().sum()))
+    assert grads[0] == pytest.approx(grads[1])
+
+
 def test_text_classification_is_cross_entropy_with_soft_labels():
     torch.manual_seed(0)
     emb, text = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(3, 8), dim=-1)

@@ -1,0 +1,45 @@
+"""The embedded training set's looks: greyscale and turned crops, from their own random stream."""
+
+import numpy as np
+
+from weatherkd.data.check import iter_tar
+from weatherkd.data.photo_set import SynthSpec, build, greyscale
+from weatherkd.data.samples import decode_sample
+
+
+def _train_samples(out, **spec):
+    build(str(out), "builtin", SynthSpec(train=40, test=1, size=32, test_size=64, weathers=["snow"], **spec))
+    return [decode_sample(s) for tar in sorted(out.glob("train-*.tar")) for s in iter_tar(tar)]
+
+
+def test_grey_crops_are_grey_in_input_and_target_and_the_rest_keep_their_colour(tmp_path):
+    samples = _train_samples(tmp_path / "a", grey_fraction=0.5)
+    grey = [s for s in samples if "grey" in s["meta"]["crop"]]
+    assert 5 <= len(grey) <= 35  # 40 draws at p = 0.5
+    for s in grey:
+        t = s["target"].astype(int)
+        assert np.array_equal(t[..., 0], t[..., 1]) and np.array_equal(t[..., 1], t[..., 2])
+    coloured = [s for s in samples if "grey" not in s["meta"]["crop"]]
+    assert any(np.abs(s["target"][..., 0].astype(int) - s["target"][..., 2]).max() > 10 for s in coloured)
+    # Turned crops say so; a turn of 0 degrees is not recorded.
+    turns = [c for s in samples for c in s["meta"]["crop"] if isinstance(c, str) and c.startswith("rot")]
+    assert turns and set(turns) <= {"rot90", "rot180", "rot270"}
+
+
+def test_without_grey_or_turns_the_crops_are_the_ones_of_a_set_built_before_them(tmp_path):
+    plain = _train_samples(tmp_path / "plain", grey_fraction=0.0, rotate=False)
+    assert not any(isinstance(c, str) for s in plain for c in s["meta"]["crop"])
+    # Grey and turns come from their own random stream: the crops and their weather stay where they were.
+    grey = _train_samples(tmp_path / "grey", grey_fraction=1.0, rotate=False)
+    for a, b in zip(plain, grey):
+        assert a["meta"]["crop"][:3] == b["meta"]["crop"][:3] and a["meta"]["params"] == b["meta"]["params"]
+        # the grey of the crop, up to the rounding of the colour crop to 8 bits
+        expected = greyscale(a["target"] / np.float32(255)) * 255
+        assert np.abs(b["target"] - expected).max() <= 1.0
+
+
+def test_greyscale_is_bt601_luma_in_every_channel():
+    rgb = np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]], np.float32)
+    g = greyscale(rgb)
+    assert np.allclose(g[0, :, 0], np.round(np.array([0.299, 0.587, 0.114]) * 255) / 255)
+    assert np.array_equal(g[..., 0], g[..., 2])
