@@ -100,3 +100,12 @@ def test_a_pipeline_is_one_group_with_stage_job_types_and_eval_and_report_tables
     report = _table(runs["report"][1], "report/comparison")
     assert [row[0] for row in report["data"]] == ["identity", "distill-scratch"]
     assert report["columns"][-4:] == ["params", "gflops", "latency_ms", "random_init"]
+    student_row = report["data"][1]
+    clean_in = metrics["clean_in"]["psnr"]
+    assert abs(student_row[report["columns"].index("clean_in_psnr")] - clean_in) < 1e-9
+    diffs = _table(runs["report"][1], "report/differences")
+    (row,) = diffs["data"]  # the student against identity, image by image
+    col = diffs["columns"].index
+    assert row[:2] == ["distill-scratch", "identity"] and row[col("se")] is not None
+    report_json = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert abs(row[col("mean_dpsnr")] - report_json["differences"][0]["mean"]) < 1e-9

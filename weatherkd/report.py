@@ -275,19 +275,30 @@ def write(report: dict, text: str, out: Path) -> None:
 
 
 def track(report: dict, out_dir: Path) -> Path:
-    """The comparison table as a W&B run (job type report) in the pipeline's group."""
+    """The comparison as a W&B run (job type report) in the pipeline's group: the table, with each
+    seeded row's spread, n and clean-in PSNR, and the paired differences with their standard errors."""
     from weatherkd import tracking
 
     weathers = report["weathers"]
-    columns = ["model", *(f"{w}_{m}" for w in weathers for m in ("psnr", "ssim")), "mean_psnr", "mean_ssim",
-               "params", "gflops", "latency_ms", "random_init"]
+    columns = ["model", "runs", *(f"{w}_{m}" for w in weathers for m in ("psnr", "ssim")), "mean_psnr", "mean_psnr_std",
+               "mean_ssim", "clean_in_psnr", "params", "gflops", "latency_ms", "random_init"]
     rows = []
     for r in report["rows"]:
-        c = r.get("cost") or {}
-        rows.append([r["name"], *(r["weathers"][w][m] for w in weathers for m in ("psnr", "ssim")),
-                     r["mean"]["psnr"], r["mean"]["ssim"], c.get("params"), c.get("gflops"), c.get("latency_ms"),
+        c, std = r.get("cost") or {}, r.get("std") or {}
+        rows.append([r["name"], r.get("runs", 1 if r["name"] != "identity" else None),
+                     *(r["weathers"][w][m] for w in weathers for m in ("psnr", "ssim")),
+                     r["mean"]["psnr"], std.get("mean", {}).get("psnr"), r["mean"]["ssim"],
+                     (r.get("clean_in") or {}).get("psnr"), c.get("params"), c.get("gflops"), c.get("latency_ms"),
                      bool(r.get("random_init"))])
-    return tracking.log_tables("report", out_dir, {"report/comparison": (columns, rows)})
+    diff_columns = ["a", "b", "mean_dpsnr", "se", *(f"{w}_dpsnr" for w in weathers), "per_seed_mean", "per_seed_std",
+                    "seeds"]
+    diffs = []
+    for d in report["differences"]:
+        per_seed = d.get("per_seed") or {}
+        diffs.append([d["a"], d["b"], d["mean"], d["se"], *(d["weathers"].get(w, {}).get("mean") for w in weathers),
+                      per_seed.get("mean"), per_seed.get("std"), per_seed.get("n")])
+    return tracking.log_tables("report", out_dir, {"report/comparison": (columns, rows),
+                                                   "report/differences": (diff_columns, diffs)})
 
 
 def run_cli(args) -> int:
