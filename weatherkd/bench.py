@@ -26,7 +26,7 @@ from weatherkd.data.check import iter_tar
 from weatherkd.data.shards import open_set
 from weatherkd.data.stream import TrainSpec, train_loader
 from weatherkd.errors import UserError
-from weatherkd.placement import dtype_named, place
+from weatherkd.placement import dtype_named, make_accelerator, place
 
 
 FOLDER_FIELDS = {"input": "input", "target": "gt", "teacher": "teacher"}  # field -> sub-folder
@@ -231,6 +231,9 @@ def bench_kd_overhead(argv: list[str]) -> dict:
     base = cfgmod.load(Config, a.config, a.overrides)
     if not base.teacher:
         raise UserError(f"{a.config}: teacher is not set; the kd steps need an exported teacher")
+    # The engines' precision first: the teach job below only places itself, and accelerate lets a
+    # process choose its precision once.
+    make_accelerator(base.train.mixed_precision)
     result = {"bench": "kd-overhead", "student": base.model.arch, "size": base.model.size, "batch_size":
               base.data.batch_size, "crop": base.data.crop, "threads": torch.get_num_threads(),
               "seconds_per_step": {}, "ms_per_step_by_part": {}}

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 
-def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1, log_with=None,
+def make_accelerator(mixed_precision: str | None = "no", grad_accum: int = 1, log_with=None,
                      project_dir: str | None = None) -> Accelerator:
     """An Accelerator that joins the launcher's process group on GPU or CPU alike."""
     no_gpu = not torch.cuda.is_available()
@@ -66,7 +66,9 @@ class Placement:
 def place(device: str | None = None) -> Placement:
     """This process's device, rank and world size, as the engine's Accelerator would set them.
     ``device`` overrides the device alone (a benchmark's ``--device``)."""
-    acc = make_accelerator()
+    # No precision of its own: a process that places itself and then trains (a benchmark) keeps
+    # the one its engine asks for, which accelerate lets be set once per process.
+    acc = make_accelerator(mixed_precision=None)
     state = acc.state
     return Placement(torch.device(device) if device else acc.device, state.process_index, state.num_processes,
                      state.local_process_index)
