@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from weatherkd import __version__, stages
@@ -185,17 +186,39 @@ def main(argv: list[str] | None = None) -> int:
         code = _dispatch(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        _leave_process_group(together=False)
-        return 1
-    _leave_process_group(together=True)
+        code, together = 1, False
+    else:
+        together = True
+    if _leave_process_group(together):
+        _exit_launched(code)
     return code
 
 
-def _leave_process_group(together: bool) -> None:
-    if "torch.distributed" in sys.modules:  # a command that never loaded torch joined no group
-        from weatherkd.placement import leave_process_group
+def _leave_process_group(together: bool) -> bool:
+    """True if this process was a launched rank and has now left its group."""
+    if "torch.distributed" not in sys.modules:  # a command that never loaded torch joined no group
+        return False
+    from weatherkd.placement import leave_process_group
 
-        leave_process_group(together)
+    return leave_process_group(together)
+
+
+def _exit_launched(code: int) -> None:
+    """A launched rank whose work is done exits here, without the interpreter's teardown.
+
+    Teardown destroys what the trainer left (DDP's reducer, gloo's pending work, which hold Python
+    objects) while the interpreter is half gone; now and then that aborted a rank whose run had
+    succeeded (SIGABRT, so the launch failed). The exit handlers still run first: the run lock's
+    release, W&B's, and multiprocessing's, which stops the loader's forkserver.
+    """
+    import atexit
+    import logging
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

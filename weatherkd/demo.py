@@ -35,6 +35,10 @@ from weatherkd.logs import progress
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: launch/ and configs/ live here
 STUDENTS = ("scratch", "kd", "dckd")
 _SHOW = re.compile(r"validation at step|resumed from|preempted")
+_RUN_HEADER = re.compile(r"^# \d{4}-\d\d-\d\d \d\d:\d\d:\d\d  ", re.M)
+# What a failed rank says before torchrun's summary buries it: our one-line errors, Python's and
+# C++'s last words (an abort at exit prints no traceback, only these).
+_CAUSE = re.compile(r"^(\[rank \d+\] )?error: |Error\b|terminate called|Fatal Python error|what\(\):|Segmentation fault")
 
 
 @dataclasses.dataclass
@@ -207,6 +211,15 @@ def _follow(bar, record: Path | None) -> None:
         bar.update(step - bar.n)
 
 
+def failure_lines(log: str, causes: int = 8, tail: int = 15) -> list[str]:
+    """The lines to show for a failed stage: the first lines of its last run that name a cause,
+    then the run's last lines (with a launch, torchrun's summary of which rank died how)."""
+    run = _RUN_HEADER.split(log)[-1].splitlines()[1:]  # below the last header run_stage wrote
+    last = run[-tail:]
+    named = [ln for ln in run[:len(run) - len(last)] if _CAUSE.search(ln) and "traceback :" not in ln][:causes]
+    return named + (["..."] if named else []) + last
+
+
 def run_stage(stage: Stage, log_path: Path, env: dict) -> None:
     """Run one stage with its output in ``log_path``; show its progress and key lines."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,8 +247,7 @@ def run_stage(stage: Stage, log_path: Path, env: dict) -> None:
             if bar is not None:
                 bar.close()
     if rc != 0:
-        tail = log_path.read_text().splitlines()[-15:]
-        print("\n".join(f"  | {ln}" for ln in tail), file=sys.stderr)
+        print("\n".join(f"  | {ln}" for ln in failure_lines(log_path.read_text())), file=sys.stderr)
         raise UserError(f"demo stage '{stage.name}' failed (exit {rc}); its full log: {log_path}")
 
 

@@ -51,3 +51,16 @@ def test_seeds_train_each_student_again_and_evaluate_every_run(tmp_path):
     assert sum(n.startswith("teacher") or n == "prune" or n == "dream" for n in three) == 3  # made once
     evaluated = [d.parent.name for d in three["eval"].done]
     assert len(evaluated) == 1 + 5 * 3 + 1 and "distill-kd-s2" in evaluated
+
+
+def test_a_failed_stage_shows_its_cause_above_the_launchers_summary():
+    summary = [f"  |   rank      : {r} ... traceback : Signal 6 (SIGABRT) received" for r in range(20)]
+    earlier = "# 2026-12-01 10:00:00  weatherkd vq\nerror: vq: an older run's failure\n"
+    log = (earlier + "\n# 2026-12-03 16:13:30  accelerate launch -m weatherkd distill\n"
+           "step 1\n[rank 1] error: distill: teacher missing\nterminate called without an active exception\n"
+           + "\n".join(summary) + "\n")
+    shown = demo.failure_lines(log, tail=15)
+    assert shown[:2] == ["[rank 1] error: distill: teacher missing", "terminate called without an active exception"]
+    assert shown[2] == "..." and shown[3:] == summary[-15:]
+    assert not any("older run" in ln for ln in shown)
+    assert demo.failure_lines("\n# 2026-12-03 16:13:30  x\nonly line\n") == ["only line"]
