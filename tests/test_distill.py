@@ -76,6 +76,20 @@ def test_frozen_parts_build_no_graph_and_targetless_tars_work(kd_inputs):
     cached = torch.rand(2, 3, 32, 32)
     assert torch.equal(recipe.teacher_output({"input": x, "teacher": cached}), cached)
 
+    # The frozen forwards in bf16 under an fp32 student: the same terms, rounded, still fp32 and
+    # still reaching the student alone.
+    terms = {}
+    for precision in ("train", "bf16"):
+        recipe.cfg.dckd.frozen_precision = precision
+        recipe.generator.manual_seed(0)  # the same negatives
+        recipe.model.zero_grad()
+        terms[precision] = recipe.step(recipe.model, {"input": x}, step=0)
+        terms[precision]["loss"].backward()
+        assert terms[precision]["contrast"].dtype == torch.float32
+    assert all(p.grad is None for m in recipe.frozen.values() for p in m.parameters())
+    fp32, bf16 = terms["train"]["contrast"].item(), terms["bf16"]["contrast"].item()
+    assert fp32 != bf16 and abs(bf16 - fp32) < 0.01 * abs(fp32)
+
 
 def test_bench_kd_overhead_times_the_engines_real_step_online_and_cached(kd_inputs):
     from weatherkd import bench
@@ -85,10 +99,13 @@ def test_bench_kd_overhead_times_the_engines_real_step_online_and_cached(kd_inpu
                                         f"teacher={teacher}",
                                         f"vq={vq}", f"data.train_shards={shards}", "data.crop=32",
                                         "data.num_workers=0", "data.eval_max_samples=2"])
-    assert set(out["seconds_per_step"]) == {"scratch", "kd_online", "kd_cached", "dckd_online", "dckd_cached"}
+    assert set(out["seconds_per_step"]) == {"scratch", "kd_online", "kd_cached", "dckd_online", "dckd_cached",
+                                            "dckd_online_negatives_bf16"}  # fp32 training: bf16 negatives too
     parts = out["ms_per_step_by_part"]
     assert "distill/teacher" in parts["kd_online"] and "engine/backward" in parts["scratch"]
     assert "distill/dckd_history" in parts["dckd_cached"] and "distill/dckd_vq_frozen" in parts["dckd_online"]
     assert all(t > 0 for t in out["seconds_per_step"].values())  # figures, not a timing test: no bound on them
     assert out["kd_cached_over_scratch"] == pytest.approx(out["seconds_per_step"]["kd_cached"]
                                                           / out["seconds_per_step"]["scratch"])
+    assert out["dckd_negatives_bf16_over_kd_online"] == pytest.approx(
+        out["seconds_per_step"]["dckd_online_negatives_bf16"] / out["seconds_per_step"]["kd_online"])

@@ -210,7 +210,8 @@ STEP_PARTS = ["distill/student_forward", "distill/teacher", "distill/dckd_negati
 def bench_kd_overhead(argv: list[str]) -> dict:
     """Seconds per step of the engine's real ``train_step`` (EMA and the history update included)
     for scratch, kd and dckd on one student, batch and machine, in one run; kd and dckd with the
-    teacher online and from its cache (`weatherkd teach` on the first shards, untimed). Each
+    teacher online and from its cache (`weatherkd teach` on the first shards, untimed); dckd online
+    also with its negatives in bf16 (``dckd.frozen_precision``) when training in fp32. Each
     step's time is split into its parts by the recipe's and engine's ``record_function`` labels."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -246,6 +247,8 @@ def bench_kd_overhead(argv: list[str]) -> dict:
         cached = [f"data.train_shards={taught}", "data.train_split=train"]  # a taught set's one split
         runs = {"scratch": ["objective=scratch"], "kd_online": ["objective=kd"], "kd_cached": ["objective=kd", *cached],
                 "dckd_online": ["objective=dckd"], "dckd_cached": ["objective=dckd", *cached]}
+        if base.train.mixed_precision == "no" and base.dckd.frozen_precision == "train":
+            runs["dckd_online_negatives_bf16"] = ["objective=dckd", "dckd.frozen_precision=bf16"]
         engines = {}
         for name, extra in runs.items():
             torch.manual_seed(0)
@@ -283,6 +286,8 @@ def bench_kd_overhead(argv: list[str]) -> dict:
     result["kd_online_over_scratch"] = t["kd_online"] / t["scratch"]
     result["dckd_over_kd_online"] = t["dckd_online"] / t["kd_online"]
     result["dckd_over_kd_cached"] = t["dckd_cached"] / t["kd_cached"]
+    if "dckd_online_negatives_bf16" in t:
+        result["dckd_negatives_bf16_over_kd_online"] = t["dckd_online_negatives_bf16"] / t["kd_online"]
     return result
 
 

@@ -47,6 +47,11 @@ class DCKDConfig:
     level_weights: list[float] = field(default_factory=lambda: [1 / 8, 1 / 4, 1 / 2, 1.0])  # one per VQ level
     negatives: list[str] = field(default_factory=lambda: ["blur", "resize", "noise", "weather"])
     eps: float = 1e-7
+    # The history model and the frozen VQ over the negatives: in the training precision ("train"),
+    # or in bf16 whatever the student trains in. The student is pushed far from the negatives, so
+    # bf16's rounding of them is small against the distance; where bf16 is fast it halves the
+    # frozen VQ's cost (`weatherkd bench kd-overhead` measures both).
+    frozen_precision: Literal["train", "bf16"] = "train"
 
 
 @dataclass
@@ -141,17 +146,24 @@ class DistillRecipe(Recipe):
 
     def dckd_terms(self, x, out, teacher) -> dict:
         c, vq, history = self.cfg.dckd, self.frozen["vq"], self.frozen["history"]
+        negatives_bf16 = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=c.frozen_precision == "bf16")
         with torch.no_grad():
             with record_function("distill/dckd_negatives"):
                 negatives = [x] + [D.degrade(x, kind, teacher, self.generator) for kind in c.negatives]
-            with record_function("distill/dckd_history"):
+            with record_function("distill/dckd_history"), negatives_bf16:
                 restored = history(torch.cat(negatives)).clamp(0, 1)  # one batched forward for all negatives
             with record_function("distill/dckd_vq_frozen"):
-                # The negatives' and the teacher's features in one VQ forward.
-                feats = vq.features(torch.cat([restored, teacher]))
-            chunks = [list(f.chunk(len(negatives) + 1)) for f in feats]
-            neg_feats = [[level[i] for level in chunks] for i in range(len(negatives))]
-            teacher_feats = [level[-1] for level in chunks]
+                if c.frozen_precision == "bf16":
+                    # The teacher's features stay in the training precision: the student comes so
+                    # close to them that bf16's rounding would be as large as the distance it pulls on.
+                    with negatives_bf16:
+                        neg_levels = [f.to(out.dtype) for f in vq.features(restored)]
+                    teacher_feats = vq.features(teacher)
+                else:  # the negatives' and the teacher's features in one VQ forward
+                    both = vq.features(torch.cat([restored, teacher]))
+                    neg_levels, teacher_feats = [f[:-len(x)] for f in both], [f[-len(x):] for f in both]
+            per_level = [level.chunk(len(negatives)) for level in neg_levels]
+            neg_feats = [[level[i] for level in per_level] for i in range(len(negatives))]
         with record_function("distill/dckd_vq_student"):
             student_feats = vq.features(out)
         terms = {"contrast": c.w_contrast * D.contrastive(student_feats, teacher_feats, neg_feats, c.level_weights,

@@ -47,6 +47,28 @@ def test_contrastive_ratio_and_distribution_mapping():
         assert neg.shape == x.shape and not torch.equal(neg, x)
 
 
+def test_contrastive_gradient_is_autograds_of_the_formula():
+    torch.manual_seed(0)
+    shapes, weights = [(2, 4, 8, 8), (2, 8, 4, 4)], [0.25, 1.0]
+    s = [torch.randn(*sh, dtype=torch.float64, requires_grad=True) for sh in shapes]
+    t = [torch.randn(*sh, dtype=torch.float64) for sh in shapes]
+    negs = [[torch.randn(*sh, dtype=torch.float64) for sh in shapes] for _ in range(3)]
+    negs[0][0][0, 0, 0, 0] = s[0][0, 0, 0, 0].detach()  # a tie: sign(0) = 0 both ways
+
+    def formula(student):
+        return sum(w * (a - b).abs().mean() / (sum((a - n[i]).abs().mean() for n in negs) + 1e-7)
+                   for i, (w, a, b) in enumerate(zip(weights, student, t)))
+
+    ours, reference = D.contrastive(s, t, negs, weights), formula(s)
+    assert float(ours) == pytest.approx(float(reference), rel=1e-12)
+    got = torch.autograd.grad(ours, s)
+    want = torch.autograd.grad(reference, s)
+    assert all(torch.allclose(g, w, rtol=1e-10, atol=1e-14) for g, w in zip(got, want))
+    assert torch.autograd.gradcheck(lambda a, b: D.contrastive([a, b], t, negs, weights), tuple(s))
+    with pytest.raises(ValueError, match="must not require grad"):
+        D.contrastive(s, [x.requires_grad_() for x in t], negs, weights)
+
+
 def test_vq_gives_levels_and_code_distributions():
     vq = models.build("vq", widths=[8, 16], codes=32, code_dim=8)
     feats = vq.features(torch.rand(2, 3, 32, 32))
