@@ -76,19 +76,30 @@ def test_frozen_parts_build_no_graph_and_targetless_tars_work(kd_inputs):
     cached = torch.rand(2, 3, 32, 32)
     assert torch.equal(recipe.teacher_output({"input": x, "teacher": cached}), cached)
 
-    # The frozen forwards in bf16 under an fp32 student: the same terms, rounded, still fp32 and
-    # still reaching the student alone.
-    terms = {}
+    # The negatives in bf16 under an fp32 student: the same terms, rounded, still fp32, and the
+    # student's gradient moved by the rounding alone.
+    terms, grads = {}, {}
     for precision in ("train", "bf16"):
         recipe.cfg.dckd.frozen_precision = precision
         recipe.generator.manual_seed(0)  # the same negatives
         recipe.model.zero_grad()
         terms[precision] = recipe.step(recipe.model, {"input": x}, step=0)
         terms[precision]["loss"].backward()
+        grads[precision] = torch.cat([p.grad.flatten() for p in recipe.model.parameters() if p.requires_grad])
         assert terms[precision]["contrast"].dtype == torch.float32
-    assert all(p.grad is None for m in recipe.frozen.values() for p in m.parameters())
     fp32, bf16 = terms["train"]["contrast"].item(), terms["bf16"]["contrast"].item()
     assert fp32 != bf16 and abs(bf16 - fp32) < 0.01 * abs(fp32)
+    assert not torch.equal(grads["train"], grads["bf16"])
+    assert torch.nn.functional.cosine_similarity(grads["train"], grads["bf16"], dim=0) > 0.99
+    # "train" under mixed precision: the engine's autocast reaches the history model.
+    recipe.cfg.dckd.frozen_precision = "train"
+    seen = []
+    conv = next(m for m in recipe.frozen["history"].modules() if isinstance(m, torch.nn.Conv2d))
+    hook = conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        recipe.step(recipe.model, {"input": x}, step=0)
+    hook.remove()
+    assert seen == [torch.bfloat16]
 
 
 def test_bench_kd_overhead_times_the_engines_real_step_online_and_cached(kd_inputs):

@@ -178,6 +178,7 @@ def _dispatch(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command and return its exit code (callable in process: it never exits)."""
     from weatherkd import logs
 
     logs.setup()
@@ -187,24 +188,41 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         code, together = 1, False
+    except SystemExit as e:  # a run that stops early on purpose (preempted: 75), a sub-parser's usage error
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code, together = e.code if isinstance(e.code, int) else (0 if e.code is None else 1), False
     else:
         together = True
-    if _leave_process_group(together):
-        _exit_launched(code)
+    _leave_process_group(together)
     return code
 
 
-def _leave_process_group(together: bool) -> bool:
-    """True if this process was a launched rank and has now left its group."""
-    if "torch.distributed" not in sys.modules:  # a command that never loaded torch joined no group
-        return False
-    from weatherkd.placement import leave_process_group
+def entry() -> None:
+    """The `weatherkd` program: ``main``, then the exit."""
+    code = main()
+    if _launched():
+        _exit_launched(code)
+    sys.exit(code)
 
-    return leave_process_group(together)
+
+def _leave_process_group(together: bool) -> None:
+    if "torch.distributed" in sys.modules:  # a command that never loaded torch joined no group
+        from weatherkd.placement import leave_process_group
+
+        leave_process_group(together)
+
+
+def _launched() -> bool:
+    """One of several ranks started by a launcher (torchrun, under `accelerate launch`)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
 
 
 def _exit_launched(code: int) -> None:
-    """A launched rank whose work is done exits here, without the interpreter's teardown.
+    """A launched rank exits here, without the interpreter's teardown.
 
     Teardown destroys what the trainer left (DDP's reducer, gloo's pending work, which hold Python
     objects) while the interpreter is half gone; now and then that aborted a rank whose run had
@@ -216,10 +234,13 @@ def _exit_launched(code: int) -> None:
 
     atexit._run_exitfuncs()
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):  # a closed pipe or no stream: nothing to save
+            pass
     os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

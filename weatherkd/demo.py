@@ -214,7 +214,8 @@ def _follow(bar, record: Path | None) -> None:
 def failure_lines(log: str, causes: int = 8, tail: int = 15) -> list[str]:
     """The lines to show for a failed stage: the first lines of its last run that name a cause,
     then the run's last lines (with a launch, torchrun's summary of which rank died how)."""
-    run = _RUN_HEADER.split(log)[-1].splitlines()[1:]  # below the last header run_stage wrote
+    runs = _RUN_HEADER.split(log)
+    run = runs[-1].splitlines()[1 if len(runs) > 1 else 0:]  # below the last header run_stage wrote
     last = run[-tail:]
     named = [ln for ln in run[:len(run) - len(last)] if _CAUSE.search(ln) and "traceback :" not in ln][:causes]
     return named + (["..."] if named else []) + last

@@ -74,9 +74,8 @@ def place(device: str | None = None) -> Placement:
                      state.local_process_index)
 
 
-def leave_process_group(together: bool) -> bool:
-    """Leave the launcher's process group, if this process joined one (then True), before the
-    interpreter exits.
+def leave_process_group(together: bool) -> None:
+    """Leave the launcher's process group, if this process joined one, before the interpreter exits.
 
     Left to interpreter teardown, gloo's threads can outlive the group and abort a rank whose work
     is done ("terminate called without an active exception", SIGABRT: a launch that succeeded
@@ -87,11 +86,10 @@ def leave_process_group(together: bool) -> bool:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return False
+        return
     if together:
         try:
             dist.barrier()
         except RuntimeError:  # a peer left on an error of its own: nothing left to wait for
             pass
     dist.destroy_process_group()
-    return True

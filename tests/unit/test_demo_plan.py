@@ -64,3 +64,4 @@ def test_a_failed_stage_shows_its_cause_above_the_launchers_summary():
     assert shown[2] == "..." and shown[3:] == summary[-15:]
     assert not any("older run" in ln for ln in shown)
     assert demo.failure_lines("\n# 2026-12-03 16:13:30  x\nonly line\n") == ["only line"]
+    assert demo.failure_lines("no header\nerror: x\n") == ["no header", "error: x"]

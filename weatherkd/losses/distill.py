@@ -36,13 +36,14 @@ class _LevelContrast(torch.autograd.Function):
         if t.requires_grad or any(n.requires_grad for n in negatives):
             raise ValueError("contrastive: the teacher's and the negatives' features must not require grad")
         n_el = s.numel()
+        acc = torch.promote_types(s.dtype, torch.float32)  # the sums at least in fp32, even when s is bf16
         diff = s - t
-        d_pos = diff.abs().sum() / n_el
+        d_pos = diff.abs().sum(dtype=acc) / n_el
         sign_pos = diff.sign_()
-        d_neg, sign_neg = s.new_zeros(()), torch.zeros_like(s)
+        d_neg, sign_neg = s.new_zeros((), dtype=acc), torch.zeros_like(s)
         for n in negatives:
             diff = s - n
-            d_neg += diff.abs().sum()
+            d_neg += diff.abs().sum(dtype=acc)
             sign_neg += diff.sign_()
         denom = d_neg / n_el + eps
         ctx.save_for_backward(sign_pos, sign_neg, d_pos, denom)

@@ -16,6 +16,7 @@ otherwise the teacher runs online.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Literal
@@ -146,7 +147,10 @@ class DistillRecipe(Recipe):
 
     def dckd_terms(self, x, out, teacher) -> dict:
         c, vq, history = self.cfg.dckd, self.frozen["vq"], self.frozen["history"]
-        negatives_bf16 = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=c.frozen_precision == "bf16")
+        # nullcontext, not autocast(enabled=False): under mixed precision that would turn the
+        # engine's autocast off for the history model.
+        negatives_bf16 = (torch.autocast(x.device.type, dtype=torch.bfloat16) if c.frozen_precision == "bf16"
+                          else contextlib.nullcontext())
         with torch.no_grad():
             with record_function("distill/dckd_negatives"):
                 negatives = [x] + [D.degrade(x, kind, teacher, self.generator) for kind in c.negatives]
