@@ -186,11 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = _dispatch(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # One write: every rank says it, into one pipe, unbuffered under `python -u`; print()'s
+        # separate newline let two ranks' lines run into one.
+        sys.stderr.write(f"error: {e}\n")
         code, together = 1, False
     except SystemExit as e:  # a run that stops early on purpose (preempted: 75), a sub-parser's usage error
         if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
+            sys.stderr.write(f"{e.code}\n")
         code, together = e.code if isinstance(e.code, int) else (0 if e.code is None else 1), False
     else:
         together = True
