@@ -88,7 +88,9 @@ def test_frozen_parts_build_no_graph_and_targetless_tars_work(kd_inputs):
         grads[precision] = torch.cat([p.grad.flatten() for p in recipe.model.parameters() if p.requires_grad])
         assert terms[precision]["contrast"].dtype == torch.float32
     fp32, bf16 = terms["train"]["contrast"].item(), terms["bf16"]["contrast"].item()
-    assert fp32 != bf16 and abs(bf16 - fp32) < 0.01 * abs(fp32)
+    # 0.56% on the machine this was written on; bf16 units differ by CPU, so the bound leaves room
+    # (the teacher's features in bf16 moved the term by ~80%)
+    assert fp32 != bf16 and abs(bf16 - fp32) < 0.03 * abs(fp32)
     assert not torch.equal(grads["train"], grads["bf16"])
     assert torch.nn.functional.cosine_similarity(grads["train"], grads["bf16"], dim=0) > 0.99
     # "train" under mixed precision: the engine's autocast reaches the history model.
