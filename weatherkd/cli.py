@@ -36,6 +36,9 @@ def _add_shards(sub) -> None:
                    help="share of training crops left clean, input = target (default 0.15)")
     s.add_argument("--grey-fraction", type=float, default=None,
                    help="share of training crops made greyscale before they are degraded (default 0.2)")
+    s.add_argument("--structure-fraction", type=float, default=None,
+                   help="share of training crops given thin straight structures (poles, railings, mortar) "
+                        "before they are degraded (default 0; README, 'Thin structures')")
     s.add_argument("--size", type=int, default=None, help="training crop size in pixels")
     s.add_argument("--test-size", type=int, default=None, help="longest side of test images")
     s.add_argument("--seed", type=int, default=0)

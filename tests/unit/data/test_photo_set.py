@@ -1,9 +1,9 @@
-"""The embedded training set's looks: greyscale and turned crops, from their own random stream."""
+"""The embedded training set's looks: greyscale, turned and structured crops, each from its own random stream."""
 
 import numpy as np
 
 from weatherkd.data.check import iter_tar
-from weatherkd.data.photo_set import SynthSpec, build, greyscale
+from weatherkd.data.photo_set import SynthSpec, build, draw_structures, greyscale
 from weatherkd.data.samples import decode_sample
 
 
@@ -27,10 +27,10 @@ def test_grey_crops_are_grey_in_input_and_target_and_the_rest_keep_their_colour(
 
 
 def test_without_grey_or_turns_the_crops_are_the_ones_of_a_set_built_before_them(tmp_path):
-    plain = _train_samples(tmp_path / "plain", grey_fraction=0.0, rotate=False)
+    plain = _train_samples(tmp_path / "plain", grey_fraction=0.0, rotate=False, structure_fraction=0.0)
     assert not any(isinstance(c, str) for s in plain for c in s["meta"]["crop"])
     # Grey and turns come from their own random stream: the crops and their weather stay where they were.
-    grey = _train_samples(tmp_path / "grey", grey_fraction=1.0, rotate=False)
+    grey = _train_samples(tmp_path / "grey", grey_fraction=1.0, rotate=False, structure_fraction=0.0)
     for a, b in zip(plain, grey):
         assert a["meta"]["crop"][:3] == b["meta"]["crop"][:3] and a["meta"]["params"] == b["meta"]["params"]
         # the grey of the crop, up to the rounding of the colour crop to 8 bits
@@ -43,3 +43,35 @@ def test_greyscale_is_bt601_luma_in_every_channel():
     g = greyscale(rgb)
     assert np.allclose(g[0, :, 0], np.round(np.array([0.299, 0.587, 0.114]) * 255) / 255)
     assert np.array_equal(g[..., 0], g[..., 2])
+
+
+def test_structures_are_drawn_into_input_and_target_alike_from_their_own_stream(tmp_path):
+    plain = _train_samples(tmp_path / "plain", grey_fraction=0.0, rotate=False, structure_fraction=0.0,
+                           clean_fraction=0.5)
+    drawn = _train_samples(tmp_path / "drawn", grey_fraction=0.0, rotate=False, structure_fraction=1.0,
+                           clean_fraction=0.5)
+    assert all("structures" in s["meta"]["crop"] for s in drawn)
+    assert not any("structures" in s["meta"]["crop"] for s in plain)
+    for a, b in zip(plain, drawn):
+        # The same crop and weather draws; only the scene differs, and only along thin lines.
+        assert a["meta"]["crop"][:3] == b["meta"]["crop"][:3] and a["meta"]["params"] == b["meta"]["params"]
+        changed = np.abs(a["target"].astype(int) - b["target"]).max(-1) > 8
+        assert 0 < changed.mean() < 0.75
+        if b["meta"]["params"]["severity"] == 0.0:  # a clean crop's structures stay in its input
+            assert np.array_equal(b["input"], b["target"])
+
+
+def test_structures_on_a_grey_crop_stay_grey(tmp_path):
+    samples = _train_samples(tmp_path / "g", grey_fraction=1.0, structure_fraction=1.0)
+    for s in samples:
+        t = s["target"].astype(int)
+        assert np.array_equal(t[..., 0], t[..., 1]) and np.array_equal(t[..., 1], t[..., 2])
+
+
+def test_draw_structures_draws_thin_opaque_lines():
+    flat = np.full((64, 64, 3), 0.5, np.float32)
+    for seed in range(20):
+        out = draw_structures(flat, np.random.default_rng(seed))
+        moved = np.abs(out - flat).max(-1)
+        assert 0.005 < (moved > 0.05).mean() < 0.75, seed  # lines, not a wash over the crop
+        assert moved.max() > 0.1  # opaque: far from the background where a line lies
