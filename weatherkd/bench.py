@@ -203,8 +203,8 @@ def _timed_steps(engine, batches, steps: int, window) -> float:
 
 
 STEP_PARTS = ["distill/student_forward", "distill/teacher", "distill/dckd_negatives", "distill/dckd_history",
-              "distill/dckd_vq_frozen", "distill/dckd_vq_student", "engine/backward", "engine/optimizer",
-              "engine/ema", "distill/history_update"]
+              "distill/dckd_vq_frozen", "distill/dckd_vq_student", "distill/dckd_contrast", "engine/backward",
+              "engine/optimizer", "engine/ema", "distill/history_update"]
 
 
 def bench_kd_overhead(argv: list[str]) -> dict:

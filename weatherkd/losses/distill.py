@@ -38,12 +38,14 @@ class _LevelContrast(torch.autograd.Function):
         n_el = s.numel()
         acc = torch.promote_types(s.dtype, torch.float32)  # the sums at least in fp32, even when s is bf16
         diff = s - t
-        d_pos = diff.abs().sum(dtype=acc) / n_el
+        d_pos = torch.linalg.vector_norm(diff, 1, dtype=acc) / n_el
         sign_pos = diff.sign_()
-        d_neg, sign_neg = s.new_zeros((), dtype=acc), torch.zeros_like(s)
+        # One difference buffer for every negative, and norms that read it without writing |diff|:
+        # each full-size temporary was a fresh allocation (page faults on CPU) and a pass more.
+        d_neg, sign_neg, diff = s.new_zeros((), dtype=acc), torch.zeros_like(s), torch.empty_like(s)
         for n in negatives:
-            diff = s - n
-            d_neg += diff.abs().sum(dtype=acc)
+            torch.sub(s, n, out=diff)
+            d_neg += torch.linalg.vector_norm(diff, 1, dtype=acc)
             sign_neg += diff.sign_()
         denom = d_neg / n_el + eps
         ctx.save_for_backward(sign_pos, sign_neg, d_pos, denom)
