@@ -141,7 +141,8 @@ def draw_structures(img: np.ndarray, rng: np.random.Generator, supersample: int 
     """Thin straight structures drawn into a crop: one to three of a single long line or a family
     of parallel, evenly spaced ones (a railing, mortar courses), 1-3 px wide, lighter or darker
     than the scene. Opaque and antialiased, unlike a rain streak, which is a translucent, blurred
-    brightening. Half of them lie within 30 degrees of vertical, where rain falls."""
+    brightening. Two thirds lie within 30 degrees of vertical, where rain falls (half drawn there,
+    half at any angle)."""
     h, w = img.shape[:2]
     out = img.astype(np.float32)
     for _ in range(int(rng.integers(1, 4))):

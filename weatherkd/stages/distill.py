@@ -152,13 +152,16 @@ class DistillRecipe(Recipe):
             with record_function("distill/dckd_negatives"):
                 negatives = [x] + [D.degrade(x, kind, teacher, self.generator) for kind in c.negatives]
             if c.frozen_precision == "bf16":
-                # bf16 copies, batch norm folded: no per-call casts, one pass less per layer. The
-                # features stay bf16; the contrastive term promotes them as it subtracts.
+                # bf16 copies, batch norm folded: one pass less per layer, and with the engine's
+                # autocast off for them, no casts per call (under fp16 mixed precision it would
+                # recast their weights). The features stay bf16; the contrastive term promotes them
+                # as it subtracts.
                 history_bf16, vq_bf16 = self.frozen_bf16("history", history.module), self.frozen_bf16("vq", vq)
-                with record_function("distill/dckd_history"):
+                with record_function("distill/dckd_history"), torch.autocast(x.device.type, enabled=False):
                     restored = history_bf16(torch.cat(negatives).to(torch.bfloat16)).clamp(0, 1)
                 with record_function("distill/dckd_vq_frozen"):
-                    neg_levels = vq_bf16.features(restored)
+                    with torch.autocast(x.device.type, enabled=False):
+                        neg_levels = vq_bf16.features(restored)
                     # The teacher's features stay in the training precision: the student comes so
                     # close to them that bf16's rounding would be as large as the distance it pulls on.
                     teacher_feats = vq.features(teacher)
@@ -175,7 +178,8 @@ class DistillRecipe(Recipe):
         with record_function("distill/dckd_contrast"):
             terms = {"contrast": c.w_contrast * D.contrastive(student_feats, teacher_feats, neg_feats,
                                                               c.level_weights, c.eps)}
-            if c.w_dmm:
+        if c.w_dmm:
+            with record_function("distill/dckd_dmm"):
                 terms["dmm"] = c.w_dmm * D.distribution_mapping(vq.code_logits(student_feats[-1]),
                                                                vq.code_logits(teacher_feats[-1]))
         return terms
@@ -199,7 +203,9 @@ class DistillRecipe(Recipe):
             return
         with torch.no_grad(), record_function("distill/history_update"):
             self.frozen["history"].update_parameters(ema_model if ema_model is not None else model)
-        self._bf16_copies.pop("history", None)
+            self._bf16_copies.pop("history", None)
+            if self.cfg.dckd.frozen_precision == "bf16":  # remade here, so the update's label holds its cost
+                self.frozen_bf16("history", self.frozen["history"].module)
         self.history_updates += 1
 
     def state_dict(self) -> dict:
