@@ -204,8 +204,7 @@ def _timed_steps(engine, batches, steps: int, window) -> float:
 
 STEP_PARTS = ["distill/student_forward", "distill/teacher", "distill/dckd_negatives", "distill/dckd_history",
               "distill/dckd_vq_frozen", "distill/dckd_vq_student", "distill/dckd_contrast", "distill/dckd_dmm",
-              "engine/backward",
-              "engine/optimizer", "engine/ema", "distill/history_update"]
+              "engine/backward", "engine/optimizer", "engine/ema", "distill/history_update"]
 
 
 def bench_kd_overhead(argv: list[str]) -> dict:

@@ -162,7 +162,7 @@ class DistillRecipe(Recipe):
                 with record_function("distill/dckd_vq_frozen"):
                     with torch.autocast(x.device.type, enabled=False):
                         neg_levels = vq_bf16.features(restored)
-                    # The teacher's features stay in the training precision: the student comes so
+                    # The teacher's features, in the training precision: the student comes so
                     # close to them that bf16's rounding would be as large as the distance it pulls on.
                     teacher_feats = vq.features(teacher)
             else:
