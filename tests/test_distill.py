@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import accelerate_launch, run_cli
+from weatherkd.stages.distill import compiler_missing
 
 
 
@@ -135,8 +136,9 @@ def test_bench_kd_overhead_times_the_engines_real_step_online_and_cached(kd_inpu
                                         f"teacher={teacher}",
                                         f"vq={vq}", f"data.train_shards={shards}", "data.crop=32",
                                         "data.num_workers=0", "data.eval_max_samples=2"])
+    compiled = {"dckd_online_compiled"} if compiler_missing() is None else set()  # dckd.compile where it can build
     assert set(out["seconds_per_step"]) == {"scratch", "kd_online", "kd_cached", "dckd_online", "dckd_cached",
-                                            "dckd_online_negatives_bf16"}  # fp32 training: bf16 negatives too
+                                            "dckd_online_negatives_bf16"} | compiled  # fp32 training: bf16 negatives too
     parts = out["ms_per_step_by_part"]
     assert "distill/teacher" in parts["kd_online"] and "engine/backward" in parts["scratch"]
     assert "distill/dckd_history" in parts["dckd_cached"] and "distill/dckd_vq_frozen" in parts["dckd_online"]
@@ -145,3 +147,60 @@ def test_bench_kd_overhead_times_the_engines_real_step_online_and_cached(kd_inpu
                                                           / out["seconds_per_step"]["scratch"])
     assert out["dckd_negatives_bf16_over_kd_online"] == pytest.approx(
         out["seconds_per_step"]["dckd_online_negatives_bf16"] / out["seconds_per_step"]["kd_online"])
+    if compiled:
+        assert "distill/dckd_contrast" in parts["dckd_online_compiled"]
+        assert out["dckd_compiled_over_kd_online"] == pytest.approx(
+            out["seconds_per_step"]["dckd_online_compiled"] / out["seconds_per_step"]["kd_online"])
+
+
+@pytest.mark.skipif(compiler_missing() is not None, reason="dckd.compile needs a C++ compiler; this machine has none")
+def test_compiled_dckd_terms_are_the_eager_ones(kd_inputs):
+    """``dckd.compile``: the same terms and the same gradient as the eager ones, in the bf16 path
+    too (bf16 negatives promoted as they are subtracted, a tie with sign(0) = 0)."""
+    shards, teacher, vq = kd_inputs
+    from weatherkd import config as C
+    from weatherkd.losses import distill as D
+    from weatherkd.stages.distill import Config, DistillRecipe
+
+    torch.manual_seed(0)
+    shapes, weights = [(2, 4, 8, 8), (2, 8, 4, 4)], [0.25, 1.0]
+    s = [torch.randn(*sh, requires_grad=True) for sh in shapes]
+    t = [torch.randn(*sh) for sh in shapes]
+    negs = [[torch.randn(*sh).to(torch.bfloat16) for sh in shapes] for _ in range(3)]
+    with torch.no_grad():
+        s[0][0, 0, 0, 0] = negs[0][0][0, 0, 0, 0].float()  # a tie
+    eager, fused = D.contrastive(s, t, negs, weights), D.fused(D.contrastive_formula)(s, t, negs, weights)
+    assert fused.item() == pytest.approx(eager.item(), rel=1e-5)
+    for g, w in zip(torch.autograd.grad(fused, s), torch.autograd.grad(eager, s)):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-9)
+
+    # Through the recipe: both terms, and the student's gradient, whatever the precision.
+    x = torch.rand(2, 3, 32, 32)
+    for precision in ("train", "bf16"):
+        terms, grads = {}, {}
+        for compiled in (False, True):
+            cfg = C.load(Config, "configs/distill/demo.yaml", [f"teacher={teacher}", f"vq={vq}", "objective=dckd",
+                                                               f"dckd.compile={str(compiled).lower()}",
+                                                               f"dckd.frozen_precision={precision}"])
+            torch.manual_seed(0)  # the same student
+            recipe = DistillRecipe(cfg)
+            assert (recipe.contrastive is D.fused(D.contrastive_formula)) == compiled
+            for module in recipe.frozen.values():
+                module.requires_grad_(False).eval()
+            terms[compiled] = recipe.step(recipe.model, {"input": x}, step=0)
+            terms[compiled]["loss"].backward()
+            grads[compiled] = torch.cat([p.grad.flatten() for p in recipe.model.parameters() if p.requires_grad])
+        for name in ("contrast", "dmm"):
+            assert terms[True][name].item() == pytest.approx(terms[False][name].item(), rel=1e-5), (precision, name)
+        assert torch.allclose(grads[True], grads[False], rtol=1e-3, atol=1e-7), precision
+
+
+def test_compile_without_a_compiler_is_one_line(kd_inputs, tmp_path):
+    shards, teacher, vq = kd_inputs
+    from conftest import cli_env
+
+    proc = run_cli("distill", "--config", "configs/distill/demo.yaml", f"out_dir={tmp_path / 'out'}",
+                   f"data.train_shards={shards}", f"teacher={teacher}", f"vq={vq}", "objective=dckd",
+                   "dckd.compile=true", "tracker.kind=none", check=False, env=cli_env(CXX="/nonexistent/g++"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: dckd.compile needs a C++ compiler")

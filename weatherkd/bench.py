@@ -211,15 +211,16 @@ def bench_kd_overhead(argv: list[str]) -> dict:
     """Seconds per step of the engine's real ``train_step`` (EMA and the history update included)
     for scratch, kd and dckd on one student, batch and machine, in one run; kd and dckd with the
     teacher online and from its cache (`weatherkd teach` on the first shards, untimed); dckd online
-    also with its negatives in bf16 (``dckd.frozen_precision``) when training in fp32. Each
-    step's time is split into its parts by the recipe's and engine's ``record_function`` labels."""
+    also with its negatives in bf16 (``dckd.frozen_precision``) when training in fp32, and with its
+    terms compiled (``dckd.compile``) where torch.compile can build. Each step's time is split into
+    its parts by the recipe's and engine's ``record_function`` labels."""
     from torch.profiler import ProfilerActivity, profile
 
     from weatherkd import config as cfgmod
     from weatherkd import cost
     from weatherkd.engine.loop import Engine, Window
     from weatherkd.stages import teach
-    from weatherkd.stages.distill import RECIPE, Config
+    from weatherkd.stages.distill import RECIPE, Config, compiler_missing
 
     p = argparse.ArgumentParser(prog="weatherkd bench kd-overhead")
     p.add_argument("--config", default="configs/distill/demo.yaml")
@@ -249,6 +250,9 @@ def bench_kd_overhead(argv: list[str]) -> dict:
                 "dckd_online": ["objective=dckd"], "dckd_cached": ["objective=dckd", *cached]}
         if base.train.mixed_precision == "no" and base.dckd.frozen_precision == "train":
             runs["dckd_online_negatives_bf16"] = ["objective=dckd", "dckd.frozen_precision=bf16"]
+        if not base.dckd.compile and compiler_missing() is None:
+            runs["dckd_online_compiled"] = ["objective=dckd", "dckd.compile=true",
+                                            *runs.get("dckd_online_negatives_bf16", ["objective=dckd"])[1:]]
         engines = {}
         for name, extra in runs.items():
             torch.manual_seed(0)
@@ -288,6 +292,8 @@ def bench_kd_overhead(argv: list[str]) -> dict:
     result["dckd_over_kd_cached"] = t["dckd_cached"] / t["kd_cached"]
     if "dckd_online_negatives_bf16" in t:
         result["dckd_negatives_bf16_over_kd_online"] = t["dckd_online_negatives_bf16"] / t["kd_online"]
+    if "dckd_online_compiled" in t:
+        result["dckd_compiled_over_kd_online"] = t["dckd_online_compiled"] / t["kd_online"]
     return result
 
 

@@ -53,6 +53,11 @@ class DCKDConfig:
     # bf16's rounding of them is small against the distance; where bf16 is fast it halves the
     # frozen VQ's cost (`weatherkd bench kd-overhead` measures both).
     frozen_precision: Literal["train", "bf16"] = "train"
+    # Both terms through torch.compile (losses.distill.fused): the same formulas, forward and
+    # backward fused into a few passes. Eager, the contrastive term is the largest part DCKD adds
+    # to a CPU step (~30 memory-bound passes over the features). Needs a C++ compiler (CPU) or
+    # triton (GPU); the first step compiles (seconds, then cached on disk).
+    compile: bool = False
 
 
 @dataclass
@@ -67,6 +72,19 @@ class Config(StageConfig):
     w_gt: float = 1.0  # L1 to ground truth when the shards have targets
     dckd: DCKDConfig = field(default_factory=DCKDConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
+
+
+def compiler_missing() -> str | None:
+    """Why torch.compile cannot build here, or None: its C++ compiler, looked up before the first
+    step needs it (a GPU's kernels come from triton, but inductor still builds host code)."""
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception as e:  # inductor raises its own types for "not found" and "not usable"
+        return f"dckd.compile needs a C++ compiler (g++, or $CXX) for torch.compile: {e}; " \
+               "install one or set dckd.compile=false"
+    return None
 
 
 def _load(path: str, key: str):
@@ -114,6 +132,11 @@ class DistillRecipe(Recipe):
         self.history_updates = 0
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self._bf16_copies: dict[str, torch.nn.Module] = {}
+        self.contrastive, self.code_mapping = D.contrastive, D.code_mapping
+        if cfg.objective == "dckd" and cfg.dckd.compile:
+            if missing := compiler_missing():
+                raise UserError(missing)
+            self.contrastive, self.code_mapping = D.fused(D.contrastive_formula), D.fused(D.code_mapping)
 
     # -- the objective ---------------------------------------------------------
 
@@ -176,12 +199,11 @@ class DistillRecipe(Recipe):
         with record_function("distill/dckd_vq_student"):
             student_feats = vq.features(out)
         with record_function("distill/dckd_contrast"):
-            terms = {"contrast": c.w_contrast * D.contrastive(student_feats, teacher_feats, neg_feats,
-                                                              c.level_weights, c.eps)}
+            terms = {"contrast": c.w_contrast * self.contrastive(student_feats, teacher_feats, neg_feats,
+                                                                 c.level_weights, c.eps)}
         if c.w_dmm:
             with record_function("distill/dckd_dmm"):
-                terms["dmm"] = c.w_dmm * D.distribution_mapping(vq.code_logits(student_feats[-1]),
-                                                               vq.code_logits(teacher_feats[-1]))
+                terms["dmm"] = c.w_dmm * self.code_mapping(vq.code_logits, student_feats[-1], teacher_feats[-1])
         return terms
 
     def frozen_bf16(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
