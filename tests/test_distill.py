@@ -55,6 +55,19 @@ def test_dckd_under_ddp_resumes_with_all_kd_state(kd_inputs, tmp_path):
     assert spec["arch"] == "unet_bn" and spec["objective"] == "dckd"
 
 
+def test_dckd_in_bf16_mixed_precision_updates_its_history_model_in_fp32(kd_inputs, tmp_path):
+    """Every real-size config trains in bf16; the history model (a frozen helper) was cast to bf16
+    with the rest, and its first update ended the run (lerp of fp32 weights into bf16 ones)."""
+    shards, teacher, vq = kd_inputs
+    distill(tmp_path, shards, teacher, vq, "train.max_steps=4", "train.mixed_precision=bf16")
+    from weatherkd.engine import checkpoint
+
+    state = checkpoint.load_state_tree(tmp_path / "checkpoints" / "step-0000004")["recipe"]
+    assert state["history_updates"] == 4
+    history = {k: v for k, v in state["history"].items() if k.startswith("module.") and v.is_floating_point()}
+    assert history and all(v.dtype == torch.float32 for v in history.values())
+
+
 def test_frozen_parts_build_no_graph_and_targetless_tars_work(kd_inputs):
     shards, teacher, vq = kd_inputs
     from weatherkd.stages.distill import Config, DistillRecipe

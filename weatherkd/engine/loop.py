@@ -159,9 +159,10 @@ class Engine:
         self.preemption = Preemption(self.out_dir)
 
     def _freeze_helpers(self) -> None:
-        for module in self.recipe.frozen.values():
+        for name, module in self.recipe.frozen.items():
             module.requires_grad_(False)
-            module.to(self.acc.device, dtype=self.compute_dtype if module_is_float(module) else None).eval()
+            cast = module_is_float(module) and name not in self.recipe.averaged
+            module.to(self.acc.device, dtype=self.compute_dtype if cast else None).eval()
             if self.cfg.train.channels_last:  # the batches arrive channels_last: so must every conv's weights
                 module.to(memory_format=torch.channels_last)
 

@@ -14,12 +14,17 @@ class Recipe:
     - ``frozen``: helpers that are never trained (teacher, CLIP towers, history model, VQ encoder).
       The engine moves them to the device and compute dtype, freezes them, keeps them in eval mode
       and leaves them out of ``accelerator.prepare``.
+    - ``averaged``: the frozen helpers that average the model's weights into themselves (a history
+      model). They stay in fp32 whatever the compute dtype: a bf16 average would round each
+      update, its checkpoint would depend on the precision, and torch's in-place lerp refuses an
+      fp32 model averaged into a bf16 copy. Autocast still runs their forward in the compute dtype.
     - ``random_init``: True when a pretrained tower was replaced by random weights; every
       result this run writes says so.
     """
 
     model: nn.Module
     frozen: dict[str, nn.Module]
+    averaged: tuple[str, ...] = ()
     random_init: bool = False
 
     def __init__(self, model: nn.Module, frozen: dict[str, nn.Module] | None = None):

@@ -106,6 +106,8 @@ def init_student(path: str) -> torch.nn.Module:
 
 
 class DistillRecipe(Recipe):
+    averaged = ("history",)
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
         student = init_student(cfg.init) if cfg.init else \
