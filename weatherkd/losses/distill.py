@@ -26,8 +26,9 @@ def contrastive(student: list[torch.Tensor], teacher: list[torch.Tensor], negati
 
 def contrastive_formula(student: list[torch.Tensor], teacher: list[torch.Tensor], negatives: list[list[torch.Tensor]],
                         weights: list[float], eps: float = 1e-7) -> torch.Tensor:
-    """`contrastive` written out for autograd, sums at least in fp32: what `fused` compiles. Eager,
-    it makes ~40 full-size passes per level."""
+    """`contrastive` as plain tensor maths, sums at least in fp32, for `compiled` to trace: autograd
+    derives its gradient, and inductor fuses forward and backward into a few loops. (Eager, this
+    form costs ~40 full-size passes per level; `contrastive` is the eager form.)"""
     total = 0.0
     for level, (w, s, t) in enumerate(zip(weights, student, teacher)):
         acc = torch.promote_types(s.dtype, torch.float32)
@@ -37,11 +38,10 @@ def contrastive_formula(student: list[torch.Tensor], teacher: list[torch.Tensor]
 
 
 @functools.cache
-def fused(fn):
-    """``fn`` through torch.compile, made once per process (``dckd.compile``): `contrastive_formula`'s
-    differences, norms and signs, forward and backward, in a few fused loops instead of ~30 passes
-    over memory. Needs a C++ compiler on CPU, triton on a GPU; compiled at the first call."""
-    return torch.compile(fn)
+def compiled(fn):
+    """``fn`` through torch.compile, once per process (``dckd.compile``). One graph, no breaks: a
+    break would silently run part of it eagerly. Compiled at the first call, once per shape."""
+    return torch.compile(fn, fullgraph=True)
 
 
 class _LevelContrast(torch.autograd.Function):
@@ -89,7 +89,8 @@ def distribution_mapping(student_logits: torch.Tensor, teacher_logits: torch.Ten
 
 
 def code_mapping(code_logits, student_latent: torch.Tensor, teacher_latent: torch.Tensor) -> torch.Tensor:
-    """`distribution_mapping` over the codebook distances ``code_logits`` gives each latent."""
+    """`distribution_mapping` over the codebook distances ``code_logits`` gives each latent. The
+    distances come in as a callable so that, compiled, they fuse with the mapping."""
     return distribution_mapping(code_logits(student_latent), code_logits(teacher_latent))
 
 

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import bisect
 import copy
+import os
+import shutil
+import subprocess
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -53,10 +56,10 @@ class DCKDConfig:
     # bf16's rounding of them is small against the distance; where bf16 is fast it halves the
     # frozen VQ's cost (`weatherkd bench kd-overhead` measures both).
     frozen_precision: Literal["train", "bf16"] = "train"
-    # Both terms through torch.compile (losses.distill.fused): the same formulas, forward and
-    # backward fused into a few passes. Eager, the contrastive term is the largest part DCKD adds
-    # to a CPU step (~30 memory-bound passes over the features). Needs a C++ compiler (CPU) or
-    # triton (GPU); the first step compiles (seconds, then cached on disk).
+    # Both terms through torch.compile (losses.distill.compiled): eager, the contrastive term's
+    # forward is the largest part DCKD adds to a CPU step, and memory-bound. The same values and
+    # gradient in fp32 (under bf16 autocast they differ by bf16's rounding: inductor keeps fp32
+    # intermediates). Needs the machine's C/C++ compiler; each process's first step compiles.
     compile: bool = False
 
 
@@ -75,16 +78,23 @@ class Config(StageConfig):
 
 
 def compiler_missing() -> str | None:
-    """Why torch.compile cannot build here, or None: its C++ compiler, looked up before the first
-    step needs it (a GPU's kernels come from triton, but inductor still builds host code)."""
-    from torch._inductor import cpp_builder
-
+    """Why torch.compile cannot build here, or None. Inductor builds its CPU kernels, and triton
+    its GPU launchers, with the machine's C/C++ compiler: asked before the first step needs it.
+    Only that one is found is checked, not that it builds."""
+    why = None
     try:
+        from torch._inductor import cpp_builder, exc
+
         cpp_builder.get_cpp_compiler()
-    except Exception as e:  # inductor raises its own types for "not found" and "not usable"
-        return f"dckd.compile needs a C++ compiler (g++, or $CXX) for torch.compile: {e}; " \
-               "install one or set dckd.compile=false"
-    return None
+    except (ImportError, AttributeError):  # a torch that moved this private helper: the PATH instead
+        compiler = os.environ.get("CXX", "g++")
+        why = None if shutil.which(compiler) else f"{compiler} not found"
+    except (exc.InvalidCxxCompiler, OSError, subprocess.SubprocessError) as e:
+        why = str(e)
+    if why is None:
+        return None
+    return f"dckd.compile needs a C++ compiler (g++, or $CXX) for torch.compile: {why}; " \
+           "install one or set dckd.compile=false"
 
 
 def _load(path: str, key: str):
@@ -138,7 +148,7 @@ class DistillRecipe(Recipe):
         if cfg.objective == "dckd" and cfg.dckd.compile:
             if missing := compiler_missing():
                 raise UserError(missing)
-            self.contrastive, self.code_mapping = D.fused(D.contrastive_formula), D.fused(D.code_mapping)
+            self.contrastive, self.code_mapping = D.compiled(D.contrastive_formula), D.compiled(D.code_mapping)
 
     # -- the objective ---------------------------------------------------------
 
