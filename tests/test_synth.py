@@ -133,13 +133,15 @@ def test_distill_trains_from_the_synthesised_tars(parts, reference, tmp_path):
 
 
 def test_adapter_stage_trains_over_two_processes_and_exports_prompts(tmp_path):
-    """Unpaired degraded images: the shards hold inputs only."""
+    """Unpaired degraded images: the shards hold inputs only. In bf16, as the allweather config
+    trains (the demo's runs in fp32): its own validation ran the bf16 CLIP tower on fp32 inputs."""
     degraded, out = tmp_path / "degraded", tmp_path / "adapter"
     make_set(degraded, {(split, w): n for w in WEATHERS for split, n in (("train", 8), ("test", 2))}, size=40,
              target=False)
     accelerate_launch(["weatherkd", "adapter", "--config", "configs/adapter/demo.yaml", f"out_dir={out}",
                        f"data.train_shards={degraded}", "train.max_steps=6", "train.eval_every=3",
-                       "ckpt.every=3", "data.crop=32", "data.batch_size=6", "tracker.kind=none"], module=True)
+                       "ckpt.every=3", "data.crop=32", "data.batch_size=6", "tracker.kind=none",
+                       "train.mixed_precision=bf16"], module=True)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["kind"] == "prompt_retrieval" and metrics["n"] == 6 and metrics["world_size"] == 2
     assert metrics["ranks_in_sync"] and 0 <= metrics["accuracy"] <= 1 and metrics["random_init"]

@@ -41,7 +41,8 @@ class Recipe:
 
     def validate(self, model: nn.Module, loader, accelerator, to_device) -> dict | None:
         """A stage whose model does not restore images scores itself here (every rank takes part)
-        and returns its metrics. None, the default: the engine's PSNR/SSIM validation of ``predict``."""
+        and returns its metrics. None, the default: the engine's PSNR/SSIM validation of ``predict``.
+        It runs under the training precision's autocast, as ``step`` does."""
         return None
 
     def after_step(self, step: int, model: nn.Module, ema_model: nn.Module | None) -> None:
