@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import bisect
 import copy
-import os
-import shutil
-import subprocess
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -59,7 +57,8 @@ class DCKDConfig:
     # Both terms through torch.compile (losses.distill.compiled): eager, the contrastive term's
     # forward is the largest part DCKD adds to a CPU step, and memory-bound. The same values and
     # gradient in fp32 (under bf16 autocast they differ by bf16's rounding: inductor keeps fp32
-    # intermediates). Needs the machine's C/C++ compiler; each process's first step compiles.
+    # intermediates). Needs a C/C++ compiler and Python's headers (a probe build checks before
+    # the run starts); each process's first step compiles.
     compile: bool = False
 
 
@@ -77,24 +76,23 @@ class Config(StageConfig):
     history: HistoryConfig = field(default_factory=HistoryConfig)
 
 
-def compiler_missing() -> str | None:
-    """Why torch.compile cannot build here, or None. Inductor builds its CPU kernels, and triton
-    its GPU launchers, with the machine's C/C++ compiler: asked before the first step needs it.
-    Only that one is found is checked, not that it builds."""
-    why = None
-    try:
-        from torch._inductor import cpp_builder, exc
+def _probe(x: torch.Tensor) -> torch.Tensor:
+    return x + 1
 
-        cpp_builder.get_cpp_compiler()
-    except (ImportError, AttributeError):  # a torch that moved this private helper: the PATH instead
-        compiler = os.environ.get("CXX", "g++")
-        why = None if shutil.which(compiler) else f"{compiler} not found"
-    except (exc.InvalidCxxCompiler, OSError, subprocess.SubprocessError) as e:
-        why = str(e)
-    if why is None:
-        return None
-    return f"dckd.compile needs a C++ compiler (g++, or $CXX) for torch.compile: {why}; " \
-           "install one or set dckd.compile=false"
+
+@functools.cache
+def compiler_missing() -> str | None:
+    """Why torch.compile cannot build here, or None, asked before the first step needs it: a
+    one-op function compiled once per process. Inductor builds its kernels with the machine's C/C++
+    compiler and Python's headers; a machine may have one and not the other, so this builds
+    rather than looks."""
+    try:
+        torch.compile(_probe, fullgraph=True)(torch.zeros(2))
+    except Exception as e:  # whatever the toolchain lacks, the user gets one line, not inductor's trace
+        lines = str(e).strip().splitlines()
+        return f"dckd.compile: torch.compile cannot build on this machine ({lines[0] if lines else type(e).__name__}); " \
+               "install a C++ compiler (g++, or $CXX) and Python's headers, or set dckd.compile=false"
+    return None
 
 
 def _load(path: str, key: str):
