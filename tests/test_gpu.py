@@ -2,10 +2,11 @@
 no CUDA device they are skipped, saying so; CI has none and never depends on them.
 
 What they check: the quick demo on every GPU (the teacher under ZeRO-2 in bf16, the students under
-DDP over NCCL), every process on its own GPU (its LOCAL_RANK), dckd in bf16 through history updates,
-eager and with ``dckd.compile``, no host sync inside steady-state student steps (`torch.cuda.set_sync_debug_mode("error")` around every step after the first), synth
-in fp16 with SDPA (and xformers when installed), dream on the GPU, and the step benchmark's MFU
-against this GPU's measured matmul peak. Each prints what it measured."""
+DDP over NCCL), every process on its own GPU (its LOCAL_RANK), dckd in bf16 through history
+updates (eager and compiled), no host sync inside steady-state student steps
+(`torch.cuda.set_sync_debug_mode("error")` around every step after the first), synth in fp16 with
+SDPA (and xformers when installed), dream on the GPU, and the step benchmark's MFU against this
+GPU's measured matmul peak. Each prints what it measured."""
 
 import json
 
@@ -56,25 +57,27 @@ def test_students_train_in_bf16_without_host_syncs_in_the_step(tmp_path):
 
 
 def test_dckd_in_bf16_with_history_updates_eager_and_compiled_on_the_gpu(tmp_path, builtin_set, tiny_teacher):
-    """The allweather configs' dckd path (bf16, history updates), and ``dckd.compile`` on a GPU:
-    what must hold before those configs turn it on. Prints both runs' samples/s."""
+    """The allweather configs' dckd path (bf16, the fp32 history model under autocast, history
+    updates), eager and with ``dckd.compile``, and the bf16-negatives path compiled: what must hold
+    before those configs turn compile on. Prints each run's samples/s."""
     vq = tmp_path / "vq"
     run_cli("vq", "--config", "configs/vq/demo.yaml", f"out_dir={vq}", f"data.train_shards={builtin_set}",
             "train.max_steps=4", "tracker.kind=none", "data.crop=32", "data.num_workers=0", env=gpu_env())
     rates = {}
-    for compile in ("false", "true"):
-        out = tmp_path / f"dckd-compile-{compile}"
+    for frozen, compile in (("train", "false"), ("train", "true"), ("bf16", "true")):
+        out = tmp_path / f"dckd-{frozen}-compile-{compile}"
         accelerate_launch(["weatherkd", "distill", "--config", "configs/distill/demo.yaml", "objective=dckd",
                            f"out_dir={out}", f"data.train_shards={builtin_set}", f"teacher={tiny_teacher}",
                            f"vq={vq / 'model'}", "data.crop=32", "train.max_steps=20", "train.log_every=10",
                            "train.eval_every=20", "ckpt.every=20", "train.mixed_precision=bf16", "history.every=[5]",
-                           "dckd.frozen_precision=bf16", f"dckd.compile={compile}", "tracker.kind=none"],
+                           f"dckd.frozen_precision={frozen}", f"dckd.compile={compile}", "tracker.kind=none"],
                           nproc=NGPU, config=DDP, module=True, timeout=900, env=gpu_env())
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["rank_devices"] == [f"cuda:{r}" for r in range(NGPU)] and metrics["step"] == 20
         assert metrics["ranks_in_sync"]
-        rates[compile] = json.loads((out / "progress.json").read_text())["perf/samples_per_s"]
-    print("\ndckd in bf16 on", torch.cuda.get_device_name(0), "samples/s, eager vs compiled:", rates)
+        progress = json.loads((out / "progress.json").read_text())
+        rates[f"frozen {frozen}, compile {compile}"] = progress["perf/samples_per_s"]
+    print("\ndckd in bf16 on", torch.cuda.get_device_name(0), "samples/s:", rates)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "xformers"])

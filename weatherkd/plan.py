@@ -5,7 +5,8 @@
   bytes per parameter (2 + 2 for 16-bit weights and grads, 16 for fp32 grads, weights and Adam
   moments, the 16 sharded). In fp32 DeepSpeed keeps no 16-bit copy (4 + 4 + 8, sharded by stage).
   DDP keeps fp32 weights, grads and moments plus its gradient buckets: 20, unsharded.
-- Frozen models (teacher, CLIP towers, VQ, history) in the compute dtype; the EMA in fp32.
+- Frozen models (teacher, CLIP towers, VQ) in the compute dtype; the EMA and DCKD's history model
+  (averaged from it) in fp32.
 - Activations: the bytes autograd saves for backward in one forward of the trained model and
   the loss terms that carry its gradient, at the config's crop, measured with
   ``torch.autograd.graph.saved_tensors_hooks`` (unique storages, parameters excluded) under
@@ -46,7 +47,7 @@ class Planned:
     forward: object  # (images) -> output; the trained model's parameters take gradients
     frozen: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    fp32_copies: int = 0  # parameters kept in fp32 whatever the compute dtype (the EMA)
+    fp32_copies: dict[str, int] = field(default_factory=dict)  # kept in fp32 whatever the compute dtype
 
 
 def _clip_tower(name: str) -> torch.nn.Module:
@@ -104,15 +105,17 @@ def planned_models(stage: str, cfg) -> Planned:
             else:
                 notes.append(f"{key} {path or '(unset)'} is not exported yet: its weights, and the graph of "
                              f"the loss terms through it, are not counted")
+        # fp32 whatever the compute dtype: the EMA, and the history model averaged from it
+        fp32 = {"EMA": cost.params(student)} if cfg.train.ema_decay > 0 else {}
         if cfg.objective == "dckd":
-            frozen["history model"] = cost.params(student)
+            fp32["history model"] = cost.params(student)
         vq = loaded.get("vq")
 
         def forward(x):
             out = student(x)
             return (out, vq.features(out)) if vq is not None else out  # DCKD backprops through the VQ encoder
 
-        return Planned(student, forward, frozen, notes, cost.params(student) if cfg.train.ema_decay > 0 else 0)
+        return Planned(student, forward, frozen, notes, fp32)
     if stage == "vq":
         return Planned(models.build(cfg.model.arch, **cfg.model.arch_kwargs()), None)
     raise UserError(f"weatherkd plan covers the {', '.join(PLANNED)} stages, not '{stage}'")
@@ -217,7 +220,7 @@ def plan(stage: str, cfg, launch: dict, gpu_mem_gb: float) -> dict:
     dtype = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float16
 
     per_sample, fixed = activation_bytes(forward, param_ptrs, (3, crop, crop), dtype if sixteen_bit else None)
-    frozen_bytes = sum(planned.frozen.values()) * dtype_bytes + planned.fp32_copies * 4
+    frozen_bytes = sum(planned.frozen.values()) * dtype_bytes + sum(planned.fp32_copies.values()) * 4
     states = model_state_bytes(params, gpus_per_node, machines, largest, sixteen_bit)
     notes = list(planned.notes)
     if launch.get("offload"):
@@ -229,7 +232,7 @@ def plan(stage: str, cfg, launch: dict, gpu_mem_gb: float) -> dict:
     batch = cfg.data.batch_size
     return {
         "stage": stage, "trained_params": params, "largest_tensor_params": largest,
-        "frozen_params": planned.frozen, "ema_params_fp32": planned.fp32_copies, "frozen_gb": frozen_bytes / GB,
+        "frozen_params": planned.frozen, "fp32_params": planned.fp32_copies, "frozen_gb": frozen_bytes / GB,
         "activation_fixed_gb": fixed / GB,
         "activation_gb_per_sample": per_sample / GB, "crop": crop, "mixed_precision": cfg.train.mixed_precision,
         "micro_batch": batch, "activation_gb_at_micro_batch": batch * per_sample / GB,
@@ -244,7 +247,8 @@ def table(p: dict) -> str:
     lines = [f"# weatherkd plan: {p['stage']} on {p['gpus']} GPUs ({p['nodes']} node(s)) of {p['gpu_mem_gb']:g} GB",
              f"trained parameters {p['trained_params'] / 1e6:.1f}M; frozen "
              + (", ".join(f"{k} {v / 1e6:.1f}M" for k, v in p["frozen_params"].items()) or "none")
-             + (f", EMA {p['ema_params_fp32'] / 1e6:.1f}M in fp32" if p["ema_params_fp32"] else "")
+             + ("; in fp32 " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in p["fp32_params"].items())
+                if p["fp32_params"] else "")
              + f" ({p['frozen_gb']:.2f} GB)",
              f"activations (measured, saved for backward): {p['activation_gb_per_sample']:.3f} GB per "
              f"{p['crop']}² sample in {p['mixed_precision'] if p['mixed_precision'] != 'no' else 'fp32'}; "

@@ -359,8 +359,7 @@ class Engine:
     def validate(self, step: int) -> dict:
         model = self.ema_module if self.ema is not None else self.model
         model.eval()
-        with self.acc.autocast():  # as the steps run: frozen helpers are in the compute dtype
-            custom = self.recipe.validate(model, self.eval_loader, self.acc, self.to_device)
+        custom = self.recipe.validate(model, self.eval_loader, self.acc, self.to_device)
         if custom is not None:
             self.tracker.log({f"val/{k}": v for k, v in custom.items() if isinstance(v, (int, float))}, step)
             log.info("validation at step %d: %s", step, custom)

@@ -17,7 +17,8 @@ class Recipe:
     - ``averaged``: the frozen helpers that average the model's weights into themselves (a history
       model). They stay in fp32 whatever the compute dtype: a bf16 average would round each
       update, its checkpoint would depend on the precision, and torch's in-place lerp refuses an
-      fp32 model averaged into a bf16 copy. Autocast still runs their forward in the compute dtype.
+      fp32 model averaged into a bf16 copy. Under autocast their forward still runs in the compute
+      dtype.
     - ``random_init``: True when a pretrained tower was replaced by random weights; every
       result this run writes says so.
     """
@@ -42,7 +43,8 @@ class Recipe:
     def validate(self, model: nn.Module, loader, accelerator, to_device) -> dict | None:
         """A stage whose model does not restore images scores itself here (every rank takes part)
         and returns its metrics. None, the default: the engine's PSNR/SSIM validation of ``predict``.
-        It runs under the training precision's autocast, as ``step`` does."""
+        Its forward passes go under ``accelerator.autocast()``, as the steps do (frozen helpers are
+        in the compute dtype); its scores outside it, where bf16 would round near-ties together."""
         return None
 
     def after_step(self, step: int, model: nn.Module, ema_model: nn.Module | None) -> None:

@@ -40,7 +40,8 @@ def contrastive_formula(student: list[torch.Tensor], teacher: list[torch.Tensor]
 @functools.cache
 def compiled(fn):
     """``fn`` through torch.compile, once per process (``dckd.compile``). One graph, no breaks: a
-    break would silently run part of it eagerly. Compiled at the first call, once per shape."""
+    break would silently run part of it eagerly. Compiled at the first call; a second shape
+    compiles a dynamic graph, a second VQ (``code_mapping``) its own."""
     return torch.compile(fn, fullgraph=True)
 
 

@@ -119,7 +119,8 @@ class AdapterRecipe(Recipe):
         seen = []
         for batch in loader:
             batch = to_device(batch)
-            prompts = model(self.frozen["clip_image"](batch["input"].float())).float()
+            with accelerator.autocast():  # the frozen tower is in the compute dtype; the scoring below is not
+                prompts = model(self.frozen["clip_image"](batch["input"].float())).float()
             for prompt, weather, valid in zip(prompts, batch["weather"], batch["valid"]):
                 if valid:
                     sums[weather] += prompt

@@ -30,9 +30,12 @@ from weatherkd import models
 from weatherkd.config import ModelConfig, StageConfig
 from weatherkd.engine import Engine, Recipe
 from weatherkd.errors import UserError
+from weatherkd.logs import get_logger
 from weatherkd.losses import distill as D
 from weatherkd.models.fusion import frozen_copy
 from weatherkd.stages.job import check_taught_by
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -83,15 +86,19 @@ def _probe(x: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def compiler_missing() -> str | None:
     """Why torch.compile cannot build here, or None, asked before the first step needs it: a
-    one-op function compiled once per process. Inductor builds its kernels with the machine's C/C++
-    compiler and Python's headers; a machine may have one and not the other, so this builds
-    rather than looks."""
+    one-op function compiled once per process, on the GPU where there is one (triton's kernels,
+    built by the C compiler) and on the CPU otherwise (inductor's C++, which needs Python's
+    headers too). A machine may have a compiler and still not build, so this builds rather than
+    looks."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        torch.compile(_probe, fullgraph=True)(torch.zeros(2))
+        torch.compile(_probe, fullgraph=True)(torch.zeros(2, device=device))
     except Exception as e:  # whatever the toolchain lacks, the user gets one line, not inductor's trace
-        lines = str(e).strip().splitlines()
-        return f"dckd.compile: torch.compile cannot build on this machine ({lines[0] if lines else type(e).__name__}); " \
-               "install a C++ compiler (g++, or $CXX) and Python's headers, or set dckd.compile=false"
+        log.debug("torch.compile probe on %s failed", device, exc_info=True)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        why = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"  # the compiler's last word
+        return f"dckd.compile: torch.compile cannot build on this machine's {device} ({why}); install a " \
+               "C/C++ compiler (g++, or $CXX) and Python's headers, or set dckd.compile=false"
     return None
 
 
