@@ -193,7 +193,17 @@ def test_compiled_dckd_terms_are_the_eager_ones(kd_inputs):
     assert counters["stats"]["unique_graphs"] > graphs  # traced and compiled, not run eagerly
     eager = D.contrastive(s, t, negs, weights)
     assert compiled.item() == pytest.approx(eager.item(), rel=1e-5)
-    for g, w in zip(torch.autograd.grad(compiled, s), torch.autograd.grad(eager, s)):
+    eager_grads = torch.autograd.grad(eager, s)
+    for g, w in zip(torch.autograd.grad(compiled, s), eager_grads):
+        assert torch.allclose(g, w, rtol=1e-5, atol=1e-6 * w.abs().max().item())
+    # channels_last features (the engine's `train.channels_last`) get channels_last gradients: the
+    # VQ's backward on mixed layouts was the slowest part of the compiled step.
+    s_nhwc = [f.detach().contiguous(memory_format=torch.channels_last).requires_grad_() for f in s]
+    t_nhwc = [f.contiguous(memory_format=torch.channels_last) for f in t]
+    negs_nhwc = [[f.contiguous(memory_format=torch.channels_last) for f in neg] for neg in negs]
+    compiled = D.compiled(D.contrastive_formula)(s_nhwc, t_nhwc, negs_nhwc, weights)
+    for g, w in zip(torch.autograd.grad(compiled, s_nhwc), eager_grads):
+        assert g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous()
         assert torch.allclose(g, w, rtol=1e-5, atol=1e-6 * w.abs().max().item())
     # Distribution matching on its own: its gradient is ~1e-5 of the whole loss's, so a check of
     # the loss's gradient cannot see it. Latents apart, so the gradient (softmax minus the teacher's

@@ -12,6 +12,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map_only
 
 
 def contrastive(student: list[torch.Tensor], teacher: list[torch.Tensor], negatives: list[list[torch.Tensor]],
@@ -41,8 +42,28 @@ def contrastive_formula(student: list[torch.Tensor], teacher: list[torch.Tensor]
 def compiled(fn):
     """``fn`` through torch.compile, once per process (``dckd.compile``). One graph, no breaks: a
     break would silently run part of it eagerly. Compiled at the first call; a second shape
-    compiles a dynamic graph, a second VQ (``code_mapping``) its own."""
-    return torch.compile(fn, fullgraph=True)
+    compiles a dynamic graph, a second VQ (``code_mapping``) its own.
+
+    Each gradient leaves the graph in its input's memory layout: inductor gave channels_last
+    features row-major gradients, and the VQ's backward then ran on mixed layouts (GELU's backward
+    ~10x slower on CPU, `weatherkd bench kd-overhead`)."""
+    def in_input_layout(*args):
+        return fn(*tree_map_only(torch.Tensor, lambda x: _GradInInputLayout.apply(x) if x.requires_grad else x, args))
+
+    return torch.compile(in_input_layout, fullgraph=True)
+
+
+class _GradInInputLayout(torch.autograd.Function):
+    """The identity, whose gradient takes the input's layout (channels_last or not)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=torch.channels_last) if ctx.channels_last else grad
 
 
 class _LevelContrast(torch.autograd.Function):
