@@ -20,12 +20,12 @@ def kd_inputs(builtin_set, tiny_teacher, tmp_path_factory):
     return builtin_set, tiny_teacher, root / "vq" / "model"
 
 
-def distill(out, shards, teacher, vq, *overrides):
+def distill(out, shards, teacher, vq, *overrides, launch="cpu-ddp"):
     return accelerate_launch(["weatherkd", "distill", "--config", "configs/distill/demo.yaml", f"out_dir={out}",
                               f"data.train_shards={shards}", f"teacher={teacher}", f"vq={vq}", "tracker.kind=none",
                               "data.crop=32", "train.eval_every=0", "train.log_every=2", "ckpt.every=4",
                               "history.every=[1,2]", "history.milestones=[4]", "train.schedule=constant",
-                              *overrides], module=True)
+                              *overrides], module=True, config=f"launch/{launch}.yaml")
 
 
 def test_dckd_under_ddp_resumes_with_all_kd_state(kd_inputs, tmp_path):
@@ -55,17 +55,27 @@ def test_dckd_under_ddp_resumes_with_all_kd_state(kd_inputs, tmp_path):
     assert spec["arch"] == "unet_bn" and spec["objective"] == "dckd"
 
 
-def test_dckd_in_bf16_mixed_precision_updates_its_history_model_in_fp32(kd_inputs, tmp_path):
+@pytest.mark.parametrize("launch", ["cpu-ddp", "cpu-zero2"])
+def test_dckd_in_bf16_mixed_precision_updates_its_history_model_in_fp32(kd_inputs, tmp_path, launch):
     """Every real-size config trains in bf16; the history model (a frozen helper) was cast to bf16
-    with the rest, and its first update ended the run (lerp of fp32 weights into bf16 ones)."""
+    with the rest, and its first update ended the run (lerp of fp32 weights into bf16 ones).
+    Under ZeRO the student itself is bf16 (DeepSpeed casts it; accelerate leaves autocast off):
+    its first convolution refused the fp32 batch, its batch norm the fp32 statistics DeepSpeed
+    leaves, the EMA the bf16 weights, and DeepSpeed's broadcast the channels_last ones."""
     shards, teacher, vq = kd_inputs
-    distill(tmp_path, shards, teacher, vq, "train.max_steps=4", "train.mixed_precision=bf16")
+    distill(tmp_path, shards, teacher, vq, "train.max_steps=4", "train.mixed_precision=bf16", launch=launch)
     from weatherkd.engine import checkpoint
 
     state = checkpoint.load_state_tree(tmp_path / "checkpoints" / "step-0000004")["recipe"]
     assert state["history_updates"] == 4
     history = {k: v for k, v in state["history"].items() if k.startswith("module.") and v.is_floating_point()}
     assert history and all(v.dtype == torch.float32 for v in history.values())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["ranks_in_sync"] and metrics["parallelism"] == {"cpu-ddp": "multi_cpu",
+                                                                   "cpu-zero2": "deepspeed-zero2"}[launch]
+    exported = load_file(tmp_path / "model" / "model.safetensors")  # the EMA's: fp32, not bf16-rounded
+    conv = next(v for k, v in exported.items() if k.endswith(".weight") and v.dim() == 4)
+    assert not torch.equal(conv, conv.bfloat16().float())
 
 
 def test_frozen_parts_build_no_graph_and_targetless_tars_work(kd_inputs):

@@ -191,6 +191,18 @@ def _background(out: Path, shards: Path, log: Path) -> subprocess.Popen:
                                 start_new_session=True)
 
 
+@pytest.mark.parametrize("launch", ["cpu-ddp", "cpu-zero2"])
+def test_a_bug_on_one_rank_ends_the_launch_at_once_with_its_traceback(tiny_set, tmp_path, launch):
+    """Rank 0 raises after step 2 while rank 1 goes on. Before, the raising rank never exited (the
+    interpreter's teardown waited on threads), so the launcher waited too, forever."""
+    proc = accelerate_launch(["weatherkd", "teacher", "--config", CONFIG, f"out_dir={tmp_path / 'run'}",
+                              f"data.train_shards={tiny_set}", "data.num_workers=1", *RUN],
+                             config=f"launch/{launch}.yaml", module=True, check=False, timeout=150,
+                             env=cli_env(WEATHERKD_FAILPOINT="train.step:2:raise"))
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "RuntimeError: failpoint train.step at step 2" in proc.stderr
+
+
 def test_a_second_run_on_a_busy_out_dir_stops_at_once_naming_the_holder(tiny_set, tmp_path):
     run, log = tmp_path / "busy", tmp_path / "first.log"
     first = _background(run, tiny_set, log)

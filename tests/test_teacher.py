@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import accelerate_launch
 
@@ -38,15 +39,27 @@ def test_frozen_towers_build_no_autograd_graph(tmp_path, builtin_set):
     assert recipe.model.stages[0].blocks[0].ffn.sar.mixer[-1].weight.grad is not None  # SRD reaches the SAR
 
 
-# ZeRO-3 here; the demo test trains the same teacher under ZeRO-2.
+def bf16_rounded(t: torch.Tensor) -> bool:
+    return bool((t == t.bfloat16().float()).all())
+
+
+# ZeRO-3 in bf16 here, as the allweather teacher trains; the demo test trains the same teacher under
+# ZeRO-2 in fp32.
 @pytest.mark.parametrize("launch", ["cpu-zero3"])
 def test_teacher_stage_trains_exports_and_reports(launch, builtin_set, tmp_path):
     out = tmp_path / launch
     accelerate_launch(["weatherkd", "teacher", "--config", "configs/teacher/demo.yaml", f"out_dir={out}",
                        f"data.train_shards={builtin_set}", "model.size=tiny", "train.max_steps=6",
                        "train.eval_every=3", "ckpt.every=3", "train.log_every=3", "tracker.kind=none",
-                       "loss.srd_start=3", "data.crop=32", "data.num_workers=0"], config=f"launch/{launch}.yaml",
-                      module=True)
+                       "loss.srd_start=3", "data.crop=32", "data.num_workers=0", "train.mixed_precision=bf16"],
+                      config=f"launch/{launch}.yaml", module=True)
+    # DeepSpeed holds the trained weights in bf16 and their fp32 masters in its optimizer, and the
+    # engine cast the frozen CLIP tower to bf16: the export has neither rounded copy. (A random
+    # fp32 weight tensor is almost never exactly representable in bf16.)
+    exported = load_file(out / "model" / "model.safetensors")
+    assert not bf16_rounded(exported["net.stages.0.blocks.0.ffn.sar.mixer.0.weight"])  # trained, from the masters
+    assert not bf16_rounded(exported["prior.visual.conv1.weight"])  # the CLIP tower as loaded
+    assert (out / "config.yaml").read_text().count("mixed_precision: bf16") == 1
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["random_init"] is True and metrics["ranks_in_sync"]
     assert metrics["parallelism"] == f"deepspeed-{launch.split('-')[1]}"

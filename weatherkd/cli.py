@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 from weatherkd import __version__, stages
 from weatherkd.data.samples import ENCODINGS
@@ -205,7 +206,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The `weatherkd` program: ``main``, then the exit."""
-    code = main()
+    try:
+        code = main()
+    except Exception:
+        if not _launched():
+            raise
+        # A bug, on one rank of a launch: its traceback, then out at once. Left to the
+        # interpreter's teardown, a rank that raised could wait forever (DeepSpeed's and the
+        # loader's threads), and the launcher with it.
+        traceback.print_exc()
+        _leave_process_group(False)
+        code = 1
     if _launched():
         _exit_launched(code)
     sys.exit(code)

@@ -38,6 +38,17 @@ def make_accelerator(mixed_precision: str | None = "no", grad_accum: int = 1, lo
     return acc
 
 
+def autocast(acc: Accelerator):
+    """Mixed precision for forward passes: ``acc.autocast()``, except under DeepSpeed. There
+    accelerate leaves autocast off, because DeepSpeed casts the model itself to 16 bits, so fp32
+    batches (and frozen helpers' inputs) would meet 16-bit weights and the first convolution would
+    refuse them; torch's autocast casts at each op instead, as it does under DDP."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
+    if acc.state.deepspeed_plugin is not None and dtype is not None:
+        return torch.autocast(acc.device.type, dtype=dtype)
+    return acc.autocast()
+
+
 # Precision names as configs and flags spell them ("no" is accelerate's mixed_precision for fp32).
 DTYPES = {"fp32": torch.float32, "no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -2,10 +2,11 @@
 
 ``WEATHERKD_FAILPOINT=NAME:STEP`` (e.g. ``checkpoint.state_written:4``): when rank 0 reaches
 ``NAME`` at optimizer step ``STEP``, it SIGKILLs the launcher and every process under it, itself
-last, as a node that loses power would. Nothing gets to clean up. Unset, a failpoint is one
-dictionary lookup. The points: ``train.step`` (after an optimizer step), ``checkpoint.state_written``
-(every rank's state is on disk, the manifest is not), ``checkpoint.renamed`` (the checkpoint has its
-final name, ``latest`` still names the previous one).
+last, as a node that loses power would. Nothing gets to clean up. ``NAME:STEP:raise``: rank 0
+raises there instead, as a bug would. Unset, a failpoint is one dictionary lookup. The points:
+``train.step`` (after an optimizer step), ``checkpoint.state_written`` (every rank's state is on
+disk, the manifest is not), ``checkpoint.renamed`` (the checkpoint has its final name, ``latest``
+still names the previous one).
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ ENV = "WEATHERKD_FAILPOINT"
 
 def reached(name: str, step: int) -> None:
     want = os.environ.get(ENV)
-    if not want or want != f"{name}:{step}" or int(os.environ.get("RANK", "0")) != 0:
+    if not want or int(os.environ.get("RANK", "0")) != 0:
+        return
+    if want == f"{name}:{step}:raise":  # a bug instead: rank 0 raises, the others carry on
+        raise RuntimeError(f"failpoint {name} at step {step}")
+    if want != f"{name}:{step}":
         return
     import psutil
 

@@ -40,7 +40,7 @@ from weatherkd.engine.schedule import build_scheduler
 from weatherkd.errors import UserError
 from weatherkd.io import atomic_write_json
 from weatherkd.logs import get_logger, progress
-from weatherkd.placement import dtype_named, make_accelerator
+from weatherkd.placement import autocast, dtype_named, make_accelerator
 
 log = get_logger(__name__)
 SYNC_DEBUG_ENV = "WEATHERKD_CUDA_SYNC_DEBUG"  # error | warn: see Engine.host_sync_check
@@ -136,12 +136,22 @@ class Engine:
         self._freeze_helpers()
 
         model = self.recipe.model
-        if cfg.train.channels_last:
+        # Under DeepSpeed the trained weights stay row-major: its first broadcast views each as
+        # bytes, which needs a unit last stride. The batches are still channels_last, and so each
+        # convolution is (its weight converted per call; the gradients come back row-major).
+        if cfg.train.channels_last and not self.deepspeed:
             model = model.to(memory_format=torch.channels_last)
         self.ema = None
         if cfg.train.ema_decay > 0:
-            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+            self.ema = ema_of(model, cfg.train.ema_decay)
             self.ema.to(acc.device).eval()
+        if self.deepspeed and self.compute_dtype != torch.float32:
+            # DeepSpeed casts parameters to 16 bits and leaves buffers fp32; batch norm refuses
+            # running statistics in another dtype than its weights (the EMA above keeps fp32 ones).
+            for m in model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats:
+                    m.running_mean.data, m.running_var.data = (m.running_mean.to(self.compute_dtype),
+                                                               m.running_var.to(self.compute_dtype))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = self._optimizer(params)
         self.scheduler = build_scheduler(optimizer, cfg.train)
@@ -278,7 +288,7 @@ class Engine:
                 batch = next(batches)  # already on the device: the loader prepared it ahead
                 window.data_s += time.perf_counter() - t0
                 self.progress.micro += 1
-                with acc.accumulate(model), acc.autocast():
+                with acc.accumulate(model), autocast(acc):
                     losses = self.recipe.step(model, batch, self.progress.step)
                     with record_function("engine/backward"):  # labels: what `bench kd-overhead` times
                         acc.backward(losses["loss"])
@@ -426,6 +436,10 @@ class Engine:
         """``out_dir/model/``: consolidated from ZeRO shards (every rank takes part), EMA weights if enabled."""
         acc = self.acc
         state = acc.get_state_dict(self.model) if self.ema is None else self.ema.module.state_dict()
+        if self.ema is None and self.deepspeed:
+            masters = self._fp32_master_weights()  # a collective: every rank, although only rank 0 holds a state
+            if acc.is_main_process:
+                state.update(masters)
         path = self.out_dir / "model"
         if acc.is_main_process:
             state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
@@ -437,6 +451,18 @@ class Engine:
         acc.wait_for_everyone()
         self.recipe.after_export(self, path)
         return path
+
+    def _fp32_master_weights(self) -> dict[str, torch.Tensor]:
+        """The trained weights as DeepSpeed's optimizer holds them, in fp32 (sharded: every rank
+        takes part). In 16-bit training its module holds only a rounded copy of each."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full = {}
+        for name, p in self.acc.unwrap_model(self.model).named_parameters():
+            master = safe_get_full_fp32_param(p) if p.requires_grad else None
+            if master is not None:
+                full[name] = master.detach().cpu()
+        return full
 
     def rank_checksums(self) -> list[str]:
         """A hash of every rank's trained parameters. They must all agree; a launch that silently
@@ -459,6 +485,19 @@ class Engine:
                                "world_size": self.acc.num_processes, "parallelism": self.parallelism,
                                "ranks_in_sync": in_sync, "rank_devices": devices,
                                "rank_checksums": checksums})
+
+
+def ema_of(model: torch.nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of ``model``'s weights and buffers (torch's AveragedModel),
+    kept in the precision it starts in. Under DeepSpeed the trained module itself holds 16-bit
+    weights (the fp32 master copy is sharded in its optimizer): each update casts them to the
+    average's precision, which torch's in-place lerp will not do."""
+    lerp = get_ema_multi_avg_fn(decay)
+
+    def update(averaged, current, num_averaged):
+        lerp(averaged, [c.to(a.dtype) for a, c in zip(averaged, current)], num_averaged)
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def module_is_float(module: torch.nn.Module) -> bool:

@@ -43,7 +43,7 @@ class Recipe:
     def validate(self, model: nn.Module, loader, accelerator, to_device) -> dict | None:
         """A stage whose model does not restore images scores itself here (every rank takes part)
         and returns its metrics. None, the default: the engine's PSNR/SSIM validation of ``predict``.
-        Its forward passes go under ``accelerator.autocast()``, as the steps do (frozen helpers are
+        Its forward passes go under ``placement.autocast(accelerator)``, as the steps do (frozen helpers are
         in the compute dtype); its scores outside it, where bf16 would round near-ties together."""
         return None
 

@@ -11,6 +11,7 @@ from accelerate.utils import gather_object
 
 from weatherkd.data import stream
 from weatherkd.metrics import psnr_batch, quantize, ssim_batch
+from weatherkd.placement import autocast
 
 
 def _rows(batch: dict, pred: torch.Tensor, weathers: list[str], protocol: str,
@@ -80,12 +81,12 @@ def run(accelerator, predict, loader, weathers: list[str], protocol: str = "rgb"
     rows, examples = [], {}
     for batch in loader:
         batch = to_device(batch) if to_device else stream.to_device(batch, accelerator.device)
-        with accelerator.autocast():
+        with autocast(accelerator):
             pred = predict(batch)
         pred = pred.float().clamp(0, 1)
         clean_pred = None
         if clean_in and "target" in batch:
-            with accelerator.autocast():
+            with autocast(accelerator):
                 clean_pred = predict({**batch, "input": batch["target"]}).float().clamp(0, 1)
         new_rows = _rows(batch, pred, weathers, protocol, clean_pred)
         rows += new_rows

@@ -29,6 +29,7 @@ from weatherkd.data.shards import open_set
 from weatherkd.engine import Engine, Recipe
 from weatherkd.models import clip
 from weatherkd.models.prompt_adapter import pooled
+from weatherkd.placement import autocast
 
 
 @dataclass
@@ -119,7 +120,7 @@ class AdapterRecipe(Recipe):
         seen = []
         for batch in loader:
             batch = to_device(batch)
-            with accelerator.autocast():  # the frozen tower is in the compute dtype; the scoring below is not
+            with autocast(accelerator):  # the frozen tower is in the compute dtype; the scoring below is not
                 prompts = model(self.frozen["clip_image"](batch["input"].float())).float()
             for prompt, weather, valid in zip(prompts, batch["weather"], batch["valid"]):
                 if valid:

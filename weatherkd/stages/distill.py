@@ -24,11 +24,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch.autograd.profiler import record_function
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from weatherkd import models
 from weatherkd.config import ModelConfig, StageConfig
-from weatherkd.engine import Engine, Recipe
+from weatherkd.engine import Engine, Recipe, ema_of
 from weatherkd.errors import UserError
 from weatherkd.logs import get_logger
 from weatherkd.losses import distill as D
@@ -143,8 +142,7 @@ class DistillRecipe(Recipe):
             levels = len(frozen["vq"].features(torch.zeros(1, 3, 16, 16)))
             if len(cfg.dckd.level_weights) != levels:
                 raise UserError(f"dckd.level_weights has {len(cfg.dckd.level_weights)} entries; the VQ has {levels} levels")
-            frozen["history"] = AveragedModel(copy.deepcopy(student), use_buffers=True,
-                                              multi_avg_fn=get_ema_multi_avg_fn(cfg.history.decay))
+            frozen["history"] = ema_of(copy.deepcopy(student), cfg.history.decay)
         super().__init__(student, frozen)
         self.history_updates = 0
         self.generator = torch.Generator().manual_seed(cfg.seed)
