@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import REPO, accelerate_launch, cli_env, make_set, run_cli, refused
 from tiny_sd import save_d4ir_parts, save_tiny_sd
@@ -148,6 +149,10 @@ def test_adapter_stage_trains_over_two_processes_and_exports_prompts(tmp_path):
     adapter = models.load(out / "model")
     assert adapter.weathers == WEATHERS and adapter.weather_prompts.shape == (3, 4, 32)
     assert adapter.weather_prompts.abs().sum(dim=(1, 2)).min() > 0  # every weather has its mean prompt
+    # The CLIP tower as loaded, not the bf16 copy it ran as (random fp32 weights are almost never
+    # exactly representable in bf16).
+    tower = next(v for k, v in load_file(out / "model" / "model.safetensors").items() if k.endswith("visual.conv1.weight"))
+    assert not torch.equal(tower, tower.bfloat16().float())
 
 
 def test_bench_synth_compares_with_the_stock_pipeline(parts):

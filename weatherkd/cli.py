@@ -215,7 +215,10 @@ def entry() -> None:
         # interpreter's teardown, a rank that raised could wait forever (DeepSpeed's and the
         # loader's threads), and the launcher with it.
         traceback.print_exc()
-        _leave_process_group(False)
+        try:
+            _leave_process_group(False)
+        except Exception:  # whatever the group's state, this rank must still get out
+            pass
         code = 1
     if _launched():
         _exit_launched(code)

@@ -172,6 +172,9 @@ class Engine:
         for name, module in self.recipe.frozen.items():
             module.requires_grad_(False)
             cast = module_is_float(module) and name not in self.recipe.averaged
+            if cast and name in self.recipe.bundled and self.compute_dtype != torch.float32 and self.acc.is_main_process:
+                self.recipe.loaded_weights[name] = {k: v.detach().to("cpu", copy=True)
+                                                    for k, v in module.state_dict().items()}
             module.to(self.acc.device, dtype=self.compute_dtype if cast else None).eval()
             if self.cfg.train.channels_last:  # the batches arrive channels_last: so must every conv's weights
                 module.to(memory_format=torch.channels_last)
@@ -288,8 +291,9 @@ class Engine:
                 batch = next(batches)  # already on the device: the loader prepared it ahead
                 window.data_s += time.perf_counter() - t0
                 self.progress.micro += 1
-                with acc.accumulate(model), autocast(acc):
-                    losses = self.recipe.step(model, batch, self.progress.step)
+                with acc.accumulate(model):
+                    with autocast(acc):  # the forward only: backward ops follow their forward's dtypes
+                        losses = self.recipe.step(model, batch, self.progress.step)
                     with record_function("engine/backward"):  # labels: what `bench kd-overhead` times
                         acc.backward(losses["loss"])
                     with record_function("engine/optimizer"):
@@ -436,7 +440,7 @@ class Engine:
         """``out_dir/model/``: consolidated from ZeRO shards (every rank takes part), EMA weights if enabled."""
         acc = self.acc
         state = acc.get_state_dict(self.model) if self.ema is None else self.ema.module.state_dict()
-        if self.ema is None and self.deepspeed:
+        if self.ema is None and self.deepspeed and self.compute_dtype != torch.float32:
             masters = self._fp32_master_weights()  # a collective: every rank, although only rank 0 holds a state
             if acc.is_main_process:
                 state.update(masters)
@@ -457,11 +461,16 @@ class Engine:
         takes part). In 16-bit training its module holds only a rounded copy of each."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        full = {}
+        full, rounded = {}, []
         for name, p in self.acc.unwrap_model(self.model).named_parameters():
             master = safe_get_full_fp32_param(p) if p.requires_grad else None
-            if master is not None:
+            if master is None:
+                rounded.append(name)
+            elif self.acc.is_main_process:
                 full[name] = master.detach().cpu()
+        if rounded and self.acc.is_main_process:  # frozen inside the trained model, or no fp32 masters
+            log.warning("exported in %s, DeepSpeed holding no fp32 copy: %s", self.compute_dtype, ", ".join(rounded[:5])
+                        + (f" and {len(rounded) - 5} more" if len(rounded) > 5 else ""))
         return full
 
     def rank_checksums(self) -> list[str]:

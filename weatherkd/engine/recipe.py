@@ -19,6 +19,9 @@ class Recipe:
       update, its checkpoint would depend on the precision, and torch's in-place lerp refuses an
       fp32 model averaged into a bf16 copy. Under autocast their forward still runs in the compute
       dtype.
+    - ``bundled``: the frozen helpers the export bundles with the model (a CLIP tower). Before the
+      engine casts them to a 16-bit compute dtype, it keeps their weights as loaded (on the main
+      process's CPU), so that the export does not ship a rounded copy: ``bundled_state(name)``.
     - ``random_init``: True when a pretrained tower was replaced by random weights; every
       result this run writes says so.
     """
@@ -26,11 +29,17 @@ class Recipe:
     model: nn.Module
     frozen: dict[str, nn.Module]
     averaged: tuple[str, ...] = ()
+    bundled: tuple[str, ...] = ()
     random_init: bool = False
 
     def __init__(self, model: nn.Module, frozen: dict[str, nn.Module] | None = None):
         self.model = model
         self.frozen = frozen or {}
+        self.loaded_weights: dict[str, dict[str, torch.Tensor]] = {}  # see ``bundled``
+
+    def bundled_state(self, name: str) -> dict[str, torch.Tensor]:
+        """A bundled helper's weights for the export: as loaded, not the compute-dtype copy."""
+        return self.loaded_weights.get(name) or self.frozen[name].state_dict()
 
     def step(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
         """Named losses for one micro-batch; ``"loss"`` is the total that is backpropagated."""

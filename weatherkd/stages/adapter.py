@@ -90,6 +90,8 @@ def supcon(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.T
 
 
 class AdapterRecipe(Recipe):
+    bundled = ("clip_image",)  # users load tower, head and prompts as one model
+
     def __init__(self, cfg: Config):
         self.cfg, m, p = cfg, cfg.model, cfg.prompt
         tower, self.random_init = clip.create(m.clip, m.allow_random_init, "model.clip")
@@ -142,7 +144,7 @@ class AdapterRecipe(Recipe):
         """The adapter users load: CLIP tower + head + per-weather prompts, one ``prompt_adapter``."""
         bundle = models.build("prompt_adapter", head=model.weatherkd_spec["kwargs"],
                               clip_image=self.cfg.model.clip.name, weathers=self.weathers)
-        bundle.load_parts(state, self.frozen["clip_image"].state_dict(), self.weather_prompts)
+        bundle.load_parts(state, self.bundled_state("clip_image"), self.weather_prompts)
         return bundle, bundle.state_dict()
 
 

@@ -80,6 +80,8 @@ class Config(StageConfig):
 
 
 class TeacherRecipe(Recipe):
+    bundled = ("clip_image",)  # the exported teacher runs on images alone
+
     def __init__(self, cfg: Config):
         self.cfg, m, loss = cfg, cfg.model, cfg.loss
         self.weathers = open_set(cfg.data.train_shards).weathers
@@ -105,12 +107,6 @@ class TeacherRecipe(Recipe):
             frozen["vgg"] = L.Perceptual(loss.vgg_weights)
         super().__init__(net, frozen)
         self.random_init = random_init
-        # The exported model bundles the image tower. The engine casts frozen helpers to the
-        # compute dtype, so in 16-bit training its weights as loaded are kept aside (on the CPU)
-        # for the export, which would otherwise ship a bf16-rounded CLIP.
-        self.clip_image_weights = None
-        if "clip_image" in frozen and cfg.train.mixed_precision not in ("no", "fp32"):
-            self.clip_image_weights = {k: v.detach().clone() for k, v in frozen["clip_image"].state_dict().items()}
 
     @torch.no_grad()
     def clip_prior(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -157,7 +153,7 @@ class TeacherRecipe(Recipe):
         weathers = self.weathers if self.text_features is not None else None
         bundle = models.build("clipweather", net=model.weatherkd_spec["kwargs"],
                               clip_image=self.cfg.model.clip.image.name, weathers=weathers)
-        bundle.load_parts(state, self.clip_image_weights or self.frozen["clip_image"].state_dict(),
+        bundle.load_parts(state, self.bundled_state("clip_image"),
                           self.text_features.float().cpu() if weathers else None)
         return bundle, bundle.state_dict()
 
