@@ -48,6 +48,7 @@ class Planned:
     frozen: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     fp32_copies: dict[str, int] = field(default_factory=dict)  # kept in fp32 whatever the compute dtype
+    bf16_copies: dict[str, int] = field(default_factory=dict)  # made in bf16 beside them (dckd.frozen_precision)
 
 
 def _clip_tower(name: str) -> torch.nn.Module:
@@ -107,15 +108,18 @@ def planned_models(stage: str, cfg) -> Planned:
                              f"the loss terms through it, are not counted")
         # fp32 whatever the compute dtype: the EMA, and the history model averaged from it
         fp32 = {"EMA": cost.params(student)} if cfg.train.ema_decay > 0 else {}
+        bf16 = {}
         if cfg.objective == "dckd":
             fp32["history model"] = cost.params(student)
+            if cfg.dckd.frozen_precision == "bf16":  # the negatives' history model and VQ, as extra copies
+                bf16 = {"history model": cost.params(student), **({"vq": frozen["vq"]} if "vq" in frozen else {})}
         vq = loaded.get("vq")
 
         def forward(x):
             out = student(x)
             return (out, vq.features(out)) if vq is not None else out  # DCKD backprops through the VQ encoder
 
-        return Planned(student, forward, frozen, notes, fp32)
+        return Planned(student, forward, frozen, notes, fp32, bf16)
     if stage == "vq":
         return Planned(models.build(cfg.model.arch, **cfg.model.arch_kwargs()), None)
     raise UserError(f"weatherkd plan covers the {', '.join(PLANNED)} stages, not '{stage}'")
@@ -220,7 +224,8 @@ def plan(stage: str, cfg, launch: dict, gpu_mem_gb: float) -> dict:
     dtype = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float16
 
     per_sample, fixed = activation_bytes(forward, param_ptrs, (3, crop, crop), dtype if sixteen_bit else None)
-    frozen_bytes = sum(planned.frozen.values()) * dtype_bytes + sum(planned.fp32_copies.values()) * 4
+    frozen_bytes = (sum(planned.frozen.values()) * dtype_bytes + sum(planned.fp32_copies.values()) * 4
+                    + sum(planned.bf16_copies.values()) * 2)
     states = model_state_bytes(params, gpus_per_node, machines, largest, sixteen_bit)
     notes = list(planned.notes)
     if launch.get("offload"):
@@ -232,7 +237,8 @@ def plan(stage: str, cfg, launch: dict, gpu_mem_gb: float) -> dict:
     batch = cfg.data.batch_size
     return {
         "stage": stage, "trained_params": params, "largest_tensor_params": largest,
-        "frozen_params": planned.frozen, "fp32_params": planned.fp32_copies, "frozen_gb": frozen_bytes / GB,
+        "frozen_params": planned.frozen, "fp32_params": planned.fp32_copies,
+        "bf16_params": planned.bf16_copies, "frozen_gb": frozen_bytes / GB,
         "activation_fixed_gb": fixed / GB,
         "activation_gb_per_sample": per_sample / GB, "crop": crop, "mixed_precision": cfg.train.mixed_precision,
         "micro_batch": batch, "activation_gb_at_micro_batch": batch * per_sample / GB,
@@ -249,6 +255,8 @@ def table(p: dict) -> str:
              + (", ".join(f"{k} {v / 1e6:.1f}M" for k, v in p["frozen_params"].items()) or "none")
              + ("; in fp32 " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in p["fp32_params"].items())
                 if p["fp32_params"] else "")
+             + ("; bf16 copies " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in p["bf16_params"].items())
+                if p["bf16_params"] else "")
              + f" ({p['frozen_gb']:.2f} GB)",
              f"activations (measured, saved for backward): {p['activation_gb_per_sample']:.3f} GB per "
              f"{p['crop']}² sample in {p['mixed_precision'] if p['mixed_precision'] != 'no' else 'fp32'}; "

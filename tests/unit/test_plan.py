@@ -55,3 +55,19 @@ def test_plan_command_prints_json_for_a_real_size_student():
     missing = subprocess.run([sys.executable, "-m", "weatherkd", "plan", "--config", "configs/vq/nope.yaml"],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and missing.stderr == "error: config file not found: configs/vq/nope.yaml\n"
+
+
+def test_dckd_bf16_negatives_count_their_copies():
+    """``dckd.frozen_precision: bf16`` makes a bf16 copy of the history model (and of the VQ, once
+    exported) beside the fp32 ones: the plan counts it, 2 bytes a parameter."""
+    from weatherkd import config as C
+    from weatherkd import cost
+    from weatherkd.plan import planned_models
+    from weatherkd.stages.distill import Config
+
+    for precision, want in (("train", False), ("bf16", True)):
+        cfg = C.load(Config, "configs/distill/demo.yaml", ["objective=dckd", f"dckd.frozen_precision={precision}",
+                                                            "teacher=", "vq="])
+        planned = planned_models("distill", cfg)
+        assert planned.fp32_copies["history model"] == cost.params(planned.trained)
+        assert planned.bf16_copies == ({"history model": cost.params(planned.trained)} if want else {})
