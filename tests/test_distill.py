@@ -55,25 +55,27 @@ def test_dckd_under_ddp_resumes_with_all_kd_state(kd_inputs, tmp_path):
     assert spec["arch"] == "unet_bn" and spec["objective"] == "dckd"
 
 
-@pytest.mark.parametrize("launch", ["cpu-ddp", "cpu-zero2"])
-def test_dckd_in_bf16_mixed_precision_updates_its_history_model_in_fp32(kd_inputs, tmp_path, launch):
+@pytest.mark.parametrize("launch,ema", [("cpu-ddp", []), ("cpu-zero2", []), ("cpu-zero3", ["train.ema_decay=0"])])
+def test_dckd_in_bf16_mixed_precision_updates_its_history_model_in_fp32(kd_inputs, tmp_path, launch, ema):
     """Every real-size config trains in bf16; the history model (a frozen helper) was cast to bf16
     with the rest, and its first update ended the run (lerp of fp32 weights into bf16 ones).
     Under ZeRO the student itself is bf16 (DeepSpeed casts it; accelerate leaves autocast off):
     its first convolution refused the fp32 batch, its batch norm the fp32 statistics DeepSpeed
-    leaves, the EMA the bf16 weights, and DeepSpeed's broadcast the channels_last ones."""
+    leaves, the EMA the bf16 weights, and DeepSpeed's broadcast the channels_last ones; each
+    rank's batch-norm statistics drifted apart (DeepSpeed never broadcasts buffers). Under ZeRO-3
+    without an EMA, the history model averaged the student's partitioned (empty) weights."""
     shards, teacher, vq = kd_inputs
-    distill(tmp_path, shards, teacher, vq, "train.max_steps=4", "train.mixed_precision=bf16", launch=launch)
+    distill(tmp_path, shards, teacher, vq, "train.max_steps=4", "train.mixed_precision=bf16", *ema, launch=launch)
     from weatherkd.engine import checkpoint
 
     state = checkpoint.load_state_tree(tmp_path / "checkpoints" / "step-0000004")["recipe"]
     assert state["history_updates"] == 4
     history = {k: v for k, v in state["history"].items() if k.startswith("module.") and v.is_floating_point()}
-    assert history and all(v.dtype == torch.float32 for v in history.values())
+    assert history and all(v.dtype == torch.float32 and v.isfinite().all() for v in history.values())
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["ranks_in_sync"] and metrics["parallelism"] == {"cpu-ddp": "multi_cpu",
-                                                                   "cpu-zero2": "deepspeed-zero2"}[launch]
-    exported = load_file(tmp_path / "model" / "model.safetensors")  # the EMA's: fp32, not bf16-rounded
+    assert metrics["ranks_in_sync"] and metrics["parallelism"] == {"cpu-ddp": "multi_cpu", "cpu-zero2": "deepspeed-zero2",
+                                                                   "cpu-zero3": "deepspeed-zero3"}[launch]
+    exported = load_file(tmp_path / "model" / "model.safetensors")  # the EMA's or the fp32 masters: not bf16-rounded
     conv = next(v for k, v in exported.items() if k.endswith(".weight") and v.dim() == 4)
     assert not torch.equal(conv, conv.bfloat16().float())
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import resource
 import sys
@@ -306,23 +307,27 @@ class Engine:
                 window.samples += batch["input"].shape[0]
         self.scheduler.step()
         self.progress.step += 1
+        self.sync_buffers()
         if self.ema is not None:
-            self.sync_buffers()
             with self.gathered_params(), record_function("engine/ema"):
                 self.ema.update_parameters(acc.unwrap_model(model))
-        self.recipe.after_step(self.progress.step, acc.unwrap_model(model), self.ema_module)
+        # Without an EMA the recipe reads the trained weights themselves, which ZeRO-3 partitions.
+        reads_weights = self.ema is None and self.recipe.reads_weights_after(self.progress.step)
+        with self.gathered_params() if reads_weights else contextlib.nullcontext():
+            self.recipe.after_step(self.progress.step, acc.unwrap_model(model), self.ema_module)
         window.total_s += time.perf_counter() - start
         return totals
 
     def sync_buffers(self) -> None:
-        """Give every rank rank 0's floating buffers (BatchNorm statistics) before they are averaged.
+        """Give every rank rank 0's floating buffers (BatchNorm statistics) after each step.
 
         DDP broadcasts buffers only at the start of the next forward, so right after a step each
-        rank's BN statistics reflect its own batch. An EMA (and a history model built from it)
+        rank's BN statistics reflect its own batch. An EMA or a history model averaged from them
         would then differ across ranks, and a resume, which restores rank 0's copy everywhere,
-        would stop being exact.
+        would stop being exact. DeepSpeed never broadcasts them: each rank's statistics would
+        drift apart for the whole run.
         """
-        if self.acc.num_processes == 1 or self.deepspeed:
+        if self.acc.num_processes == 1:
             return
         buffers = [b for b in self.acc.unwrap_model(self.model).buffers() if b.is_floating_point()]
         if not buffers:
@@ -474,12 +479,14 @@ class Engine:
         return full
 
     def rank_checksums(self) -> list[str]:
-        """A hash of every rank's trained parameters. They must all agree; a launch that silently
-        runs unsynchronised ranks (see the README's launch notes) shows up here."""
+        """A hash of every rank's trained parameters and floating buffers (batch norm's
+        statistics). They must all agree; a launch that silently runs unsynchronised ranks (see the
+        README's launch notes) shows up here."""
         digest = hashlib.sha256()
         with self.gathered_params():
-            for p in self.acc.unwrap_model(self.model).parameters():
-                digest.update(p.detach().float().cpu().numpy().tobytes())
+            module = self.acc.unwrap_model(self.model)
+            for t in itertools.chain(module.parameters(), (b for b in module.buffers() if b.is_floating_point())):
+                digest.update(t.detach().float().cpu().numpy().tobytes())
         return gather_object([digest.hexdigest()]) if self.acc.num_processes > 1 else [digest.hexdigest()]
 
     def write_metrics(self, metrics: dict) -> None:

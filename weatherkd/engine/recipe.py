@@ -59,6 +59,11 @@ class Recipe:
     def after_step(self, step: int, model: nn.Module, ema_model: nn.Module | None) -> None:
         """Called after each optimizer step (e.g. to update a history model)."""
 
+    def reads_weights_after(self, step: int) -> bool:
+        """Whether ``after_step`` at ``step`` reads the trained model's weights: the engine then
+        gathers them where they are sharded (ZeRO-3), and only then."""
+        return False
+
     def state_dict(self) -> dict:
         """Extra state a resume needs (history model, its schedule position, ...)."""
         return {}

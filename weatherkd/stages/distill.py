@@ -235,8 +235,11 @@ class DistillRecipe(Recipe):
         h = self.cfg.history
         return h.every[min(bisect.bisect_right(h.milestones, step), len(h.every) - 1)]
 
+    def reads_weights_after(self, step: int) -> bool:
+        return "history" in self.frozen and step % self.history_interval(step) == 0
+
     def after_step(self, step, model, ema_model):
-        if "history" not in self.frozen or step % self.history_interval(step):
+        if not self.reads_weights_after(step):
             return
         with torch.no_grad(), record_function("distill/history_update"):
             self.frozen["history"].update_parameters(ema_model if ema_model is not None else model)
