@@ -63,7 +63,8 @@ def test_dckd_in_bf16_mixed_precision_updates_its_history_model_in_fp32(kd_input
     its first convolution refused the fp32 batch, its batch norm the fp32 statistics DeepSpeed
     leaves, the EMA the bf16 weights, and DeepSpeed's broadcast the channels_last ones; each
     rank's batch-norm statistics drifted apart (DeepSpeed never broadcasts buffers). Under ZeRO-3
-    without an EMA, the history model averaged the student's partitioned (empty) weights."""
+    without an EMA, the history model's update stopped the run on the student's partitioned
+    (empty) weights; gathered, it averages the bf16 module's weights (as the EMA does), in fp32."""
     shards, teacher, vq = kd_inputs
     distill(tmp_path, shards, teacher, vq, "train.max_steps=4", "train.mixed_precision=bf16", *ema, launch=launch)
     from weatherkd.engine import checkpoint

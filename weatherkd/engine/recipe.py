@@ -57,7 +57,9 @@ class Recipe:
         return None
 
     def after_step(self, step: int, model: nn.Module, ema_model: nn.Module | None) -> None:
-        """Called after each optimizer step (e.g. to update a history model)."""
+        """Called after each optimizer step (e.g. to update a history model). ``model``'s weights
+        are whole only at steps where `reads_weights_after` says they are read: under ZeRO-3 they
+        are partitioned (empty on each rank) otherwise."""
 
     def reads_weights_after(self, step: int) -> bool:
         """Whether ``after_step`` at ``step`` reads the trained model's weights: the engine then
