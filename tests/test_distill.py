@@ -55,8 +55,9 @@ def test_dckd_under_ddp_resumes_with_all_kd_state(kd_inputs, tmp_path):
     assert spec["arch"] == "unet_bn" and spec["objective"] == "dckd"
 
 
-@pytest.mark.parametrize("launch,ema", [("cpu-ddp", []), ("cpu-zero2", []), ("cpu-zero3", ["train.ema_decay=0"])])
-def test_dckd_in_bf16_mixed_precision_updates_its_history_model_in_fp32(kd_inputs, tmp_path, launch, ema):
+@pytest.mark.parametrize("launch,precision,ema", [("cpu-ddp", "bf16", []), ("cpu-zero2", "bf16", []),
+                                                   ("cpu-zero2", "fp16", []), ("cpu-zero3", "fp16", ["train.ema_decay=0"])])
+def test_dckd_in_16_bit_mixed_precision_updates_its_history_model_in_fp32(kd_inputs, tmp_path, launch, precision, ema):
     """Every real-size config trains in bf16; the history model (a frozen helper) was cast to bf16
     with the rest, and its first update ended the run (lerp of fp32 weights into bf16 ones).
     Under ZeRO the student itself is bf16 (DeepSpeed casts it; accelerate leaves autocast off):
@@ -64,9 +65,11 @@ def test_dckd_in_bf16_mixed_precision_updates_its_history_model_in_fp32(kd_input
     leaves, the EMA the bf16 weights, and DeepSpeed's broadcast the channels_last ones; each
     rank's batch-norm statistics drifted apart (DeepSpeed never broadcasts buffers). Under ZeRO-3
     without an EMA, the history model's update stopped the run on the student's partitioned
-    (empty) weights; gathered, it averages the bf16 module's weights (as the EMA does), in fp32."""
+    (empty) weights; gathered, it averages the 16-bit module's weights (as the EMA does), in fp32.
+    In fp16 under DeepSpeed (its loss scaler), torch's grouped EMA update refused fp16 weights
+    against fp32 averages (it lets bf16 through)."""
     shards, teacher, vq = kd_inputs
-    distill(tmp_path, shards, teacher, vq, "train.max_steps=4", "train.mixed_precision=bf16", *ema, launch=launch)
+    distill(tmp_path, shards, teacher, vq, "train.max_steps=4", f"train.mixed_precision={precision}", *ema, launch=launch)
     from weatherkd.engine import checkpoint
 
     state = checkpoint.load_state_tree(tmp_path / "checkpoints" / "step-0000004")["recipe"]
@@ -76,9 +79,10 @@ def test_dckd_in_bf16_mixed_precision_updates_its_history_model_in_fp32(kd_input
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["ranks_in_sync"] and metrics["parallelism"] == {"cpu-ddp": "multi_cpu", "cpu-zero2": "deepspeed-zero2",
                                                                    "cpu-zero3": "deepspeed-zero3"}[launch]
-    exported = load_file(tmp_path / "model" / "model.safetensors")  # the EMA's or the fp32 masters: not bf16-rounded
+    exported = load_file(tmp_path / "model" / "model.safetensors")  # the EMA's or the fp32 masters: not rounded
     conv = next(v for k, v in exported.items() if k.endswith(".weight") and v.dim() == 4)
-    assert not torch.equal(conv, conv.bfloat16().float())
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert conv.dtype == torch.float32 and not torch.equal(conv, conv.to(half).float())
 
 
 def test_frozen_parts_build_no_graph_and_targetless_tars_work(kd_inputs):

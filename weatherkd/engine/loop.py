@@ -508,12 +508,32 @@ def ema_of(model: torch.nn.Module, decay: float) -> AveragedModel:
     kept in the precision it starts in. Under DeepSpeed the trained module itself holds 16-bit
     weights (the fp32 master copy is sharded in its optimizer): each update casts them to the
     average's precision, which torch's in-place lerp will not do."""
-    lerp = get_ema_multi_avg_fn(decay)
+    return _EMA(model, decay)
 
-    def update(averaged, current, num_averaged):
-        lerp(averaged, [c.to(a.dtype) for a, c in zip(averaged, current)], num_averaged)
 
-    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+class _EMA(AveragedModel):
+    """AveragedModel's EMA over weights that may be 16-bit against fp32 averages. Its grouped
+    (foreach) update pairs bf16 weights with fp32 averages but refuses fp16 ones (DeepSpeed's fp16
+    module): with fp16 weights it updates tensor by tensor."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        lerp = get_ema_multi_avg_fn(decay)
+
+        def grouped(averaged, current, num_averaged):
+            lerp(averaged, [c.to(a.dtype) for a, c in zip(averaged, current)], num_averaged)
+
+        def one(averaged, current, num_averaged):
+            if not averaged.is_floating_point():  # as the grouped update treats integer buffers
+                return averaged * decay + current * (1 - decay)
+            return averaged.lerp(current.to(averaged.dtype), 1 - decay)
+
+        super().__init__(model, multi_avg_fn=grouped, use_buffers=True)
+        self.grouped, self.avg_fn = grouped, one
+
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        fp16 = any(p.dtype == torch.float16 for p in model.parameters())
+        self.multi_avg_fn = None if fp16 else self.grouped  # AveragedModel takes avg_fn when this is None
+        super().update_parameters(model)
 
 
 def module_is_float(module: torch.nn.Module) -> bool:
