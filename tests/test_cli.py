@@ -4,6 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from conftest import REPO, run_cli, refused
 
 STAGES = ["shards", "teacher", "distill", "vq", "adapter", "synth", "dream", "prune", "eval", "bench",
@@ -39,3 +42,14 @@ def test_ci_runs_exactly_the_readme_test_command():
     readme = (REPO / "README.md").read_text()
     command = next(line for line in ci.splitlines() if "pytest" in line and not line.startswith("#"))
     assert command.strip() in readme
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without a GPU")
+def test_fp16_without_a_gpu_or_deepspeed_is_one_line(tmp_path):
+    """accelerate gives fp16 on the CPU neither autocast nor a loss scaler; the engine had cast the
+    frozen helpers to fp16 regardless, and the teacher's first step ended in a dtype traceback."""
+    proc = refused("vq", "--config", "configs/vq/demo.yaml", f"out_dir={tmp_path / 'vq'}", "tracker.kind=none",
+                   "train.mixed_precision=fp16")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: train.mixed_precision: fp16 needs a GPU")
+    assert not (tmp_path / "vq").exists()

@@ -16,6 +16,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
+from weatherkd.errors import UserError
+
 
 def make_accelerator(mixed_precision: str | None = "no", grad_accum: int = 1, log_with=None,
                      project_dir: str | None = None) -> Accelerator:
@@ -28,6 +30,11 @@ def make_accelerator(mixed_precision: str | None = "no", grad_accum: int = 1, lo
     # DeepSpeed plugin (plain multi-CPU data parallel instead of ZeRO), so it stays False and the
     # gloo backend is asked for explicitly; DeepSpeed then runs on its CPU accelerator.
     cpu = no_gpu and not deepspeed
+    if mixed_precision == "fp16" and cpu:
+        # accelerate gives fp16 on the CPU neither autocast nor loss scaling: the trained model
+        # would stay fp32 while the frozen helpers, cast to the compute dtype, were fp16.
+        raise UserError("train.mixed_precision: fp16 needs a GPU or a DeepSpeed launch (accelerate has no fp16 "
+                        "on the CPU); use bf16 or no")
     if deepspeed:  # the same trap through the environment (accelerate launch --cpu sets it)
         os.environ.pop("ACCELERATE_USE_CPU", None)
     handlers = [InitProcessGroupKwargs(backend="gloo")] if no_gpu and launched else []
