@@ -136,7 +136,7 @@ class DistillRecipe(Recipe):
             self.cached_teacher = check_taught_by(cfg.data.train_shards, cfg.teacher)
             if not self.cached_teacher:
                 frozen["teacher"] = _load(cfg.teacher, "teacher")
-            self.random_init = bool(models.registry.read_spec(cfg.teacher).get("random_init", False))
+            self.random_init = bool(models.verify(cfg.teacher).get("random_init", False))
         if cfg.objective == "dckd":
             frozen["vq"] = _load(cfg.vq, "vq")
             levels = len(frozen["vq"].features(torch.zeros(1, 3, 16, 16)))
