@@ -305,8 +305,9 @@ def run(out="runs/demo", shards="shards/demo", overrides=None, synth_args: tuple
                               "folder) to add it.")
     text = report.markdown(table) + (f"\n### Held-out check: other photos, another weather generator\n\n"
                                      f"`{_display([str(heldout_set(shards))])}` (`weatherkd shards heldout`: "
-                                     f"scikit-image's greyscale photos, weather drawn by `weatherkd/data/heldout.py`, "
-                                     f"mild and moderate).\n\n{report.markdown(heldout)}")
+                                     f"scikit-image's greyscale photos and shipped colour photos that training never "
+                                     f"saw, weather drawn by `weatherkd/data/heldout.py`, mild and moderate).\n\n"
+                                     f"{report.markdown(heldout)}")
     report.write(table, text, out / "report.md")
     if "none" not in overrides.get("eval", []):  # the quick demo tracks nothing
         report.track(table, out)
