@@ -193,10 +193,16 @@ def test_bench_kd_overhead_times_the_engines_real_step_online_and_cached(kd_inpu
                                         f"vq={vq}", f"data.train_shards={shards}", "data.crop=32",
                                         "data.num_workers=0", "data.eval_max_samples=2"])
     compiled = {"dckd_online_compiled"} if compiler_missing() is None else set()  # where compile can build
-    assert set(out["seconds_per_step"]) == {"scratch", "kd_online", "kd_cached", "dckd_online", "dckd_cached",
-                                            "dckd_online_negatives_bf16"} | compiled  # fp32 training: bf16 negatives too
+    bases = {"kd_online", "kd_cached", "dckd_online", "dckd_cached"}
+    assert set(out["seconds_per_step"]) == {"scratch", "dckd_online_negatives_bf16"} | bases | compiled | {
+        f"{b}_consistency" for b in bases}  # fp32 training: bf16 negatives too; each with and without consistency
     parts = out["ms_per_step_by_part"]
     assert "distill/teacher" in parts["kd_online"] and "engine/backward" in parts["scratch"]
+    for b in bases:  # its own label; from the cache, the teacher runs for this term only
+        assert "distill/consistency_teacher" in parts[f"{b}_consistency"]
+        assert "distill/consistency_teacher" not in parts[b]
+        assert out["consistency_over_without"][b] == pytest.approx(out["seconds_per_step"][f"{b}_consistency"]
+                                                                   / out["seconds_per_step"][b])
     assert "distill/dckd_history" in parts["dckd_cached"] and "distill/dckd_vq_frozen" in parts["dckd_online"]
     assert all(t > 0 for t in out["seconds_per_step"].values())  # figures, not a timing test: no bound on them
     assert out["kd_cached_over_scratch"] == pytest.approx(out["seconds_per_step"]["kd_cached"]
