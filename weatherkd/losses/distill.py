@@ -112,7 +112,7 @@ def distribution_mapping(student_logits: torch.Tensor, teacher_logits: torch.Ten
     """CE(teacher distribution -> student distribution) over the codebook axis (dim 1), mean over positions."""
     # Not the official code's form, on purpose. Its CELoss is F.cross_entropy(s_prob, t_prob) on
     # softmax *probabilities*: cross_entropy applies log_softmax to them again, so the loss is not
-    # minimised at student = teacher (shared/notes/methods.md §2). A standard cross-entropy on
+    # minimised at student = teacher (DCKD's official code, super-SSS/DCKD). A standard cross-entropy on
     # the logits is minimised there: the sound choice, kept deliberately.
     p_teacher = F.softmax(teacher_logits.float(), dim=1)
     return -(p_teacher * F.log_softmax(student_logits.float(), dim=1)).sum(1).mean()

@@ -75,7 +75,7 @@ class ConsistencyConfig:
     which each sample is colour-inverted, flipped both ways and transposed, each with probability
     ``prob``; its output, transformed back, is one more L1 target for the student's output on the
     original input. A test-time-augmentation-like target, so gains credited to DCKD may partly be
-    this term's (shared/notes/methods.md §2).
+    this term's (DCKD's official code, super-SSS/DCKD).
 
     A section of its own rather than ``dckd.consistency``: it needs only a teacher, so it applies
     to kd as well, and one config is run with every objective (``objective=`` overrides,
