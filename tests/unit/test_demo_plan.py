@@ -65,3 +65,33 @@ def test_a_failed_stage_shows_its_cause_above_the_launchers_summary():
     assert not any("older run" in ln for ln in shown)
     assert demo.failure_lines("\n# 2026-12-03 16:13:30  x\nonly line\n") == ["only line"]
     assert demo.failure_lines("no header\nerror: x\n") == ["no header", "error: x"]
+
+
+def test_the_checklist_states_each_target_met_or_failed_with_its_figure():
+    from weatherkd.demo import checklist
+
+    def diff(a, b, mean, weathers, se=0.05, seed_sd=None):
+        d = {"a": a, "b": b, "mean": mean, "se": se, "weathers": {w: {"mean": m} for w, m in weathers.items()}}
+        if seed_sd is not None:
+            d["per_seed"] = {"std": seed_sd}
+        return d
+
+    def row(name, psnr, clean_in=None):
+        return {"name": name, "mean": {"psnr": psnr}, **({"clean_in": {"psnr": clean_in}} if clean_in else {})}
+
+    table = {"rows": [row("identity", 18.0), row("teacher", 20.0, 40.0), row("distill-scratch", 19.5, 50.0),
+                      row("distill-kd", 19.7, 34.0)],
+             "differences": [diff("teacher", "identity", 2.0, {"snow": 1.0, "rain_haze": 3.0}),
+                             diff("distill-kd", "distill-scratch", 0.2, {"snow": 0.2}, se=0.05, seed_sd=0.15)],
+             "targets": {"dream_share_of_kd_gain": 0.6, "pruned_flops_cut": 0.45, "pruned_psnr_drop": 0.7}}
+    heldout = {"differences": [diff("teacher", "identity", 0.4, {"snow": -0.6, "raindrop": 1.4})]}
+    got = checklist(table, heldout)
+    assert [(c["target"].split(" ")[0], c["met"]) for c in got] == [
+        ("teacher", True),  # +2.00 mean, worst weather +1.00
+        ("teacher", True),  # beats scratch by 0.5
+        ("kd", False),  # 0.2 dB is within 2 SD over seeds (0.15)
+        ("dreamed", True), ("pruned", False),  # 45% fewer FLOPs, but 0.7 dB below the teacher
+        ("held-out:", False), ("held-out:", False),  # +0.4 mean; snow -0.6
+        ("clean-in", False)]  # kd 34 dB
+    assert got[2]["figure"] == "+0.20 dB, SE 0.05, seed SD 0.15"
+    assert got[-1]["figure"] == "lowest distill-kd 34.0 dB" and got[-2]["figure"] == "worst teacher -0.60 dB"
