@@ -36,6 +36,7 @@ from weatherkd.data.stream import TrainSpec, eval_loader, train_loader
 from weatherkd.engine import checkpoint, failpoints, validate
 from weatherkd.engine.preempt import EXIT_PREEMPTED, Preemption
 from weatherkd.engine.recipe import Recipe
+from weatherkd.models import card
 from weatherkd.engine.run_lock import RunLock, RunLocked
 from weatherkd.engine.schedule import build_scheduler
 from weatherkd.errors import UserError
@@ -456,6 +457,7 @@ class Engine:
                      "weathers": self.weathers, **self.recipe.export_extra()}
             module, state = self.recipe.export_model(acc.unwrap_model(self.model), state)
             models.save(module, path, state_dict=state, extra=extra)
+            card.write_at_export(path, self.stage, cfgmod.to_dict(self.cfg))
             log.info("exported %s", path)
         acc.wait_for_everyone()
         self.recipe.after_export(self, path)
