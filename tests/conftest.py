@@ -84,6 +84,25 @@ def refused(*args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
+FP16_REFUSAL = "error: train.mixed_precision: fp16 under DeepSpeed on a CPU needs oneDNN's fp16 kernels"
+
+
+def refuses_fp16(launch: str, precision: str) -> bool:
+    """DeepSpeed in fp16 on a CPU without oneDNN's fp16 kernels (AVX512-FP16 or AMX-FP16): every
+    rank refuses in one line (``placement.make_accelerator``); where the CPU has them, it trains."""
+    import torch
+
+    from weatherkd.placement import cpu_runs_fp16
+
+    return precision == "fp16" and "zero" in launch and not torch.cuda.is_available() and not cpu_runs_fp16()
+
+
+def assert_one_line_refusal(proc, line: str) -> None:
+    assert proc.returncode != 0 and line in proc.stderr, proc.stderr[-3000:]
+    frames = [f for f in proc.stderr.splitlines() if f.lstrip().startswith("File ")]
+    assert not any("/weatherkd/" in f for f in frames), "the ranks' own one line, not a traceback from weatherkd"
+
+
 def accelerate_launch(script_args: list, nproc: int = 2, config: str = "launch/cpu-ddp.yaml",
                       timeout: int = 180, module: bool = False, env=None, check: bool = True
                       ) -> subprocess.CompletedProcess:

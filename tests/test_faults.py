@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO, accelerate_launch, cli_env, free_port, run_cli, refused
+from conftest import (FP16_REFUSAL, REPO, accelerate_launch, assert_one_line_refusal, cli_env, free_port, refused,
+                      refuses_fp16, run_cli)
 
 from weatherkd.engine import checkpoint
 from weatherkd.engine.run_lock import LOCK_FILE
@@ -292,3 +293,89 @@ def test_malformed_yaml_is_one_line_on_the_command_line(tmp_path):
     config.write_text("train:\n  max_steps: 4\n lr: 1\n")
     line = one_error_line(refused("teacher", "--config", config, "train.max_steps=2"))
     assert line.startswith(f"error: {config}:3:") and "invalid YAML" in line
+
+
+# ---------------------------------------------------------------------------- non-finite training
+
+def test_a_nan_on_one_rank_stops_every_rank_and_keeps_the_last_finite_checkpoint(tiny_set, tmp_path):
+    """Rank 1's loss goes NaN at step 5 (`train.loss:5:nan`): both ranks skip that step, and the run
+    stops at the next check (step 6, a checkpoint) with one line naming the step and the term, exit
+    non-zero, so SLURM's afterok holds the next stage. Nothing after step 4 is written."""
+    run = tmp_path / "run"
+    proc = accelerate_launch(["weatherkd", "teacher", "--config", CONFIG, f"out_dir={run}",
+                              f"data.train_shards={tiny_set}", *RUN, "ckpt.preempt_check_every=100"],
+                             module=True, check=False, env=cli_env(WEATHERKD_FAILPOINT="train.loss:5:nan"))
+    assert proc.returncode != 0  # the launcher's own report follows the ranks' lines
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and errors[0] == errors[1], proc.stderr[-3000:]  # both ranks, the same step
+    assert errors[0].startswith("error: step 5: training went non-finite (") and "loss" in errors[0], errors[0]
+    assert "before checkpoint step-0000006" in errors[0]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-0000004"
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-0000002", "step-0000004"]
+    assert checkpoint.verify(run / "checkpoints" / "step-0000004") is None
+    assert not (run / "model").exists()
+
+
+@pytest.mark.parametrize("launch,precision", [("cpu-ddp", "no"), ("cpu-zero2", "fp16")])
+def test_allowed_nonfinite_steps_are_skipped_and_counted(tiny_set, tmp_path, launch, precision):
+    """``train.max_nonfinite_steps=1``: the poisoned step is skipped and the run finishes with finite
+    weights. Under DeepSpeed fp16 its loss scaler skips overflowing steps on its own and lowers the
+    scale (those are not counted); the NaN loss counts once, whether or not the scaler also skipped it."""
+    run, refused_here = tmp_path / "run", refuses_fp16(launch, precision)
+    proc = accelerate_launch(["weatherkd", "teacher", "--config", CONFIG, f"out_dir={run}",
+                              f"data.train_shards={tiny_set}", *RUN, "train.max_nonfinite_steps=1",
+                              f"train.mixed_precision={precision}"], module=True, config=f"launch/{launch}.yaml",
+                             env=cli_env(WEATHERKD_FAILPOINT="train.loss:3:nan"), check=not refused_here)
+    if refused_here:  # this CPU has no fp16 kernels: the one-line refusal is what there is to test
+        return assert_one_line_refusal(proc, FP16_REFUSAL)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["nonfinite_steps_skipped"] == 1 and metrics["ranks_in_sync"] and metrics["step"] == 8
+    assert all(t.isfinite().all() for t in load_file(run / "model" / "model.safetensors").values())
+
+
+# ---------------------------------------------------------------------------- damaged exports
+
+def test_a_truncated_export_is_refused_by_every_command_that_loads_it(tiny_set, tmp_path):
+    from weatherkd import models
+
+    torch.manual_seed(0)
+    model_dir = models.save(models.build("residual_cnn", width=8, depth=3), tmp_path / "model")
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(photo)
+    for args in (["restore", "--model", model_dir, photo, "--out", tmp_path / "restored"],
+                 ["eval", "--model", model_dir, "--shards", tiny_set],
+                 ["export", "--model", model_dir],
+                 ["distill", "--config", "configs/distill/demo.yaml", f"teacher={model_dir}",
+                  f"data.train_shards={tiny_set}", f"out_dir={tmp_path / 'kd'}", "objective=kd", "tracker.kind=none"]):
+        proc = refused(*args)
+        assert proc.returncode == 1, args
+        line = proc.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"error: {model_dir}: model.safetensors is ") and "damaged" in line, (args, line)
+    (model_dir / "model.json").write_text('{"arch": "residual_cnn", "kwa')  # a torn record
+    proc = refused("restore", "--model", model_dir, photo, "--out", tmp_path / "restored")
+    assert proc.returncode == 1 and "model.json is damaged" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "restored").exists() and not (tmp_path / "kd" / "model").exists()
+
+
+# ---------------------------------------------------------------------------- resume with another config
+
+def test_a_resume_refuses_a_changed_run_and_records_an_extended_one(tiny_set, tmp_path):
+    run = tmp_path / "run"
+    base = ["teacher", "--config", CONFIG, f"out_dir={run}", f"data.train_shards={tiny_set}", "ckpt.every=2",
+            "train.eval_every=0"]
+    run_cli(*base, "train.max_steps=2")
+    for change in (["loss.w_keep=0.5"], ["train.lr=0.1"], ["seed=1"]):
+        proc = run_cli(*base, "train.max_steps=4", *change, check=False)
+        line = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 1 and line.startswith("error: resume from step-0000002: the config changes"), line
+        assert change[0].split("=")[0] + ":" in line and "resume_allow_changes=true" in line
+    assert "max_steps: 2" in (run / "config.yaml").read_text()  # the run's record is untouched
+    run_cli(*base, "train.max_steps=4", "train.log_every=1")  # more steps, another cadence: no flag needed
+    run_cli(*base, "train.max_steps=6", "train.lr=0.0005", "resume_allow_changes=true")
+    history = json.loads((run / "config_history.json").read_text())
+    assert [h["step"] for h in history] == [2, 4]
+    assert history[0]["defining"] == [] and set(history[0]["changes"]) == {"train.max_steps", "train.log_every"}
+    assert history[1]["defining"] == ["train.lr"] and history[1]["changes"]["train.lr"] == {"from": 0.001, "to": 0.0005}
+    assert json.loads((run / "metrics.json").read_text())["step"] == 6

@@ -202,9 +202,12 @@ def _timed_steps(engine, batches, steps: int, window) -> float:
     return time.perf_counter() - start
 
 
-STEP_PARTS = ["distill/student_forward", "distill/teacher", "distill/dckd_negatives", "distill/dckd_history",
-              "distill/dckd_vq_frozen", "distill/dckd_vq_student", "distill/dckd_contrast", "distill/dckd_dmm",
+STEP_PARTS = ["distill/student_forward", "distill/teacher", "distill/consistency_teacher", "distill/dckd_negatives",
+              "distill/dckd_history", "distill/dckd_vq_frozen", "distill/dckd_vq_student", "distill/dckd_contrast", "distill/dckd_dmm",
               "engine/backward", "engine/optimizer", "engine/ema", "distill/history_update"]
+
+
+CONSISTENCY_BASES = ("kd_online", "kd_cached", "dckd_online", "dckd_cached")  # timed with and without it
 
 
 def bench_kd_overhead(argv: list[str]) -> dict:
@@ -212,8 +215,10 @@ def bench_kd_overhead(argv: list[str]) -> dict:
     for scratch, kd and dckd on one student, batch and machine, in one run; kd and dckd with the
     teacher online and from its cache (`weatherkd teach` on the first shards, untimed); dckd online
     also with its negatives in bf16 (``dckd.frozen_precision``) when training in fp32, and with its
-    terms compiled (``dckd.compile``) where torch.compile can build. Each step's time is split into
-    its parts by the recipe's and engine's ``record_function`` labels."""
+    terms compiled (``dckd.compile``) where torch.compile can build; kd and dckd, online and cached,
+    also with the consistency term (``consistency.objectives``; from the cache its teacher still
+    runs online), which the others go without whatever the config says. Each step's time is split
+    into its parts by the recipe's and engine's ``record_function`` labels."""
     from torch.profiler import ProfilerActivity, profile
 
     from weatherkd import config as cfgmod
@@ -246,13 +251,17 @@ def bench_kd_overhead(argv: list[str]) -> dict:
                                                       f"shards={subset}", f"split={base.data.train_split}",
                                                       "slice.index=0", "slice.count=1"])).run()
         cached = [f"data.train_shards={taught}", "data.train_split=train"]  # a taught set's one split
-        runs = {"scratch": ["objective=scratch"], "kd_online": ["objective=kd"], "kd_cached": ["objective=kd", *cached],
-                "dckd_online": ["objective=dckd"], "dckd_cached": ["objective=dckd", *cached]}
+        plain = "consistency.objectives=[]"
+        runs = {"scratch": ["objective=scratch", plain], "kd_online": ["objective=kd", plain],
+                "kd_cached": ["objective=kd", plain, *cached], "dckd_online": ["objective=dckd", plain],
+                "dckd_cached": ["objective=dckd", plain, *cached]}
         if base.train.mixed_precision == "no" and base.dckd.frozen_precision == "train":
-            runs["dckd_online_negatives_bf16"] = ["objective=dckd", "dckd.frozen_precision=bf16"]
+            runs["dckd_online_negatives_bf16"] = ["objective=dckd", plain, "dckd.frozen_precision=bf16"]
         if not base.dckd.compile and compiler_missing() is None:  # on top of the fastest eager dckd
             fastest = runs.get("dckd_online_negatives_bf16", runs["dckd_online"])
             runs["dckd_online_compiled"] = [*fastest, "dckd.compile=true"]
+        for name in CONSISTENCY_BASES:  # the same four with the consistency term (overrides apply in order)
+            runs[f"{name}_consistency"] = [*runs[name], f"consistency.objectives=[{name.split('_')[0]}]"]
         result["overrides"] = runs
         engines = {}
         for name, extra in runs.items():
@@ -295,6 +304,7 @@ def bench_kd_overhead(argv: list[str]) -> dict:
         result["dckd_negatives_bf16_over_kd_online"] = t["dckd_online_negatives_bf16"] / t["kd_online"]
     if "dckd_online_compiled" in t:
         result["dckd_compiled_over_kd_online"] = t["dckd_online_compiled"] / t["kd_online"]
+    result["consistency_over_without"] = {name: t[f"{name}_consistency"] / t[name] for name in CONSISTENCY_BASES}
     return result
 
 

@@ -26,7 +26,8 @@ def _add_shards(sub) -> None:
 
     s = ssub.add_parser("synth", help="degrade clean photos with physical weather models into a train/test set")
     s.add_argument("--out", required=True, help="shard-set directory to create")
-    s.add_argument("--source", default="builtin", help="'builtin' (scikit-image photos) or a folder of images")
+    s.add_argument("--source", default="builtin",
+                   help="'builtin' (real photos shipped in the package, weatherkd/data/photos) or a folder of images")
     s.add_argument("--weathers", nargs="+", default=None, help="weathers to synthesise (default: all canonical)")
     s.add_argument("--train", type=int, default=None, help="training crops per weather")
     s.add_argument("--test", type=int, default=None,
@@ -54,7 +55,8 @@ def _add_shards(sub) -> None:
                                           "weather generator, from mild to moderate")
     s.add_argument("--out", required=True, help="shard-set directory to create")
     s.add_argument("--source", default="builtin-other",
-                   help="'builtin-other' (scikit-image's greyscale photos, none used for training) or a folder")
+                   help="'builtin-other' (scikit-image's greyscale photos and the shipped colour photos "
+                        "reserved for it; `shards synth` reads none of them) or a folder")
     s.add_argument("--levels", nargs="+", default=None, help="weather levels: mild, moderate (default: both)")
     s.add_argument("--views", type=int, default=None, help="degradations per photo, weather and level (default 2)")
     s.add_argument("--size", type=int, default=None, help="longest side of each image (default 192)")

@@ -62,6 +62,9 @@ class TrainConfig:
     decay_factor: float = 0.5
     grad_accum: int = 1
     grad_clip: float = 0.0  # 0 disables clipping
+    # Steps whose loss or gradient norm is not finite are skipped (engine.nonfinite); a run that
+    # skips more than this many stops with an error and writes nothing more.
+    max_nonfinite_steps: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     channels_last: bool = False
     compile: bool = False
@@ -121,6 +124,9 @@ class StageConfig(RunConfig):
     """Fields every training stage has. Stage configs subclass this and add their own sections."""
 
     resume: str = "auto"  # auto | none | path to a checkpoint directory
+    # Resume even though the config changes keys that define the run (engine.run_config): the
+    # changes and the step they took effect at go to out_dir/config_history.json.
+    resume_allow_changes: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)

@@ -305,7 +305,8 @@ def run(out="runs/demo", shards="shards/demo", overrides=None, synth_args: tuple
                               "folder) to add it.")
     table["heldout_title"] = "Held-out check: other photos, another weather generator"
     table["heldout_about"] = (f"`{_display([str(heldout_set(shards))])}` (`weatherkd shards heldout`: scikit-image's "
-                              f"greyscale photos, weather drawn by `weatherkd/data/heldout.py`, mild and moderate).")
+                              f"greyscale photos and shipped colour photos that training never saw, weather drawn by "
+                              f"`weatherkd/data/heldout.py`, mild and moderate).")
     text = report.document(table)
     figures = report.write(table, text, out / "report.md")
     if "none" not in overrides.get("eval", []):  # the quick demo tracks nothing

@@ -35,6 +35,10 @@ def make_accelerator(mixed_precision: str | None = "no", grad_accum: int = 1, lo
         # would stay fp32 while the frozen helpers, cast to the compute dtype, were fp16.
         raise UserError("train.mixed_precision: fp16 needs a GPU or a DeepSpeed launch (accelerate has no fp16 "
                         "on the CPU); use bf16 or no")
+    if mixed_precision == "fp16" and deepspeed and no_gpu and not cpu_runs_fp16():
+        # DeepSpeed's CPU accelerator refuses fp16 there, with a traceback from inside its engine
+        raise UserError("train.mixed_precision: fp16 under DeepSpeed on a CPU needs oneDNN's fp16 kernels "
+                        "(AVX512-FP16 or AMX-FP16), which this CPU lacks; use bf16 or no")
     if deepspeed:  # the same trap through the environment (accelerate launch --cpu sets it)
         os.environ.pop("ACCELERATE_USE_CPU", None)
     handlers = [InitProcessGroupKwargs(backend="gloo")] if no_gpu and launched else []
@@ -43,6 +47,14 @@ def make_accelerator(mixed_precision: str | None = "no", grad_accum: int = 1, lo
     if deepspeed and acc.state.deepspeed_plugin is None:
         raise RuntimeError("launched with a DeepSpeed config, but accelerate set DeepSpeed aside")
     return acc
+
+
+def cpu_runs_fp16() -> bool:
+    """Whether this CPU has the fp16 kernels DeepSpeed's CPU accelerator requires for fp16."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def autocast(acc: Accelerator):

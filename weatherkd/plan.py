@@ -17,7 +17,9 @@
   fixed reserve for the CUDA context and allocator fragmentation.
 
 Models are built at their real size with random weights, offline: nothing is read but the config
-(and, for a student with ``init``, the exported model it starts from).
+(and, for a student with ``init``, the exported model it starts from; for distillation, the
+exported teacher and VQ where they exist, and whether the training set caches the teacher's
+outputs, as the run decides whether to load the teacher).
 """
 
 from __future__ import annotations
@@ -95,8 +97,19 @@ def planned_models(stage: str, cfg) -> Planned:
             student = models.load(cfg.init)
         else:
             student = models.build(cfg.model.arch, **cfg.model.arch_kwargs())
+        from weatherkd.stages.distill import loads_teacher
+        from weatherkd.stages.job import check_taught_by
+
         frozen, notes, loaded = {}, [], {}
-        for key, needed in (("teacher", cfg.objective != "scratch"), ("vq", cfg.objective == "dckd")):
+        # The teacher as the run holds it: not at all where the set caches its outputs, unless
+        # consistency runs it online on transformed inputs. A set not written yet counts it.
+        cached = (cfg.objective != "scratch" and (Path(cfg.teacher) / "model.json").is_file()
+                  and check_taught_by(cfg.data.train_shards, cfg.teacher))
+        if cached:
+            notes.append(f"{cfg.data.train_shards} caches the teacher's outputs: " + (
+                "the teacher is still held, for consistency (it runs online on transformed inputs)"
+                if loads_teacher(cfg, cached) else "the teacher is not loaded, nor counted"))
+        for key, needed in (("teacher", loads_teacher(cfg, cached)), ("vq", cfg.objective == "dckd")):
             path = getattr(cfg, key)
             if not needed:
                 continue

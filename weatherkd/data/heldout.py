@@ -1,9 +1,10 @@
 """`weatherkd shards heldout`: a test-only set that the training generator had no part in.
 
 Two things differ from `shards synth`, on purpose:
-- **Other photos.** By default, the greyscale photographs in scikit-image's wheel (the cameraman,
-  coins, the moon, grass, gravel, brick, a page, text): none of them is in the embedded training
-  set, and they are greyscale, which no training sample is. ``--source DIR`` takes a folder instead.
+- **Other photos.** By default (``builtin-other``), the greyscale photographs in scikit-image's
+  wheel (the cameraman, coins, the moon, grass, gravel, brick, a page, text) and the shipped colour
+  photos reserved for this set (``photo_set.HELDOUT_PHOTOS``), none of which `shards synth` reads,
+  for training or testing. ``--source DIR`` takes a folder instead.
 - **Another weather generator,** written apart from ``weather.py`` and sharing no code with it:
   weather is drawn with PIL (lines, discs, blurs, composites), not simulated from the papers'
   physical models, and it comes in levels from mild (a few drops, light snow, a drizzle) to
@@ -22,12 +23,14 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from weatherkd.config import CANONICAL_WEATHERS
-from weatherkd.data.photo_set import load_photos
+from weatherkd.data.photo_set import HELDOUT_PHOTOS, load_photos, read_builtin
 from weatherkd.data.samples import encode_sample, to_uint8
 from weatherkd.data.shards import ShardSetError, ShardSetWriter
 
-# Real photographs in scikit-image's wheel that the embedded training set does not use.
-OTHER_PHOTOS = ("camera", "coins", "moon", "grass", "gravel", "brick", "page", "text")
+# Greyscale photographs in scikit-image's wheel; the embedded set ships none of them.
+GREY_PHOTOS = ("camera", "coins", "moon", "grass", "gravel", "brick", "page", "text")
+# Every photo of the default source: those, then the shipped colour photos kept out of `shards synth`.
+OTHER_PHOTOS = (*GREY_PHOTOS, *HELDOUT_PHOTOS)
 
 # How much weather, per level: (low, high) ranges drawn per sample. Counts are per 256x256 pixels.
 LEVELS = {
@@ -50,10 +53,10 @@ def other_photos() -> list[tuple[str, np.ndarray]]:
     import skimage.data
 
     photos = []
-    for name in OTHER_PHOTOS:
+    for name in GREY_PHOTOS:
         grey = getattr(skimage.data, name)().astype(np.float32) / 255.0
         photos.append((name, np.repeat(grey[..., None], 3, -1)))
-    return photos
+    return photos + read_builtin(HELDOUT_PHOTOS)
 
 
 def _count(rng, bounds, h, w) -> int:
@@ -127,7 +130,7 @@ def build(out: str, source: str, spec: HeldoutSpec, overwrite: bool = False) -> 
                             f"--views at least 1 (got {spec.views})")
     if source == "builtin":
         raise ShardSetError("--source builtin is the training set's photos; the held-out set takes "
-                            "'builtin-other' (scikit-image's other photos) or a folder")
+                            "'builtin-other' (photos `shards synth` never reads) or a folder")
     photos = other_photos() if source == "builtin-other" else load_photos(source)
     weathers = list(CANONICAL_WEATHERS)
     writer = ShardSetWriter(out, weathers, spec.shard_size, overwrite,

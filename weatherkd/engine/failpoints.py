@@ -6,7 +6,9 @@ last, as a node that loses power would. Nothing gets to clean up. ``NAME:STEP:ra
 raises there instead, as a bug would. Unset, a failpoint is one dictionary lookup. The points:
 ``train.step`` (after an optimizer step), ``checkpoint.state_written`` (every rank's state is on
 disk, the manifest is not), ``checkpoint.renamed`` (the checkpoint has its final name, ``latest``
-still names the previous one).
+still names the previous one). ``train.loss:STEP:nan`` makes the last rank's loss NaN at
+optimizer step ``STEP`` (counted from 1), for the non-finite guard's tests: a fault on a rank that
+is not rank 0.
 """
 
 from __future__ import annotations
@@ -38,3 +40,11 @@ def reached(name: str, step: int) -> None:
         except psutil.NoSuchProcess:
             pass
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def poisoned(name: str, step: int) -> bool:
+    """True on the last rank when ``WEATHERKD_FAILPOINT`` is ``NAME:STEP:nan``."""
+    want = os.environ.get(ENV)
+    if not want or want != f"{name}:{step}:nan":
+        return False
+    return int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1

@@ -34,7 +34,9 @@ from weatherkd import models, stages, tracking
 from weatherkd.data import stream
 from weatherkd.data.stream import TrainSpec, eval_loader, train_loader
 from weatherkd.engine import checkpoint, failpoints, validate
+from weatherkd.engine import run_config as runcfg
 from weatherkd.engine.preempt import EXIT_PREEMPTED, Preemption
+from weatherkd.engine.nonfinite import NonFiniteGuard, NonFiniteTraining, weights_finite
 from weatherkd.engine.recipe import Recipe
 from weatherkd.models import card
 from weatherkd.engine.run_lock import RunLock, RunLocked
@@ -131,9 +133,8 @@ class Engine:
 
     def setup(self) -> None:
         cfg, acc = self.cfg, self.acc
-        if acc.is_main_process:
+        if acc.is_main_process:  # config.yaml is written once resume() has compared it with the checkpoint's
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            cfgmod.save(cfg, self.out_dir / "config.yaml")
         self.compute_dtype = dtype_named(cfg.train.mixed_precision, self.acc.device)
         self._freeze_helpers()
 
@@ -169,6 +170,7 @@ class Engine:
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.tracker = tracking.Tracker(acc, cfg.tracker, self.out_dir, cfgmod.to_dict(cfg), self.stage)
         self.preemption = Preemption(self.out_dir)
+        self.nonfinite = NonFiniteGuard(acc.device, cfg.train.max_nonfinite_steps, acc.num_processes)
 
     def _freeze_helpers(self) -> None:
         for name, module in self.recipe.frozen.items():
@@ -189,7 +191,8 @@ class Engine:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             return DeepSpeedCPUAdam(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-        return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        # fused: its step takes the non-finite flag on the device (optimizer_step)
+        return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, fused=True)
 
     def _loaders(self):
         cfg, acc = self.cfg, self.acc
@@ -229,6 +232,8 @@ class Engine:
                        unit="step")
         metrics, start_step = None, self.progress.step
         while self.progress.step < cfg.train.max_steps:
+            if self.progress.step % cfg.ckpt.preempt_check_every == 0:
+                self.nonfinite.check(f"at step {self.progress.step}")  # the same host sync's cadence
             if self.progress.step % cfg.ckpt.preempt_check_every == 0 and self.preemption.requested(acc):
                 self.save()
                 if acc.is_main_process:
@@ -282,7 +287,8 @@ class Engine:
         return checked()
 
     def train_step(self, batches, window: "Window", check_sync: bool = False) -> dict[str, torch.Tensor]:
-        """One optimizer step over ``grad_accum`` micro-batches."""
+        """One optimizer step over ``grad_accum`` micro-batches; skipped on every rank, on the
+        device, when a loss term or the gradient norm is not finite on any rank (``nonfinite``)."""
         acc, model = self.acc, self.model
         model.train()
         totals: dict[str, torch.Tensor] = {}
@@ -296,16 +302,15 @@ class Engine:
                 with acc.accumulate(model):
                     with autocast(acc):  # the forward only: backward ops follow their forward's dtypes
                         losses = self.recipe.step(model, batch, self.progress.step)
+                    if failpoints.poisoned("train.loss", self.progress.step + 1):
+                        losses["loss"] = losses["loss"] * float("nan")
                     with record_function("engine/backward"):  # labels: what `bench kd-overhead` times
-                        acc.backward(losses["loss"])
-                    with record_function("engine/optimizer"):
-                        if acc.sync_gradients and self.cfg.train.grad_clip > 0 and not self.deepspeed:
-                            acc.clip_grad_norm_(model.parameters(), self.cfg.train.grad_clip)
-                        self.optimizer.step()
-                        self.optimizer.zero_grad(set_to_none=True)
+                        acc.backward(losses["loss"])  # under DeepSpeed, its engine steps here too
                 for k, v in losses.items():
                     totals[k] = totals.get(k, 0) + v.detach().float() / self.cfg.train.grad_accum
                 window.samples += batch["input"].shape[0]
+            with record_function("engine/optimizer"):
+                self.optimizer_step(totals)
         self.scheduler.step()
         self.progress.step += 1
         self.sync_buffers()
@@ -318,6 +323,26 @@ class Engine:
             self.recipe.after_step(self.progress.step, acc.unwrap_model(model), self.ema_module)
         window.total_s += time.perf_counter() - start
         return totals
+
+    def optimizer_step(self, losses: dict[str, torch.Tensor]) -> None:
+        """Clip, then step, unless the step went non-finite on some rank: the fused optimizer reads
+        that flag on the device (``found_inf``), so the host does not wait for it."""
+        acc, step = self.acc, self.progress.step + 1
+        scaled = self.cfg.train.mixed_precision == "fp16"  # a loss scaler skips overflowing gradients itself
+        if self.deepspeed:  # its engine stepped inside backward; ZeRO skips non-finite gradients (norm inf)
+            norm = self.model.get_global_grad_norm()
+            norm = None if scaled or norm is None else torch.as_tensor(float(norm), device=acc.device)
+            self.nonfinite.observe(losses, norm, step)
+            return
+        if self.cfg.train.grad_clip > 0:
+            norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        found = self.nonfinite.observe(losses, None if scaled else norm, step)
+        if acc.scaler is None:
+            self.optimizer.optimizer.found_inf = found
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def sync_buffers(self) -> None:
         """Give every rank rank 0's floating buffers (BatchNorm statistics) after each step.
@@ -402,13 +427,17 @@ class Engine:
 
     def state_dict(self) -> dict:
         """The engine's own state in a checkpoint, beside accelerate's model/optimizer/RNG files."""
-        return {"progress": self.progress.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "recipe": self.recipe.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None}
+        return {"config": cfgmod.to_dict(self.cfg), "progress": self.progress.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "recipe": self.recipe.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
+                "nonfinite": self.nonfinite.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.progress.load_state_dict(state["progress"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.recipe.load_state_dict(state["recipe"])
+        if "nonfinite" in state:  # checkpoints from before the guard have none
+            self.nonfinite.load_state_dict(state["nonfinite"])
         if self.ema is not None:
             if state["ema"] is None:
                 raise checkpoint.CheckpointError("the checkpoint has no EMA state, but train.ema_decay > 0 now")
@@ -417,6 +446,7 @@ class Engine:
     def save(self) -> None:
         if self.saved_at == self.progress.step:  # e.g. a preemption right after a scheduled checkpoint
             return
+        self.refuse_nonfinite(f"before checkpoint step-{self.progress.step:07d}")
         checkpoint.save(self.acc, self.ckpt_root, self.progress.step, self.cfg.ckpt.keep, self.state_dict())
         self.saved_at = self.progress.step
 
@@ -424,11 +454,13 @@ class Engine:
         """Rank 0 picks the newest checkpoint that verifies and holds no pickled code; every rank
         then loads it with torch.load forced to weights_only."""
         decision = [None, None]
+        changes: dict = {}
         if self.acc.is_main_process:
             try:
                 path = checkpoint.choose(self.cfg.resume, self.ckpt_root)
                 if path is not None:
                     checkpoint.refuse_pickled_code(path)
+                    changes = self.config_changes(path)
                 decision = [str(path) if path else None, None]
             except (UserError, OSError) as e:  # whatever stops rank 0 here must reach every rank
                 decision = [None, str(e)]
@@ -437,14 +469,33 @@ class Engine:
         path, refusal = decision
         if refusal:
             raise checkpoint.CheckpointError(refusal)
-        if path is None:
-            return
-        self.load_state_dict(checkpoint.load(self.acc, Path(path)))
-        log.info("resumed from %s at step %d (target %d)", path, self.progress.step, self.cfg.train.max_steps)
+        if path is not None:
+            self.load_state_dict(checkpoint.load(self.acc, Path(path)))
+            log.info("resumed from %s at step %d (target %d)", path, self.progress.step, self.cfg.train.max_steps)
+        if self.acc.is_main_process:
+            cfgmod.save(self.cfg, self.out_dir / "config.yaml")
+            if changes:
+                runcfg.record_changes(self.out_dir, self.progress.step, changes)
+
+    def config_changes(self, path: Path) -> dict:
+        """What this run's config changes against the checkpoint's (rank 0): keys that only
+        extend or watch the run pass; one that defines it is refused unless resume_allow_changes."""
+        saved = checkpoint.load_state_tree(path).get("config")
+        if saved is None:  # a checkpoint from before the engine saved its config: the run's config.yaml
+            saved = runcfg.read_saved(self.out_dir / "config.yaml")
+        changes = runcfg.changes(saved, cfgmod.to_dict(self.cfg))
+        defining = runcfg.defining(changes)
+        if defining and not self.cfg.resume_allow_changes:
+            shown = "; ".join(f"{k}: {runcfg.short(changes[k][0])} -> {runcfg.short(changes[k][1])}" for k in defining)
+            raise checkpoint.CheckpointError(
+                f"resume from {path.name}: the config changes what the run is ({shown}); use a new out_dir, "
+                "or pass resume_allow_changes=true to continue with them (recorded in config_history.json)")
+        return changes
 
     def export(self) -> Path:
         """``out_dir/model/``: consolidated from ZeRO shards (every rank takes part), EMA weights if enabled."""
         acc = self.acc
+        self.refuse_nonfinite("before the export")
         state = acc.get_state_dict(self.model) if self.ema is None else self.ema.module.state_dict()
         if self.ema is None and self.deepspeed and self.compute_dtype != torch.float32:
             masters = self._fp32_master_weights()  # a collective: every rank, although only rank 0 holds a state
@@ -462,6 +513,19 @@ class Engine:
         acc.wait_for_everyone()
         self.recipe.after_export(self, path)
         return path
+
+    def refuse_nonfinite(self, where: str) -> None:
+        """Nothing non-finite is written: too many skipped steps, or weights (the EMA's too) that
+        are not finite, stop the run on every rank, leaving the checkpoints as they are."""
+        self.nonfinite.check(where)
+        module = self.acc.unwrap_model(self.model)
+        # ZeRO-3 holds each rank's partition of a parameter in ds_tensor, and an empty placeholder
+        weights = [getattr(p, "ds_tensor", p) for p in module.parameters()]
+        if self.ema is not None:
+            weights += list(self.ema.module.parameters())
+        if not weights_finite(weights, self.acc.device, self.acc.num_processes):
+            raise NonFiniteTraining(f"step {self.progress.step}: the weights are not finite; stopped {where}, "
+                                    "nothing written since the last checkpoint")
 
     def _fp32_master_weights(self) -> dict[str, torch.Tensor]:
         """The trained weights as DeepSpeed's optimizer holds them, in fp32 (sharded: every rank
@@ -502,6 +566,7 @@ class Engine:
                               {**metrics, "random_init": self.recipe.random_init, "step": self.progress.step,
                                "world_size": self.acc.num_processes, "parallelism": self.parallelism,
                                "ranks_in_sync": in_sync, "rank_devices": devices,
+                               "nonfinite_steps_skipped": int(self.nonfinite.skipped.item()),
                                "rank_checksums": checksums})
 
 

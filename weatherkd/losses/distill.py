@@ -4,6 +4,8 @@
   features, with d the mean absolute difference (the AECR-Net ratio form the official code uses).
 - Distribution mapping: cross-entropy from the teacher's to the student's per-position
   distribution over the VQ codebook.
+- Consistency (the official recipe's ``cri_lcr``): the teacher's output on a transformed copy of
+  the input, transformed back, as one more L1 target (`transform` / `untransform`).
 """
 
 from __future__ import annotations
@@ -108,6 +110,10 @@ class _LevelContrast(torch.autograd.Function):
 
 def distribution_mapping(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """CE(teacher distribution -> student distribution) over the codebook axis (dim 1), mean over positions."""
+    # Not the official code's form, on purpose. Its CELoss is F.cross_entropy(s_prob, t_prob) on
+    # softmax *probabilities*: cross_entropy applies log_softmax to them again, so the loss is not
+    # minimised at student = teacher (shared/notes/methods.md §2). A standard cross-entropy on
+    # the logits is minimised there: the sound choice, kept deliberately.
     p_teacher = F.softmax(teacher_logits.float(), dim=1)
     return -(p_teacher * F.log_softmax(student_logits.float(), dim=1)).sum(1).mean()
 
@@ -116,6 +122,47 @@ def code_mapping(code_logits, student_latent: torch.Tensor, teacher_latent: torc
     """`distribution_mapping` over the codebook distances ``code_logits`` gives each latent. The
     distances come in as a callable so that, compiled, they fuse with the mapping."""
     return distribution_mapping(code_logits(student_latent), code_logits(teacher_latent))
+
+
+# The consistency term's transforms, in the order `transform` applies them (the official code's
+# `noising`): colour inversion 1 − x, a flip of the rows (dim −2, upside down), a flip of the
+# columns (dim −1, left-right), a transposition of H and W. Each is its own inverse;
+# `untransform` undoes them in reverse order.
+CONSISTENCY_OPS = ("invert", "flip_rows", "flip_columns", "transpose")
+
+
+def consistency_ops(batch: int, prob: float, generator: torch.Generator) -> torch.Tensor:
+    """(batch, 4) bools: which of `CONSISTENCY_OPS` each sample gets, each independently with
+    probability ``prob`` (drawn on the CPU from the recipe's seeded, checkpointed generator)."""
+    return torch.rand(batch, len(CONSISTENCY_OPS), generator=generator) < prob
+
+
+def _apply_op(x: torch.Tensor, op: int, chosen: torch.Tensor) -> torch.Tensor:
+    done = (1 - x if op == 0 else x.flip(-2) if op == 1 else x.flip(-1) if op == 2 else x.transpose(-2, -1))
+    # per sample, without boolean indexing (a host sync on a GPU): the op where chosen, else x
+    return torch.where(chosen.view(-1, *([1] * (x.dim() - 1))), done, x)
+
+
+def _apply_ops(x: torch.Tensor, ops: torch.Tensor, order) -> torch.Tensor:
+    layout = torch.channels_last if x.dim() == 4 and not x.is_contiguous() and \
+        x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    ops = ops.to(x.device, non_blocking=True)
+    for op in order:
+        x = _apply_op(x, op, ops[:, op])
+    return x.contiguous(memory_format=layout)  # the input's layout (`train.channels_last`), not the views' mix
+
+
+def transform(x: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, C, H, W) with each sample's chosen ops (``ops``: `consistency_ops`) applied in
+    `CONSISTENCY_OPS` order. A transposition needs square images (training crops are)."""
+    if x.shape[-2] != x.shape[-1]:
+        raise ValueError(f"consistency: transposing needs square images, got {x.shape[-2]}x{x.shape[-1]}")
+    return _apply_ops(x, ops, range(len(CONSISTENCY_OPS)))
+
+
+def untransform(y: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
+    """The inverse of `transform` for the same ``ops``: the same ops in reverse order."""
+    return _apply_ops(y, ops, reversed(range(len(CONSISTENCY_OPS))))
 
 
 @torch.no_grad()

@@ -39,7 +39,10 @@ class Deployed:
     def __init__(self, path: Path):
         self.path = path
         rec = record_path(path)
-        self.record = json.loads(rec.read_text()) if rec.is_file() else {}
+        try:
+            self.record = json.loads(rec.read_text()) if rec.is_file() else {}
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{rec} is damaged ({e}); export again") from None
         if self.record.get("sha256") and self.record["sha256"] != sha256_file(path):
             raise UserError(f"{rec} describes another export than {path} (sha256 differs); export again")
         self.tile = int(self.record.get("tile", DEFAULT_TILE))

@@ -22,6 +22,7 @@ from torch import nn
 
 from weatherkd.errors import UserError
 from weatherkd.io import atomic_path
+from weatherkd.models import registry
 
 STATS_FILE = "feature_stats.safetensors"
 ALL = "all"
@@ -148,6 +149,7 @@ def save(stats: dict[str, torch.Tensor], model_dir, meta: dict) -> Path:
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in stats.items()}, str(tmp),
                   metadata={k: json.dumps(v) for k, v in meta.items()})
+    registry.record_file(model_dir, STATS_FILE)
     return path
 
 
@@ -155,6 +157,7 @@ def load(model_dir) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(model_dir) / STATS_FILE
     if not path.is_file():
         raise UserError(f"{model_dir} has no {STATS_FILE}")
+    registry.verify(model_dir)
     with safe_open(str(path), "pt") as f:
         meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
     return load_file(str(path)), meta

@@ -11,7 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from weatherkd.errors import UserError
-from weatherkd.io import atomic_dir
+from weatherkd.io import atomic_dir, atomic_write_text, sha256_file
+from weatherkd.logs import get_logger
+
+log = get_logger(__name__)
 
 ARCHS: dict[str, Callable[..., torch.nn.Module]] = {}
 WEIGHTS, SPEC = "model.safetensors", "model.json"
@@ -70,8 +73,22 @@ def save(model: torch.nn.Module, path, state_dict: dict | None = None, extra: di
     path = Path(path)
     with atomic_dir(path) as tmp:
         save_file(state, tmp / WEIGHTS, metadata={"arch": spec["arch"]})
-        (tmp / SPEC).write_text(json.dumps({**spec, **(extra or {})}, indent=2) + "\n")
+        files = {WEIGHTS: _file_record(tmp / WEIGHTS)}
+        (tmp / SPEC).write_text(json.dumps({**spec, **(extra or {}), "files": files}, indent=2) + "\n")
     return path
+
+
+def _file_record(f: Path) -> dict:
+    return {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+
+
+def record_file(path, name: str) -> None:
+    """Add a file written into an export after it was saved (e.g. the teacher's feature
+    statistics) to the files ``model.json`` vouches for."""
+    path = Path(path)
+    spec = read_spec(path)
+    spec["files"] = {**spec.get("files", {}), name: _file_record(path / name)}
+    atomic_write_text(path / SPEC, json.dumps(spec, indent=2) + "\n")
 
 
 def read_spec(path) -> dict:
@@ -79,17 +96,49 @@ def read_spec(path) -> dict:
     spec_file = path / SPEC
     if not spec_file.is_file():
         raise UserError(f"{path} is not an exported model: {SPEC} is missing")
-    return json.loads(spec_file.read_text())
+    try:
+        spec = json.loads(spec_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{spec_file} is damaged ({e}); export the model again") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("arch"), str) or not isinstance(spec.get("kwargs"), dict):
+        raise UserError(f"{spec_file} is not an exported model's record (no arch and kwargs)")
+    return spec
+
+
+def verify(path) -> dict:
+    """Check every file ``model.json`` vouches for (size, then sha256) and return the spec; a
+    missing or changed file is one line naming the folder and the file."""
+    path = Path(path)
+    spec = read_spec(path)
+    files = spec.get("files")
+    if files is None:  # exported before model.json recorded its files
+        log.warning("%s records no checksums (exported by an older weatherkd): loaded unverified", path)
+        files = {WEIGHTS: None}
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            raise UserError(f"{path}: {name} is missing")
+        if want is None:
+            continue
+        if f.stat().st_size != want["bytes"]:
+            raise UserError(f"{path}: {name} is {f.stat().st_size} bytes, but {SPEC} records {want['bytes']}: "
+                            "the export is damaged (truncated or changed); export it again")
+        if sha256_file(f) != want["sha256"]:
+            raise UserError(f"{path}: {name} does not match the sha256 {SPEC} records: the export is damaged "
+                            "or was changed; export it again")
+    return spec
 
 
 def load(path, map_location: str = "cpu") -> torch.nn.Module:
-    """Rebuild an exported model from ``path/model.json`` and load ``path/model.safetensors``."""
+    """Rebuild an exported model from ``path/model.json`` and load ``path/model.safetensors``,
+    both verified first."""
     path = Path(path)
-    spec = read_spec(path)
-    if not (path / WEIGHTS).is_file():
-        raise UserError(f"{path}: {WEIGHTS} is missing")
+    spec = verify(path)
     model = build(spec["arch"], **spec["kwargs"])
-    model.load_state_dict(load_file(path / WEIGHTS, device=map_location))
+    try:
+        model.load_state_dict(load_file(path / WEIGHTS, device=map_location))
+    except Exception as e:  # unverified (older) exports: a bad file, or weights of another size
+        raise UserError(f"{path}: cannot load {WEIGHTS} ({' '.join(str(e).split())[:200]})") from None
     model.weatherkd_spec = spec
     return model
 

@@ -6,6 +6,10 @@
 - ``dckd``: kd plus dynamic contrastive regularisation against negatives passed through the
   history model, plus distribution matching on the VQ codebook.
 
+``consistency`` adds, to the objectives it lists (kd, dckd), the official DCKD recipe's fifth
+term (``cri_lcr``): L1 from the student's output to the teacher's output on a randomly inverted,
+flipped and transposed copy of the input, transformed back.
+
 The history model is an EMA of the student's EMA (``train.ema_decay``), updated every ``s``
 steps with ``s`` growing at milestones. Teacher, history and VQ run under no_grad; the
 student's output alone carries gradients (through the frozen VQ encoder).
@@ -65,6 +69,25 @@ class DCKDConfig:
 
 
 @dataclass
+class ConsistencyConfig:
+    """The official DCKD recipe's ``cri_lcr`` term (its dckd_model.py; values from
+    options/train/SwinIR/train_SwinIR_SRx4_DCKD.yml): the teacher restores a copy of the input in
+    which each sample is colour-inverted, flipped both ways and transposed, each with probability
+    ``prob``; its output, transformed back, is one more L1 target for the student's output on the
+    original input. A test-time-augmentation-like target, so gains credited to DCKD may partly be
+    this term's (shared/notes/methods.md §2).
+
+    A section of its own rather than ``dckd.consistency``: it needs only a teacher, so it applies
+    to kd as well, and one config is run with every objective (``objective=`` overrides,
+    slurm/submit-pipeline.sh). ``objectives`` says which of them use it, so that a config can give
+    its dckd runs the official recipe while its kd runs stay plain kd."""
+
+    objectives: list[Literal["kd", "dckd"]] = field(default_factory=list)  # [] = off; e.g. [dckd] or [kd, dckd]
+    prob: float = 0.5  # per sample and transform (official: train.noisy.prob 0.5)
+    weight: float = 1.0  # official: lcr_opt, L1, loss_weight 1.0
+
+
+@dataclass
 class Config(StageConfig):
     out_dir: str = "runs/distill"
     model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="unet_bn"))
@@ -76,6 +99,27 @@ class Config(StageConfig):
     w_gt: float = 1.0  # L1 to ground truth when the shards have targets
     dckd: DCKDConfig = field(default_factory=DCKDConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+
+    @property
+    def uses_consistency(self) -> bool:
+        return self.objective in self.consistency.objectives
+
+    def check(self) -> None:
+        super().check()
+        c = self.consistency
+        if not 0.0 <= c.prob <= 1.0:
+            raise UserError(f"consistency.prob = {c.prob} must be between 0 and 1")
+        if c.objectives and c.weight <= 0:
+            raise UserError(f"consistency.weight = {c.weight} must be > 0 where consistency.objectives lists "
+                            f"{', '.join(c.objectives)} (an empty list turns the term off)")
+
+
+def loads_teacher(cfg: Config, cached: bool) -> bool:
+    """Whether a run holds the teacher: every kd/dckd run whose set does not cache its outputs,
+    and one that does when it uses consistency (its transformed inputs are not in the cache).
+    `weatherkd plan` counts the teacher by the same rule."""
+    return cfg.objective != "scratch" and (not cached or cfg.uses_consistency)
 
 
 def _probe(x: torch.Tensor) -> torch.Tensor:
@@ -134,9 +178,9 @@ class DistillRecipe(Recipe):
             if not cfg.teacher:
                 raise UserError("teacher is not set: give an exported model directory")
             self.cached_teacher = check_taught_by(cfg.data.train_shards, cfg.teacher)
-            if not self.cached_teacher:
+            if loads_teacher(cfg, self.cached_teacher):
                 frozen["teacher"] = _load(cfg.teacher, "teacher")
-            self.random_init = bool(models.registry.read_spec(cfg.teacher).get("random_init", False))
+            self.random_init = bool(models.verify(cfg.teacher).get("random_init", False))
         if cfg.objective == "dckd":
             frozen["vq"] = _load(cfg.vq, "vq")
             levels = len(frozen["vq"].features(torch.zeros(1, 3, 16, 16)))
@@ -179,10 +223,28 @@ class DistillRecipe(Recipe):
             losses["kd"] = c.w_kd * F.l1_loss(out, teacher)
             if target is not None and c.w_gt:
                 losses["gt"] = c.w_gt * F.l1_loss(out, target)
+            if c.uses_consistency:
+                losses["consistency"] = self.consistency_term(x, out)
             if c.objective == "dckd":
                 losses.update(self.dckd_terms(x, out, teacher))
         losses["loss"] = sum(losses.values())
         return losses
+
+    def consistency_term(self, x, out) -> torch.Tensor:
+        """``consistency.weight`` · L1(student(x), T⁻¹(teacher(T(x)))), T drawn per sample.
+
+        The teacher runs online for this term even where the set caches its outputs (the kd and
+        dckd terms still read the cache). The cache holds its output on the input as stored; on a
+        transformed copy the teacher gives another image (it is not equivariant to inversion,
+        flips and transposition; that difference is all this term adds), and caching all 16
+        combinations would multiply the set by 16. So it runs as the online teacher does: under
+        no_grad, in the frozen helpers' precision (the engine's autocast), clamped to [0, 1]. Its
+        output is transformed back in fp32: 1 − y in bf16 would round dark pixels by up to 2⁻⁹."""
+        c = self.cfg.consistency
+        ops = D.consistency_ops(len(x), c.prob, self.generator)
+        with torch.no_grad(), record_function("distill/consistency_teacher"):
+            target = D.untransform(self.frozen["teacher"](D.transform(x, ops)).float().clamp(0, 1), ops)
+        return c.weight * F.l1_loss(out, target)
 
     def dckd_terms(self, x, out, teacher) -> dict:
         c, vq, history = self.cfg.dckd, self.frozen["vq"], self.frozen["history"]
@@ -263,7 +325,7 @@ class DistillRecipe(Recipe):
 
     def export_extra(self) -> dict:
         return {"objective": self.cfg.objective, "teacher": self.cfg.teacher or None, "init": self.cfg.init or None,
-                "teacher_cached": self.cached_teacher}
+                "teacher_cached": self.cached_teacher, "consistency": self.cfg.uses_consistency}
 
 
 RECIPE = DistillRecipe  # what `weatherkd bench step` builds for this stage

@@ -64,7 +64,7 @@ def evaluate(model_dir, shards, out=None, protocol: str = "rgb", split: str = "t
     model_dir, shards = Path(model_dir).resolve(), Path(shards).resolve()
     if tile and not 0 <= overlap < tile:
         raise UserError(f"--overlap must be at least 0 and below --tile ({tile}), got {overlap}")
-    spec = models.read_spec(model_dir)  # a folder without model.json fails here, before any launch work
+    spec = models.verify(model_dir)  # a damaged export fails here, before any launch work
     shard_set = open_set(shards, split)  # a missing set or split fails here, naming it
     out = Path(out) if out else default_out(model_dir, shards, split, protocol)
 
@@ -135,7 +135,7 @@ def run_cli(args) -> int:
     """Several ``--model``s are evaluated one after another in this launch: one process start-up
     for all of them."""
     for model_dir in args.model:
-        models.read_spec(model_dir)  # every folder is checked before the first evaluation starts
+        models.verify(model_dir)  # every folder is checked before the first evaluation starts
     for model_dir, out in zip(args.model, outputs(args.model, args.out, args.shards, args.split, args.protocol)):
         summary = evaluate(model_dir, args.shards, out, args.protocol, args.split, args.tile, args.overlap,
                            args.max_samples, args.workers, args.tracker)

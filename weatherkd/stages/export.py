@@ -45,12 +45,12 @@ def default_out(model_dir: Path, fmt: str) -> Path:
 
 def check_images(sizes) -> list[torch.Tensor]:
     """Real photos (the builtin test photos), centre-cropped or resized to each size: (1, 3, H, W)."""
-    from weatherkd.data.photo_set import BUILTIN_TEST_ORDER, load_photos
+    from weatherkd.data.photo_set import BUILTIN_TEST_PHOTOS, read_builtin
 
-    photos = dict(load_photos("builtin"))
+    photos = [photo for _, photo in read_builtin(BUILTIN_TEST_PHOTOS[:len(sizes)])]
     out = []
     for i, (h, w) in enumerate(sizes):
-        img = torch.from_numpy(photos[BUILTIN_TEST_ORDER[i % len(BUILTIN_TEST_ORDER)]]).permute(2, 0, 1)[None]
+        img = torch.from_numpy(photos[i % len(photos)]).permute(2, 0, 1)[None]
         scale = max(h / img.shape[-2], w / img.shape[-1])
         if scale > 1:
             img = torch.nn.functional.interpolate(img, scale_factor=scale, mode="bilinear", align_corners=False)

@@ -22,6 +22,7 @@ from weatherkd.data import distill_tars
 from weatherkd.errors import UserError
 from weatherkd.data.shards import open_set
 from weatherkd.io import atomic_write_json, sha256_file
+from weatherkd import models
 from weatherkd.models.registry import WEIGHTS
 from weatherkd.logs import get_logger, progress
 from weatherkd.placement import Placement, place
@@ -50,11 +51,9 @@ def task_slice(cfg: SliceConfig, placement: Placement) -> tuple[int, int]:
 
 
 def teacher_hash(teacher_dir) -> str:
-    """What a set of cached teacher outputs is bound to: the teacher's weights file."""
-    weights = Path(teacher_dir) / WEIGHTS
-    if not weights.is_file():
-        raise UserError(f"teacher: {teacher_dir} is not an exported model ({WEIGHTS} is missing)")
-    return sha256_file(weights)
+    """What a set of cached teacher outputs is bound to: the teacher's weights file, verified."""
+    recorded = (models.verify(teacher_dir).get("files") or {}).get(WEIGHTS)
+    return recorded["sha256"] if recorded else sha256_file(Path(teacher_dir) / WEIGHTS)
 
 
 def check_taught_by(shards, teacher) -> bool:

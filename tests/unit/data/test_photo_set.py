@@ -1,9 +1,10 @@
 """The embedded training set's looks: greyscale, turned and structured crops, each from its own random stream."""
 
 import numpy as np
+from PIL import Image
 
 from weatherkd.data.check import iter_tar
-from weatherkd.data.photo_set import SynthSpec, build, draw_structures, greyscale
+from weatherkd.data.photo_set import SynthSpec, _random_crop, build, draw_structures, greyscale, read_builtin
 from weatherkd.data.samples import decode_sample
 
 
@@ -75,3 +76,18 @@ def test_draw_structures_draws_thin_opaque_lines():
         moved = np.abs(out - flat).max(-1)
         assert 0.005 < (moved > 0.05).mean() < 0.75, seed  # lines, not a wash over the crop
         assert moved.max() > 0.1  # opaque: far from the background where a line lies
+
+
+def test_a_crop_is_the_window_of_the_whole_photo_resized():
+    """Only the crop's window is resampled; the pixels are those of resizing the whole photo, then cropping."""
+    (_, photo), = read_builtin(["path"])
+    img = Image.fromarray((photo * 255 + 0.5).astype(np.uint8))
+    for seed in range(5):
+        crop, (y, x, scale) = _random_crop(np.random.default_rng(seed), img, 64)
+        rng = np.random.default_rng(seed)
+        lo = 64 / min(img.size)
+        exact = float(rng.uniform(max(lo, 0.25), max(lo, 0.75)))
+        whole = img.resize((round(img.width * exact), round(img.height * exact)), Image.BICUBIC)
+        expected = np.asarray(whole, np.float32)[y:y + 64, x:x + 64]
+        assert crop.shape == (64, 64, 3) and abs(exact - scale) < 1e-4
+        assert np.abs(crop * 255 - expected).max() <= 1.01
