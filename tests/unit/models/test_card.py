@@ -88,3 +88,16 @@ def test_the_card_goes_beside_an_onnx_file_with_the_exports_record(exported, tmp
     bare = models.save(models.build("residual_cnn", width=4, depth=2), tmp_path / "old" / "model")
     card.export_copy(bare, tmp_path / "old.onnx", record)
     assert not (bare / "README.md").exists() and "| arch | `residual_cnn` |" in (tmp_path / "old.onnx.md").read_text()
+
+
+def test_the_embedded_photos_licences_are_named_with_where_each_is_recorded():
+    from weatherkd.data.photo_set import builtin_catalogue
+
+    catalogue = builtin_catalogue()
+    names = list(catalogue)[:3]
+    text = card._data_licence({"source": "builtin", "train_photos": names[:2], "test_photos": names[2:]}, 0)
+    assert "`weatherkd/data/photos/PHOTOS.md` and `photos.json`" in text and "attribution" in text
+    assert all(n in text and catalogue[n]["license"] in text for n in names)
+    # the held-out set's greyscale photos come from scikit-image, which states their licences itself
+    held = card._data_licence({"source": "builtin-other", "photos": ["camera", names[0]]}, 0)
+    assert "skimage.data" in held and catalogue[names[0]]["license"] in held
