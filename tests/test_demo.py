@@ -58,6 +58,13 @@ def test_quick_demo_runs_every_stage_and_resumes_a_half_done_one(tmp_path):
     assert [r["name"] for r in held["rows"]] == [r["name"] for r in report["rows"]]
     assert set(report["targets"]["heldout_worst_weather_vs_identity"]) == {r["name"] for r in held["rows"][1:]}
     assert "Held-out check" in (out / "report.md").read_text()
+    # The page, and every exported model's card with both evaluations in it.
+    page = (out / "report.html").read_text()
+    for figure in ("frontier", "gains", "grid", "grid-heldout", "clean-in"):
+        assert f'<figure id="{figure}">' in page
+    for name in ("teacher", "distill-kd", "prune", "distill-pruned"):
+        model_card = (out / name / "model" / "README.md").read_text()
+        assert model_card.startswith("---\nlibrary_name: weatherkd") and model_card.count("<!-- weatherkd-eval ") == 2
 
     # dckd as if killed after its step-2 checkpoint: no result, the later checkpoint gone.
     dckd = out / "distill-dckd"

@@ -235,6 +235,11 @@ def test_export_cli_record_and_restore_through_the_file(student, tmp_path):
     assert json.loads(proc.stdout.strip().splitlines()[-1])["file"] == str(out)
     record = json.loads((student.parent / "unet.onnx.json").read_text())
     assert record["sha256"] and record["source"]["weights_sha256"] and record["versions"]["onnxruntime"]
+    # The model card goes beside the file, with the export's own record (format, opset, parity).
+    onnx_card = (student.parent / "unet.onnx.md").read_text()
+    assert onnx_card.startswith("---\nlibrary_name: weatherkd") and "| arch | `unet_bn` |" in onnx_card
+    assert f"sha256 `{record['sha256']}`" in onnx_card and f"opset {record['opset']}" in onnx_card
+    assert f"max abs error {max(record['check']['max_abs_error']):.2e}" in onnx_card
     Image.fromarray(photo(70, 90, 3)).save(tmp_path / "a.png")
     Image.fromarray(photo(200, 150, 4)).save(tmp_path / "b.png")
     for model, dest in ((student, "torch"), (out, "onnx")):

@@ -109,3 +109,10 @@ def test_a_pipeline_is_one_group_with_stage_job_types_and_eval_and_report_tables
     assert row[:2] == ["distill-scratch", "identity"] and row[col("se")] is not None
     report_json = json.loads((tmp_path / "report" / "report.json").read_text())
     assert abs(row[col("mean_dpsnr")] - report_json["differences"][0]["mean"]) < 1e-9
+    # The ± columns and the per-weather standard errors are kept, and the page's figures go along as images.
+    assert {"mean_psnr_std", "snow_psnr_std", "snow_ssim_std", "clean_in_psnr_std"} <= set(report["columns"])
+    assert {"n_images", "snow_dpsnr", "snow_se", "raindrop_se", "per_seed_std"} <= set(diffs["columns"])
+    assert row[col("snow_se")] == report_json["differences"][0]["weathers"]["snow"]["se"]
+    figures = runs["report"][1] / "files" / "media" / "images" / "report" / "figures"
+    assert {p.name.split("_")[0] for p in figures.glob("*.png")} == {"frontier", "gains", "grid", "clean-in"}
+    assert (tmp_path / "report" / "report.html").is_file()

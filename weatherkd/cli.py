@@ -154,8 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
     p = sub.add_parser("report", help=stages.get("report").help)
-    p.add_argument("runs", nargs="+", help="run directories (out_dir of a stage) or `weatherkd eval` outputs")
-    p.add_argument("--out", default=None, help="markdown file to write; the JSON goes next to it")
+    p.add_argument("runs", nargs="+", help="run directories (out_dir of a stage) or `weatherkd eval` outputs; "
+                                           "or one report.json, to redraw its page and figures")
+    p.add_argument("--out", default=None, help="markdown file to write; the JSON and the HTML page go next to it")
+    p.add_argument("--figures-to", default=None, metavar="DIR",
+                   help="also write each figure as DIR/<name>.png (frontier, gains, grid, grid-heldout, clean-in)")
     p.add_argument("--latency-size", type=int, default=256, help="image side for the latency column")
     p.add_argument("--diff", action="append", metavar="A:B",
                    help="also show row A minus row B, image by image (repeatable; every row minus identity is shown)")

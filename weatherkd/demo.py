@@ -306,15 +306,15 @@ def run(out="runs/demo", shards="shards/demo", overrides=None, synth_args: tuple
         table["notes"].append("No D4IR row: it needs real Stable Diffusion weights, and a random diffusion model "
                               "makes images with no weather in them. Rerun with --sd-path DIR (a local diffusers "
                               "folder) to add it.")
-    text = report.markdown(table) + (f"\n### Held-out check: other photos, another weather generator\n\n"
-                                     f"`{_display([str(heldout_set(shards))])}` (`weatherkd shards heldout`: "
-                                     f"scikit-image's greyscale photos and shipped colour photos that training never "
-                                     f"saw, weather drawn by `weatherkd/data/heldout.py`, mild and moderate).\n\n"
-                                     f"{report.markdown(heldout)}")
-    report.write(table, text, out / "report.md")
+    table["heldout_title"] = "Held-out check: other photos, another weather generator"
+    table["heldout_about"] = (f"`{_display([str(heldout_set(shards))])}` (`weatherkd shards heldout`: scikit-image's "
+                              f"greyscale photos and shipped colour photos that training never saw, weather drawn by "
+                              f"`weatherkd/data/heldout.py`, mild and moderate).")
+    text = report.document(table)
+    figures = report.write(table, text, out / "report.md")
     if "none" not in overrides.get("eval", []):  # the quick demo tracks nothing
-        report.track(table, out)
-    print(f"\n{text}\nreport: {_display([str(out / 'report.md')])} (+ .json); total {time.time() - start:.0f} s")
+        report.track(table, out, figures)
+    print(f"\n{text}\nreport: {_display([str(out / 'report.md')])} (+ .json, .html); total {time.time() - start:.0f} s")
     return table
 
 

@@ -1,4 +1,4 @@
-"""`weatherkd report RUN_DIR...`: several runs' metrics and costs in one table.
+"""`weatherkd report RUN_DIR...`: several runs' metrics and costs in one table, and a page to look at.
 
 A RUN_DIR is a stage's ``out_dir`` (``metrics.json`` + ``model/``) or a ``weatherkd eval`` output
 (whose ``metrics.json`` names its model). Rows: identity, then each run in the order given.
@@ -8,13 +8,21 @@ Runs whose configs differ only in ``seed`` are one row: mean ± standard deviati
 with n. Every row's paired difference to identity, and the differences asked for with
 ``--diff A:B``, are computed image by image on the shared test images (``samples.json``): their
 mean, its standard error over the images, and the spread of the per-seed differences.
+
+With ``--out report.md`` it also writes ``report.json`` and ``report.html``: one self-contained
+page with the tables, the quality/cost frontier, each model's gain per weather, a grid of
+restorations (the exported models run on a fixed choice of test images) and the clean-in check
+(``report_figures``, ``report_html``). ``weatherkd report report.json`` redraws the page (and, with
+``--figures-to DIR``, the figures as PNGs) from a report already written.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import platform
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +32,7 @@ import yaml
 
 from weatherkd import cost, models
 from weatherkd.errors import UserError
-from weatherkd.io import atomic_write_json, atomic_write_text
+from weatherkd.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from weatherkd.placement import place
 
 
@@ -197,7 +205,7 @@ def gather(run_dirs: list, latency_size: int = 256, device: str | None = None,
             raise UserError(f"--diff {a}:{b}: the two rows were not scored on the same images, image by image "
                             "(give `weatherkd eval` outputs, which hold samples.json, evaluated on one split)")
     return {"protocol": first["protocol"], "n": first["n"], "weathers": list(first["weathers"]), "rows": rows,
-            "differences": differences, "device": device,
+            "differences": differences, "shards": first.get("shards"), "split": first.get("split"), "device": device,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d")}
 
 
@@ -268,40 +276,117 @@ def _cost_sizes(report: dict) -> tuple[int, int]:
     return (costs[0]["flops_size"], costs[0]["latency_size"]) if costs else (256, 256)
 
 
-def write(report: dict, text: str, out: Path) -> None:
-    """``out`` (markdown) and the same name with ``.json``."""
+def write(report: dict, text: str, out: Path, figures_to: Path | None = None) -> list:
+    """``out`` (markdown), the same name with ``.json``, and with ``.html`` (``html``); the
+    figures also as PNG files in ``figures_to``. Returns the figures (``report_figures.Drawn``)."""
     atomic_write_json(out.with_suffix(".json"), report)
     atomic_write_text(out, text)
+    return html(report, text, out.with_suffix(".html"), figures_to)
 
 
-def track(report: dict, out_dir: Path) -> Path:
-    """The comparison as a W&B run (job type report) in the pipeline's group: the table, with each
-    seeded row's spread, n and clean-in PSNR, and the paired differences with their standard errors."""
+def html(report: dict, text: str, out: Path, figures_to: Path | None = None) -> list:
+    """``report.html``: one self-contained page, the tables and every figure inlined. The grid of
+    restorations runs the report's exported models now, so it can be redrawn from the JSON at any time."""
+    from weatherkd import report_figures, report_html
+
+    figures, notes = report_figures.draw(report)
+    atomic_write_text(out, report_html.page(report, text, figures, notes))
+    if figures_to is not None:
+        for d in figures:
+            atomic_write_bytes(Path(figures_to) / f"{d.name}.png", d.png)
+    for note in notes:
+        print(f"report.html: {note}", file=sys.stderr)
+    return figures
+
+
+def track(report: dict, out_dir: Path, figures: list | None = None) -> Path:
+    """The comparison as a W&B run (job type report) in the pipeline's group: the table with every
+    ± column (each seeded row's spread and n, per weather too, and clean-in PSNR), the paired
+    differences with their standard errors per weather and their per-seed spread, the held-out
+    set's two tables when the report has one, and the report's figures as images."""
     from weatherkd import tracking
 
+    tables = {}
+    for prefix, rep in (("report", report), ("report/heldout", report.get("heldout"))):
+        if rep:
+            tables[f"{prefix}/comparison"] = _comparison_table(rep)
+            tables[f"{prefix}/differences"] = _differences_table(rep)
+    images = {}
+    for d in figures or []:
+        from PIL import Image
+
+        images[f"report/figures/{d.name}"] = np.asarray(Image.open(io.BytesIO(d.png)).convert("RGB"))
+    return tracking.log_tables("report", out_dir, tables, images)
+
+
+def _comparison_table(report: dict) -> tuple[list[str], list[list]]:
     weathers = report["weathers"]
-    columns = ["model", "runs", *(f"{w}_{m}" for w in weathers for m in ("psnr", "ssim")), "mean_psnr", "mean_psnr_std",
-               "mean_ssim", "clean_in_psnr", "params", "gflops", "latency_ms", "random_init"]
+    columns = ["model", "runs", *(f"{w}_{m}{s}" for w in weathers for m in ("psnr", "ssim") for s in ("", "_std")),
+               "mean_psnr", "mean_psnr_std", "mean_ssim", "mean_ssim_std", "clean_in_psnr", "clean_in_psnr_std",
+               "params", "gflops", "latency_ms", "random_init"]
     rows = []
     for r in report["rows"]:
         c, std = r.get("cost") or {}, r.get("std") or {}
-        rows.append([r["name"], r.get("runs", 1 if r["name"] != "identity" else None),
-                     *(r["weathers"][w][m] for w in weathers for m in ("psnr", "ssim")),
+        per_weather = []
+        for w in weathers:
+            for m in ("psnr", "ssim"):
+                per_weather += [r["weathers"][w][m], std.get("weathers", {}).get(w, {}).get(m)]
+        rows.append([r["name"], r.get("runs", 1 if r["name"] != "identity" else None), *per_weather,
                      r["mean"]["psnr"], std.get("mean", {}).get("psnr"), r["mean"]["ssim"],
-                     (r.get("clean_in") or {}).get("psnr"), c.get("params"), c.get("gflops"), c.get("latency_ms"),
+                     std.get("mean", {}).get("ssim"), (r.get("clean_in") or {}).get("psnr"),
+                     (std.get("clean_in") or {}).get("psnr"), c.get("params"), c.get("gflops"), c.get("latency_ms"),
                      bool(r.get("random_init"))])
-    diff_columns = ["a", "b", "mean_dpsnr", "se", *(f"{w}_dpsnr" for w in weathers), "per_seed_mean", "per_seed_std",
-                    "seeds"]
-    diffs = []
+    return columns, rows
+
+
+def _differences_table(report: dict) -> tuple[list[str], list[list]]:
+    weathers = report["weathers"]
+    columns = ["a", "b", "mean_dpsnr", "se", "n_images", *(f"{w}_{x}" for w in weathers for x in ("dpsnr", "se")),
+               "per_seed_mean", "per_seed_std", "seeds"]
+    rows = []
     for d in report["differences"]:
         per_seed = d.get("per_seed") or {}
-        diffs.append([d["a"], d["b"], d["mean"], d["se"], *(d["weathers"].get(w, {}).get("mean") for w in weathers),
-                      per_seed.get("mean"), per_seed.get("std"), per_seed.get("n")])
-    return tracking.log_tables("report", out_dir, {"report/comparison": (columns, rows),
-                                                   "report/differences": (diff_columns, diffs)})
+        per_weather = []
+        for w in weathers:
+            per_weather += [d["weathers"].get(w, {}).get("mean"), d["weathers"].get(w, {}).get("se")]
+        rows.append([d["a"], d["b"], d["mean"], d["se"], d["n_images"], *per_weather, per_seed.get("mean"),
+                     per_seed.get("std"), per_seed.get("n")])
+    return columns, rows
+
+
+def document(report: dict) -> str:
+    """The whole markdown report: the table and its notes, then the held-out set's when there is one."""
+    text = markdown(report)
+    held = report.get("heldout")
+    if held:
+        about = report.get("heldout_about")
+        text += (f"\n### {report.get('heldout_title', 'Held-out set')}\n\n" + (f"{about}\n\n" if about else "")
+                 + markdown(held))
+    return text
+
+
+def _redraw(source: Path, args) -> int:
+    """``weatherkd report REPORT.json``: the page and figures again from a report already written."""
+    try:
+        report = json.loads(source.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{source}: not a readable report ({e})") from None
+    if not isinstance(report, dict) or "rows" not in report:
+        raise UserError(f"{source}: not a report.json written by `weatherkd report` or `weatherkd demo`")
+    page = (Path(args.out) if args.out else source).with_suffix(".html")
+    figures = html(report, document(report), page, Path(args.figures_to) if args.figures_to else None)
+    from weatherkd import tracking
+
+    if tracking.wanted(args.tracker):
+        track(report, source.parent, figures)
+    shown = f" and {len(figures)} PNGs in {args.figures_to}" if args.figures_to else ""
+    print(f"{page}{shown}: {', '.join(d.name for d in figures)}")
+    return 0
 
 
 def run_cli(args) -> int:
+    if len(args.runs) == 1 and Path(args.runs[0]).suffix == ".json":
+        return _redraw(Path(args.runs[0]), args)
     if args.out and Path(args.out).suffix == ".json":
         raise UserError(f"--out names the markdown file (the JSON goes next to it), not {args.out}")
     diffs = []
@@ -312,11 +397,19 @@ def run_cli(args) -> int:
         diffs.append((a, b))
     report = gather(args.runs, latency_size=args.latency_size, diffs=diffs)
     text = markdown(report)
-    if args.out:
-        write(report, text, Path(args.out))
+    figures_to = Path(args.figures_to) if args.figures_to else None
     from weatherkd import tracking
 
+    figures = None
+    if args.out:
+        figures = write(report, text, Path(args.out), figures_to)
+    elif figures_to is not None or tracking.wanted(args.tracker):
+        from weatherkd import report_figures
+
+        figures, _ = report_figures.draw(report)
+        for d in figures if figures_to is not None else []:
+            atomic_write_bytes(figures_to / f"{d.name}.png", d.png)
     if tracking.wanted(args.tracker):
-        track(report, Path(args.out).parent if args.out else Path("runs") / "report")
+        track(report, Path(args.out).parent if args.out else Path("runs") / "report", figures)
     print(text, end="")
     return 0

@@ -38,6 +38,7 @@ from weatherkd.engine import run_config as runcfg
 from weatherkd.engine.preempt import EXIT_PREEMPTED, Preemption
 from weatherkd.engine.nonfinite import NonFiniteGuard, NonFiniteTraining, weights_finite
 from weatherkd.engine.recipe import Recipe
+from weatherkd.models import card
 from weatherkd.engine.run_lock import RunLock, RunLocked
 from weatherkd.engine.schedule import build_scheduler
 from weatherkd.errors import UserError
@@ -507,6 +508,7 @@ class Engine:
                      "weathers": self.weathers, **self.recipe.export_extra()}
             module, state = self.recipe.export_model(acc.unwrap_model(self.model), state)
             models.save(module, path, state_dict=state, extra=extra)
+            card.write_at_export(path, self.stage, cfgmod.to_dict(self.cfg))
             log.info("exported %s", path)
         acc.wait_for_everyone()
         self.recipe.after_export(self, path)

@@ -63,7 +63,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("plan", "command", "weatherkd.plan",
           "memory per GPU of a training stage (DDP, ZeRO-1/2/3) and the largest micro-batch that fits", False),
     Stage("report", "command", "weatherkd.report",
-          "gather several runs into one comparison table (markdown + JSON)", False),
+          "gather several runs into one comparison table (markdown + JSON) and a page of figures (HTML)", False),
     Stage("demo", "command", "weatherkd.demo",
           "the whole pipeline on the embedded default data; rerun to resume", False),
 ]}

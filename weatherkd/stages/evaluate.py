@@ -5,7 +5,8 @@ are evaluated at full resolution; with ``--tile`` larger ones go through overlap
 
 Writes to ``--out``: ``metrics.json`` (the schema training validation writes, plus what was
 evaluated), ``metrics.md``, ``samples.json`` (one row per sample) and ``examples/<weather>.png``
-(input | output | target).
+(input | output | target). The model folder's card (``README.md``) gets the table, in a section of
+its own per shard set, split and protocol that a rerun replaces.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from weatherkd.placement import make_accelerator
 from weatherkd.errors import UserError
 from weatherkd.io import atomic_path, atomic_write_json, atomic_write_text
 from weatherkd.logs import get_logger
+from weatherkd.models import card
 from weatherkd.models.tiling import tiled
 
 log = get_logger(__name__)
@@ -83,6 +85,10 @@ def evaluate(model_dir, shards, out=None, protocol: str = "rgb", split: str = "t
                "tile": tile, "world_size": acc.num_processes}
     if acc.is_main_process:
         _write(out, summary, result, title=model_dir.resolve().parent.name)
+        try:  # the model's card gets this evaluation's table (its own section, replaced on a rerun)
+            card.add_evaluation(model_dir, summary, out)
+        except OSError as e:  # a read-only model folder: the results are in `out` all the same
+            log.warning("the model card in %s was not updated (%s); the results are in %s", model_dir, e, out)
         if tracking.wanted(tracker):
             columns = ["model", "weather", "psnr", "ssim", "n", "identity_psnr", "identity_ssim"]
             name = model_dir.parent.name

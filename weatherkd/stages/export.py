@@ -5,6 +5,7 @@
   ``onnx.checker`` and onnxruntime (CPU) must match PyTorch within 1e-4 max abs, in fp32, on three
   real photos of different sizes.
 
+``FILE.md`` is the model's card (``README.md`` in its folder) with the export's own record added.
 ``FILE.json`` records the source model's hash, the opset, the input and output shapes, the errors
 measured and the latency of both, and how to tile large images. The file and its record are
 written atomically, after the check: a file that does not match PyTorch is never left behind.
@@ -26,7 +27,7 @@ from weatherkd import models
 from weatherkd.errors import UserError
 from weatherkd.io import atomic_path, atomic_write_json, sha256_file
 from weatherkd.logs import get_logger
-from weatherkd.models import deployed
+from weatherkd.models import card, deployed
 from weatherkd.models.registry import SPEC, WEIGHTS
 from weatherkd.models.tiling import default_tiling
 
@@ -167,8 +168,9 @@ def export(model_dir, fmt: str = "onnx", out=None, size=None, opset: int = OPSET
             "latency": latency, "export_seconds": export_s, "tile": tile, "tile_overlap": overlap,
             "versions": _versions(),
         }
-        # The record first, then the graph: a graph is never left with another export's record.
+        # The record and the card first, then the graph: a graph is never left with another export's record.
         atomic_write_json(deployed.record_path(out), record)
+        card.export_copy(model_dir, out, record)
     log.info("exported %s -> %s (%s, max abs error %.1e over %d images; %s)", model_dir, out, fmt, max(errors),
              len(images), ", ".join(f"{k} {v:.2f}" for k, v in latency.items() if k.endswith("_ms")))
     return record

@@ -15,6 +15,7 @@ initialisation (papers/002), with torch-pruning's dependency graph (DepGraph).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import statistics
 import warnings
@@ -33,7 +34,7 @@ from weatherkd.config import RunConfig
 from weatherkd.errors import UserError
 from weatherkd.io import atomic_write_json
 from weatherkd.logs import get_logger, progress
-from weatherkd.models import pruned
+from weatherkd.models import card, pruned
 from weatherkd.models.registry import read_spec
 
 log = get_logger(__name__)
@@ -224,6 +225,7 @@ def run(cfg: Config) -> int:
         extra = {k: spec[k] for k in ("weathers", "random_init") if k in spec}
         models.save(model, out / "model", extra={**extra, "pruned_from": cfg.network,
                                                  "flops_reduction": report["flops"]["reduction"]})
+        card.write_at_export(out / "model", "prune", dataclasses.asdict(cfg))
         atomic_write_json(out / "prune.json", report)
         log.info("pruned %s: GFLOPs@%d %.3f -> %.3f (-%.1f%%), params %.3fM -> %.3fM; exported %s", cfg.network,
                  cfg.flops_size, base_flops / 1e9, after_flops / 1e9, 100 * report["flops"]["reduction"],
