@@ -45,7 +45,8 @@ class NonFiniteGuard:
         if self.num_processes > 1:
             torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
         self.skipped += found
-        self.first = torch.where((found > 0) & (self.first < 0), torch.tensor(float(step), device=self.device), self.first)
+        # new_full fills on the device: a tensor made from the host's step would copy, and wait
+        self.first = torch.where((found > 0) & (self.first < 0), self.first.new_full((), float(step)), self.first)
         return found
 
     def check(self, where: str) -> None:
