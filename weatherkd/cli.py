@@ -166,16 +166,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log the comparison table to W&B (auto: inside a pipeline, i.e. $WEATHERKD_PIPELINE set)")
 
     p = sub.add_parser("demo", help=stages.get("demo").help)
-    p.add_argument("--out", default=None, help="runs, evaluations, logs and the report (default: runs/demo)")
-    p.add_argument("--shards", default=None, help="where the default shard set is built (default: shards/demo)")
+    p.add_argument("--preset", default="default", choices=["default", "quick", "evidence"],
+                   help="default: the demo (~25 min on 2 cores); quick: a few steps per stage on a tiny set, to "
+                        "check an install in minutes; evidence: a longer-trained teacher and longer students, "
+                        "scratch | kd | kd+consistency | dckd | dckd+consistency over 3 seeds (~2 h on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="the same as --preset quick")
+    p.add_argument("--out", default=None,
+                   help="runs, evaluations, logs and the report (default: runs/demo, runs/demo-<preset>)")
+    p.add_argument("--shards", default=None,
+                   help="where the default shard set is built (default: shards/demo; quick: shards/demo-quick)")
     p.add_argument("--sd-path", default=None,
                    help="local diffusers Stable Diffusion folder: adds the data-free D4IR student (real weights only)")
-    p.add_argument("--seeds", type=int, default=1,
-                   help="train every student this many times, with seeds 0..N-1; the report shows mean ± std "
-                        "and paired differences (the teacher and the data it makes are built once)")
-    p.add_argument("--quick", action="store_true",
-                   help="a few steps per stage on a tiny set, to check an install in minutes "
-                        "(default paths runs/demo-quick, shards/demo-quick)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="train every student this many times, with seeds 0..N-1 (default: 1; evidence: 3); the "
+                        "report shows mean ± std and paired differences (the teacher and the data it makes are "
+                        "built once)")
     return parser
 
 

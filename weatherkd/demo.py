@@ -33,7 +33,9 @@ from weatherkd.io import atomic_write_json, atomic_write_text
 from weatherkd.logs import progress
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: launch/ and configs/ live here
-STUDENTS = ("scratch", "kd", "dckd")
+# Student rows: name -> the objective's overrides of configs/distill/demo.yaml. Every row but
+# scratch learns from the teacher's cached outputs (`teach`).
+STUDENTS = {"scratch": ("objective=scratch",), "kd": ("objective=kd",), "dckd": ("objective=dckd",)}
 _SHOW = re.compile(r"validation at step|resumed from|preempted")
 _RUN_HEADER = re.compile(r"^# \d{4}-\d\d-\d\d \d\d:\d\d:\d\d  ", re.M)
 # What a failed rank says before torchrun's summary buries it: our one-line errors, Python's and
@@ -85,13 +87,14 @@ def seeded(name: str, seed: int) -> str:
     return name if seed == 0 else f"{name}-s{seed}"
 
 
-def plan(out: Path, shards: Path, overrides: dict[str, list[str]] | None = None,
-         synth_args: tuple = (), sd_path: Path | None = None, seeds: int = 1) -> list[Stage]:
-    """The demo's stages in order. ``overrides`` adds config overrides per stage (the tests shrink it).
-    With ``sd_path`` (real Stable Diffusion weights) the data-free D4IR student joins. ``seeds``: each
-    student trains that many times, with seeds 0, 1, ...; the teacher, its cache, the VQ, the
-    dreamed set and the pruned teacher are made once."""
-    overrides = overrides or {}
+def plan(out: Path, shards: Path, preset: Preset | None = None, sd_path: Path | None = None,
+         seeds: int | None = None) -> list[Stage]:
+    """The demo's stages in order, as ``preset`` sizes them (default: `DEFAULT`). With ``sd_path``
+    (real Stable Diffusion weights) the data-free D4IR student joins. ``seeds`` (default: the
+    preset's): each student trains that many times, with seeds 0, 1, ...; the teacher, its cache,
+    the VQ, the dreamed set and the pruned teacher are made once."""
+    preset = preset or DEFAULT
+    overrides, synth_args, seeds = preset.overrides, preset.synth_args, seeds or preset.seeds
     zero, ddp, nproc = _launcher()
     stages = [Stage("shards", ["weatherkd", "shards", "synth", "--out", str(shards), *map(str, synth_args)],
                     shards / "manifest.json")]
@@ -112,13 +115,12 @@ def plan(out: Path, shards: Path, overrides: dict[str, list[str]] | None = None,
                                              f"out_dir={taught}", f"teacher={teacher}", f"shards={shards}",
                                              *overrides.get("teach", [])), taught / "manifest.json"))
     stages.append(train("vq", "vq", "configs/vq/demo.yaml", ddp))
-    for objective in STUDENTS:
-        data = [] if objective == "scratch" else [f"data.train_shards={taught}", f"data.eval_shards={shards}"]
+    for row, objective in preset.students.items():
+        data = [] if row == "scratch" else [f"data.train_shards={taught}", f"data.eval_shards={shards}"]
         for seed in range(seeds):
-            stages.append(train(f"distill-{objective}", "distill", "configs/distill/demo.yaml", ddp,
-                                f"objective={objective}", f"teacher={teacher}", f"vq={out / 'vq' / 'model'}", *data,
-                                seed=seed))
-    students = [seeded(f"distill-{o}", s) for o in STUDENTS for s in range(seeds)]
+            stages.append(train(f"distill-{row}", "distill", "configs/distill/demo.yaml", ddp, *objective,
+                                f"teacher={teacher}", f"vq={out / 'vq' / 'model'}", *data, seed=seed))
+    students = [seeded(f"distill-{row}", s) for row in preset.students for s in range(seeds)]
     stages += data_free_stages(out, shards, ddp, nproc, train, overrides, seeds)
     students += [*(seeded("distill-dream", s) for s in range(seeds)), "prune",
                  *(seeded("distill-pruned", s) for s in range(seeds))]
@@ -260,22 +262,18 @@ def _pipeline_id(out: Path) -> str:
     return path.read_text().strip()
 
 
-# The paired differences the demo's report shows besides each row's against identity.
-DIFFS = [("distill-kd", "distill-scratch"), ("distill-dckd", "distill-kd"), ("distill-dckd", "distill-scratch")]
-
-
-def run(out="runs/demo", shards="shards/demo", overrides=None, synth_args: tuple = (), sd_path=None,
-        seeds: int = 1) -> dict:
+def run(preset: Preset | None = None, out=None, shards=None, sd_path=None, seeds: int | None = None) -> dict:
+    preset = preset or DEFAULT
     if not (ROOT / "launch").is_dir() or not (ROOT / "configs").is_dir():
         raise UserError(f"weatherkd demo runs from a source checkout (launch/ and configs/ next to the package); "
                         f"{ROOT} has none. Install with `pip install -e .` from the repository.")
-    out, shards, overrides = Path(out).resolve(), Path(shards).resolve(), overrides or {}
+    out, shards = Path(out or preset.out).resolve(), Path(shards or preset.shards).resolve()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env[tracking.PIPELINE_ENV] = env.get(tracking.PIPELINE_ENV) or _pipeline_id(out)  # one W&B group
     sd_path = Path(sd_path).resolve() if sd_path else None
-    if seeds < 1:
+    if seeds is not None and seeds < 1:
         raise UserError(f"--seeds must be at least 1 (got {seeds})")
-    stages = plan(out, shards, overrides, synth_args, sd_path, seeds)
+    stages = plan(out, shards, preset, sd_path, seeds)
     start = time.time()
     timings = out / "logs" / "seconds.json"  # per stage, kept across reruns: the README's timing table
     seconds = json.loads(timings.read_text()) if timings.is_file() else {}
@@ -292,7 +290,7 @@ def run(out="runs/demo", shards="shards/demo", overrides=None, synth_args: tuple
         print(f"{head}: finished in {seconds[stage.name]:.0f} s", flush=True)
     print(f"[{len(stages) + 1}/{len(stages) + 1}] report", flush=True)
     evals = {s.name: [done.parent for done in s.done] for s in stages if s.name.startswith("eval")}
-    table = report.gather(evals["eval"], diffs=DIFFS)
+    table = report.gather(evals["eval"], diffs=list(preset.diffs))
     heldout = report.gather(evals["eval-heldout"])
     table["targets"], table["notes"] = data_free_targets(table)
     quality, quality_notes = quality_targets(table, heldout)
@@ -312,7 +310,7 @@ def run(out="runs/demo", shards="shards/demo", overrides=None, synth_args: tuple
                               f"`weatherkd/data/heldout.py`, mild and moderate).")
     text = report.document(table)
     figures = report.write(table, text, out / "report.md")
-    if "none" not in overrides.get("eval", []):  # the quick demo tracks nothing
+    if "none" not in preset.overrides.get("eval", []):  # the quick demo tracks nothing
         report.track(table, out, figures)
     print(f"\n{text}\nreport: {_display([str(out / 'report.md')])} (+ .json, .html); total {time.time() - start:.0f} s")
     return table
@@ -420,30 +418,64 @@ def quality_targets(table: dict, heldout: dict) -> tuple[dict, list[str]]:
     return targets, notes
 
 
-# `--quick`: the same stages and launches on a tiny set for a few steps; checks an install in minutes.
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """What one demo trains, and for how long. ``overrides``: config overrides per stage name
+    (unseeded, e.g. ``distill-kd``), after the stage's demo config; ``diffs``: the paired
+    differences the report shows besides every row against identity."""
+
+    name: str
+    out: str
+    shards: str
+    students: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=lambda: dict(STUDENTS))
+    seeds: int = 1
+    overrides: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    synth_args: tuple = ()
+    diffs: tuple[tuple[str, str], ...] = (("distill-kd", "distill-scratch"), ("distill-dckd", "distill-kd"),
+                                          ("distill-dckd", "distill-scratch"))
+
+
+DEFAULT = Preset("default", "runs/demo", "shards/demo")
+
+# The same stages and launches on a tiny set for a few steps: checks an install in minutes. Its
+# own paths: a quick set must never stand in for the real one.
 _QUICK_TRAIN = ["train.max_steps=4", "train.eval_every=2", "train.log_every=1", "ckpt.every=2", "data.crop=32",
                 "train.warmup_steps=1", "tracker.kind=none", "data.num_workers=0"]  # 4 steps need no loader workers
-QUICK = {
-    "synth_args": ("--train", 16, "--test", 1, "--size", 48, "--test-size", 64),
-    "overrides": {"teacher": [*_QUICK_TRAIN, "loss.srd_start=2", "stats.batches=2"], "vq": _QUICK_TRAIN,
-                  "adapter": _QUICK_TRAIN, "distill-d4ir": _QUICK_TRAIN,
-                  "synth": ["size=32", "steps=4", "max_images=8", "shard_size=8"],
-                  "dream": ["samples=16", "size=32", "batch_size=4", "shard_size=4", "iterations=3"],
-                  "prune": ["calib_samples=4", "calib_size=32", "flops_size=64"],
-                  "distill-dream": _QUICK_TRAIN, "distill-pruned": _QUICK_TRAIN, "eval": ["--tracker", "none"],
-                  "heldout": ["--views", "1", "--size", "64", "--levels", "mild"],
-                  **{f"distill-{o}": _QUICK_TRAIN for o in STUDENTS}},
-}
+QUICK = Preset(
+    "quick", "runs/demo-quick", "shards/demo-quick",
+    synth_args=("--train", 16, "--test", 1, "--size", 48, "--test-size", 64),
+    overrides={"teacher": [*_QUICK_TRAIN, "loss.srd_start=2", "stats.batches=2"], "vq": _QUICK_TRAIN,
+               "adapter": _QUICK_TRAIN, "distill-d4ir": _QUICK_TRAIN,
+               "synth": ["size=32", "steps=4", "max_images=8", "shard_size=8"],
+               "dream": ["samples=16", "size=32", "batch_size=4", "shard_size=4", "iterations=3"],
+               "prune": ["calib_samples=4", "calib_size=32", "flops_size=64"],
+               "distill-dream": _QUICK_TRAIN, "distill-pruned": _QUICK_TRAIN, "eval": ["--tracker", "none"],
+               "heldout": ["--views", "1", "--size", "64", "--levels", "mild"],
+               **{f"distill-{row}": _QUICK_TRAIN for row in STUDENTS}},
+)
+
+# DCKD against KD at a scale that can settle it: a longer-trained teacher, longer students, three
+# seeds each, and the official recipe's consistency term (cri_lcr) with and without DCKD's terms.
+# On the demo's photos (its shard set is shared). Resumable like the demo: rerun to continue.
+_EVIDENCE_TEACHER = ["train.max_steps=3000", "train.eval_every=1000", "ckpt.every=500"]
+_EVIDENCE_STUDENT = ["train.max_steps=1500", "train.eval_every=500", "ckpt.every=500"]
+_EVIDENCE_STUDENTS = {**STUDENTS,
+                      "kd-cons": ("objective=kd", "consistency.objectives=[kd]"),
+                      "dckd-cons": ("objective=dckd", "consistency.objectives=[dckd]")}
+EVIDENCE = Preset(
+    "evidence", "runs/demo-evidence", "shards/demo", students=_EVIDENCE_STUDENTS, seeds=3,
+    overrides={"teacher": _EVIDENCE_TEACHER, "distill-dream": _EVIDENCE_STUDENT, "distill-pruned": _EVIDENCE_STUDENT,
+               **{f"distill-{row}": _EVIDENCE_STUDENT for row in _EVIDENCE_STUDENTS}},
+    diffs=(*DEFAULT.diffs, ("distill-kd-cons", "distill-kd"), ("distill-dckd-cons", "distill-kd"),
+           ("distill-dckd-cons", "distill-dckd")),
+)
+PRESETS = {p.name: p for p in (DEFAULT, QUICK, EVIDENCE)}
 
 
 def run_cli(args) -> int:
-    suffix = "-quick" if args.quick else ""  # a quick set must never stand in for the real one
-    out, shards = args.out or f"runs/demo{suffix}", args.shards or f"shards/demo{suffix}"
+    preset = PRESETS["quick" if args.quick else args.preset]
     try:
-        if args.quick:
-            run(out, shards, QUICK["overrides"], QUICK["synth_args"], args.sd_path, args.seeds)
-        else:
-            run(out, shards, sd_path=args.sd_path, seeds=args.seeds)
+        run(preset, args.out, args.shards, args.sd_path, args.seeds)
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to continue where it stopped", file=sys.stderr)
         return 130

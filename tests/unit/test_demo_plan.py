@@ -95,3 +95,23 @@ def test_the_checklist_states_each_target_met_or_failed_with_its_figure():
         ("clean-in", False)]  # kd 34 dB
     assert got[2]["figure"] == "+0.20 dB, SE 0.05, seed SD 0.15"
     assert got[-1]["figure"] == "lowest distill-kd 34.0 dB" and got[-2]["figure"] == "worst teacher -0.60 dB"
+
+
+def test_the_evidence_preset_adds_the_consistency_rows_three_seeds_and_longer_runs(tmp_path):
+    out, shards = tmp_path / "out", tmp_path / "shards"
+    default = {s.name: s for s in demo.plan(out, shards)}
+    evidence = {s.name: s for s in demo.plan(out, shards, demo.EVIDENCE)}
+    rows = ["scratch", "kd", "dckd", "kd-cons", "dckd-cons"]
+    for row in rows:
+        for name in (f"distill-{row}", f"distill-{row}-s1", f"distill-{row}-s2"):
+            assert name in evidence and evidence[name].steps > default["distill-kd"].steps
+    assert "consistency.objectives=[kd]" in evidence["distill-kd-cons-s2"].argv
+    assert "objective=dckd" in evidence["distill-dckd-cons"].argv
+    assert not any(a.startswith("consistency.") for a in evidence["distill-dckd-s1"].argv)
+    assert evidence["teacher"].steps > default["teacher"].steps
+    for stage in ("distill-dream-s2", "distill-pruned-s1"):
+        assert evidence[stage].steps == evidence["distill-kd"].steps
+    assert [d.parent.name for d in evidence["eval"].done][:4] == ["teacher", *(f"distill-scratch{s}" for s in ("", "-s1", "-s2"))]
+    assert ("distill-dckd-cons", "distill-kd") in demo.EVIDENCE.diffs
+    # `--seeds` still overrides the preset's
+    assert "distill-kd-s1" not in {s.name for s in demo.plan(out, shards, demo.EVIDENCE, seeds=1)}
