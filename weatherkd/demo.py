@@ -142,7 +142,7 @@ def heldout_set(shards: Path) -> Path:
 
 
 def data_free_stages(out: Path, shards: Path, ddp: str, nproc: int, train, overrides, seeds: int = 1) -> list[Stage]:
-    """papers/002: dream inputs from the teacher alone, distil a student on them, and prune the
+    """Dreaming to Prune: dream inputs from the teacher alone, distil a student on them, and prune the
     teacher (calibrated on the dreamed inputs) and distil it back on them. No training image is read."""
     dreamed, teacher = out / "dream-shards", out / "teacher" / "model"
     dream_args = [f"out_dir={dreamed}", f"teacher={teacher}", *overrides.get("dream", [])]
