@@ -277,7 +277,7 @@ def run(out="runs/demo", shards="shards/demo", overrides=None, synth_args: tuple
         raise UserError(f"--seeds must be at least 1 (got {seeds})")
     stages = plan(out, shards, overrides, synth_args, sd_path, seeds)
     start = time.time()
-    timings = out / "logs" / "seconds.json"  # per stage, kept across reruns: the README's timing table
+    timings = out / "logs" / "seconds.json"  # per stage, kept across reruns (docs/demo.md)
     seconds = json.loads(timings.read_text()) if timings.is_file() else {}
     for i, stage in enumerate(stages, 1):
         head = f"[{i}/{len(stages) + 1}] {stage.name}"
