@@ -24,7 +24,7 @@
 # --dream-tasks / --synth-tasks set the array sizes (each task writes its own slice).
 # --sbatch-arg is passed to every sbatch (partition, account, or sizes). key=value after -- go to
 # every training stage. --hold submits held (release with `scontrol release JOBID`). The shards job
-# (the embedded default set) is skipped when the set exists: ingest a real one first (README).
+# (the embedded default set) is skipped when the set exists: ingest a real one first (docs/real-job.md).
 # Prints one line per job (stage, job id) and writes them to OUT/slurm-jobs.tsv.
 set -euo pipefail
 shopt -s inherit_errexit  # a failing sbatch inside $(submit ...) must stop the script

@@ -1,4 +1,4 @@
-"""GPU paths, for a machine with CUDA: `python -m pytest -m gpu -s` (README: Tests). Where there is
+"""GPU paths, for a machine with CUDA: `python -m pytest -m gpu -s` (docs/testing.md). Where there is
 no CUDA device they are skipped, saying so; CI has none and never depends on them.
 
 What they check: the quick demo on every GPU (the teacher under ZeRO-2 in bf16, the students under

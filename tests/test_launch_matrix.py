@@ -1,6 +1,6 @@
 """Every training stage under every CPU launch (DDP, ZeRO-1/2/3) in every precision, three steps
 each: fp16 under DeepSpeed and 16-bit ZeRO runs each stopped at their first step or update until
-they were run this way (README, Launching). Slow: 60 launches, 6.5 min on 2 cores."""
+they were run this way (docs/launching.md). Slow: 60 launches, 6.5 min on 2 cores."""
 
 import json
 

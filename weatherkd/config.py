@@ -45,7 +45,7 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 256
     flip: bool = True
-    cutmix_prob: float = 0.0  # papers/003 §III-D: mix patches across weathers
+    cutmix_prob: float = 0.0  # Tan et al. 2024 §III-D (docs/references.md): mix patches across weathers
     cutmix_max_frac: float = 0.5
 
 
@@ -58,7 +58,7 @@ class TrainConfig:
     schedule: Literal["constant", "cosine", "linear", "step"] = "cosine"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine/linear: the floor, as a fraction of lr
-    decay_every: int = 0  # step: multiply the lr by decay_factor every this many steps (papers/003 halves it)
+    decay_every: int = 0  # step: multiply the lr by decay_factor every this many steps (Tan et al. halve it)
     decay_factor: float = 0.5
     grad_accum: int = 1
     grad_clip: float = 0.0  # 0 disables clipping

@@ -144,7 +144,7 @@ def heldout_set(shards: Path) -> Path:
 
 
 def data_free_stages(out: Path, shards: Path, ddp: str, nproc: int, train, overrides, seeds: int = 1) -> list[Stage]:
-    """papers/002: dream inputs from the teacher alone, distil a student on them, and prune the
+    """Dreaming to Prune: dream inputs from the teacher alone, distil a student on them, and prune the
     teacher (calibrated on the dreamed inputs) and distil it back on them. No training image is read."""
     dreamed, teacher = out / "dream-shards", out / "teacher" / "model"
     dream_args = [f"out_dir={dreamed}", f"teacher={teacher}", *overrides.get("dream", [])]
@@ -275,7 +275,7 @@ def run(preset: Preset | None = None, out=None, shards=None, sd_path=None, seeds
         raise UserError(f"--seeds must be at least 1 (got {seeds})")
     stages = plan(out, shards, preset, sd_path, seeds)
     start = time.time()
-    timings = out / "logs" / "seconds.json"  # per stage, kept across reruns: the README's timing table
+    timings = out / "logs" / "seconds.json"  # per stage, kept across reruns (docs/demo.md)
     seconds = json.loads(timings.read_text()) if timings.is_file() else {}
     for i, stage in enumerate(stages, 1):
         head = f"[{i}/{len(stages) + 1}] {stage.name}"

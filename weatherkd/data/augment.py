@@ -39,7 +39,7 @@ def paired_crop_flip(sample: dict, size: int, rng: np.random.Generator, flip: bo
 
 
 def cutmix_weathers(batch: dict, rng: np.random.Generator, prob: float, max_frac: float) -> dict:
-    """Paste a box from a sample of a *different* weather into each chosen sample (papers/003 §III-D).
+    """Paste a box from a sample of a *different* weather into each chosen sample (Tan et al. 2024 §III-D).
 
     ``weather_soft`` becomes the area-weighted mixture of the two one-hot labels,
     which is what the teacher's text-classification loss trains against.

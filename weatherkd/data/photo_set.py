@@ -81,7 +81,7 @@ class SynthSpec:
     # Crops turned by a random multiple of 90 degrees before they are degraded. Weather keeps its
     # own direction (rain falls near-vertically), so content lines of every direction appear under
     # it. Measured on a scratch student, it did not stop a brick wall's mortar from being taken
-    # for streaks (README, "What changed").
+    # for streaks (docs/results/2026-12-03-demo-three-seeds.md).
     rotate: bool = True
     # Training crops given thin straight structures before they are degraded (clean ones too):
     # poles, wires, railings, mortar, drawn opaque and sharp into input and target alike. The
@@ -89,7 +89,7 @@ class SynthSpec:
     # and the teachers darkened the cameraman's tripod, a brick wall's mortar and a page's strokes.
     # With 0.3 a 1000-step teacher leaves them alone (brick, clean in: 31.9 -> 44-65 dB), but the
     # demo's recipe then removes almost nothing, and a 2000-step one takes the lines again
-    # (README, "Thin structures"); so it is offered, not the default. Its own random stream: 0
+    # (docs/results/2026-12-03-thin-structures.md); so it is offered, not the default. Its own random stream: 0
     # gives the samples a set without it had.
     structure_fraction: float = 0.0
     # Test samples per weather: views of the held-out test photos (each photo, mirrored every other

@@ -11,7 +11,7 @@ from PIL import Image
 from weatherkd.errors import UserError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")  # what a folder of photos may hold
-# Every image member of a sample, in the DESIGN schema.
+# Every image member of a sample, in the shard schema (shards/README.md).
 IMAGE_FIELDS = ("input", "target", "teacher")
 # The lossless encodings a shard set's images may use; its manifest says which ("encoding"), and
 # members decode by their extension, so sets of every encoding (and older sets) load. QOI decodes

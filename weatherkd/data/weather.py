@@ -1,4 +1,4 @@
-"""Physical weather degradation models (papers/003 §II-A), seeded and vectorised.
+"""Physical weather degradation models (Tan et al. 2024 §II-A), seeded and vectorised.
 
 Images are float32 H×W×3 arrays in [0, 1]. Every model draws its parameters
 from configurable ranges with the caller's ``numpy.random.Generator`` and

@@ -546,8 +546,8 @@ class Engine:
 
     def rank_checksums(self) -> list[str]:
         """A hash of every rank's trained parameters and floating buffers (batch norm's
-        statistics). They must all agree; a launch that silently runs unsynchronised ranks (see the
-        README's launch notes) shows up here."""
+        statistics). They must all agree; a launch that silently runs unsynchronised ranks (see
+        docs/launching.md) shows up here."""
         digest = hashlib.sha256()
         with self.gathered_params():
             module = self.acc.unwrap_model(self.model)

@@ -1,4 +1,4 @@
-"""Distillation losses: KD to the teacher, and DCKD's two terms (papers/001).
+"""Distillation losses: KD to the teacher, and DCKD's two terms (DCKD, docs/references.md).
 
 - Dynamic contrastive regularisation: ``Σ_l w_l · d(s, t) / (Σ_neg d(s, n) + ε)`` on VQ-encoder
   features, with d the mean absolute difference (the AECR-Net ratio form the official code uses).

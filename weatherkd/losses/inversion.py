@@ -1,4 +1,4 @@
-"""Terms of teacher inversion (papers/002, after DeepInversion): match recorded feature statistics,
+"""Terms of teacher inversion (Dreaming to Prune, after DeepInversion): match recorded feature statistics,
 spread deep features apart across the batch, and keep the images natural."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Restoration losses of the teacher (papers/003 §III-E): pixel, SSIM, PSNR, perceptual (VGG),
+"""Restoration losses of the teacher (Tan et al. 2024 §III-E): pixel, SSIM, PSNR, perceptual (VGG),
 text-prompt classification and CLIP soft residual distillation (CLIP-SRD)."""
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def _open_clip():
     open_clip.add_model_config(Path(__file__).parent / "clip_configs")
     return open_clip
 
-# The RN50x4 stages the CLIP-SRD loss reads (papers/003: "stages 1, 3, 4 and 5" = stem, layer2..4).
+# The RN50x4 stages the CLIP-SRD loss reads (Tan et al. 2024: "stages 1, 3, 4 and 5" = stem, layer2..4).
 RN_STAGES = (0, 2, 3, 4)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

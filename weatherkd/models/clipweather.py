@@ -1,4 +1,4 @@
-"""The CLIP-guided multi-weather teacher (papers/003) and its TransWeather-style baseline.
+"""The CLIP-guided multi-weather teacher (Tan et al. 2024) and its TransWeather-style baseline.
 
 - SAR encoder: four hierarchical transformer stages (strided-conv patch embedding,
   efficient attention with K/V reduced by a strided conv) whose FFN (SARFFN) adds a

@@ -1,4 +1,4 @@
-"""D4IR's degradation prompt adapter (papers/000): a CLIP image embedding of a degraded image ->
+"""D4IR's degradation prompt adapter (docs/references.md): a CLIP image embedding of a degraded image ->
 a sequence of prompt embeddings as wide as the Stable Diffusion UNet's text conditioning.
 
 ``AdapterHead`` is the trained part. ``PromptAdapter`` is what gets exported: the frozen CLIP image

@@ -1,4 +1,4 @@
-"""A small VQ autoencoder for DCKD (papers/001): multi-level encoder features for the contrastive
+"""A small VQ autoencoder for DCKD (docs/references.md): multi-level encoder features for the contrastive
 term, and a per-position distribution over the codebook for distribution matching."""
 
 from __future__ import annotations

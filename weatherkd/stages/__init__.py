@@ -1,6 +1,6 @@
 """The registry of everything ``weatherkd`` runs: one entry per stage or command.
 
-Three kinds (DESIGN.md):
+Three kinds:
 - ``train``: a training stage on the engine (``Engine(cfg, RECIPE).fit()``), config-driven;
 - ``job``: a sharded generation job writing distillation tars, config-driven;
 - ``command``: a plain function; ``prune`` is config-driven, the others parse their own flags.

@@ -1,4 +1,4 @@
-"""`weatherkd adapter`: D4IR's contrast-based degradation prompt adapter (papers/000, methods §4.1).
+"""`weatherkd adapter`: D4IR's contrast-based degradation prompt adapter (docs/references.md).
 
 Input: degraded images only (shards whose samples may lack targets), labelled by weather.
 A frozen CLIP image tower embeds each image; the head maps the embedding to ``prompt.tokens``

@@ -1,4 +1,4 @@
-"""`weatherkd distill`: train a compact student from an exported teacher (papers/001).
+"""`weatherkd distill`: train a compact student from an exported teacher (DCKD, docs/references.md).
 
 ``objective``:
 - ``scratch``: L1 to ground truth only (the baseline every KD result is compared with);

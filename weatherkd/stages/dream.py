@@ -1,4 +1,4 @@
-"""`weatherkd dream`: data-free distillation inputs by inverting the teacher (papers/002).
+"""`weatherkd dream`: data-free distillation inputs by inverting the teacher (Dreaming to Prune).
 
 Each batch starts from noise or a smooth random field and is optimised (Adam, pixels in [0, 1])
 so that the teacher's internal feature statistics match those recorded from it:

@@ -1,5 +1,5 @@
 """`weatherkd prune`: adaptive structured pruning of a trained network into a student
-initialisation (papers/002), with torch-pruning's dependency graph (DepGraph).
+initialisation (Dreaming to Prune, docs/references.md), with torch-pruning's dependency graph (DepGraph).
 
 1. Sensitivity: each prunable channel group (found by DepGraph) is pruned alone by
    ``probe_ratio``; its sensitivity is the output change this causes on calibration inputs

@@ -1,4 +1,4 @@
-"""`weatherkd teacher`: train the CLIP-guided weather-removal teacher (papers/003) on paired shards.
+"""`weatherkd teacher`: train the CLIP-guided weather-removal teacher (Tan et al. 2024) on paired shards.
 
 ``model.arch``:
 - ``clipweather``: SAR encoder + CWP embedding with the frozen CLIP ViT prior; losses may add

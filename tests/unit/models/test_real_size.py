@@ -10,8 +10,8 @@ from weatherkd import config as C
 from weatherkd import cost, models, stages
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
-PAPER_TEACHER_PARAMS, PAPER_TEACHER_GFLOPS = 126e6, 51.5  # papers/003, at 256×256
-DCKD_STUDENT_SHARE = 3.8 / 26.1  # papers/001: the deraining student's parameters over its teacher's
+PAPER_TEACHER_PARAMS, PAPER_TEACHER_GFLOPS = 126e6, 51.5  # Tan et al. 2024 (docs/references.md), at 256×256
+DCKD_STUDENT_SHARE = 3.8 / 26.1  # DCKD: the deraining student's parameters over its teacher's
 
 
 def load(stage: str, name: str = "allweather"):
