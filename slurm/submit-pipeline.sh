@@ -66,7 +66,7 @@ eval_shards=${eval_shards:-$shards}
 if [ "$config_set" != demo ]; then  # only the demo set is built here; a real one is ingested first
     for set in "$shards" "$eval_shards"; do
         [ -f "$set/manifest.json" ] || { echo "submit-pipeline: $set is not a shard set; ingest it first" \
-            "(README: The real job), or pass --shards/--eval-shards" >&2; exit 2; }
+            "(docs/real-job.md), or pass --shards/--eval-shards" >&2; exit 2; }
     done
 fi
 mkdir -p "$out" slurm/logs

@@ -40,7 +40,7 @@ def _add_shards(sub) -> None:
                    help="share of training crops made greyscale before they are degraded (default 0.2)")
     s.add_argument("--structure-fraction", type=float, default=None,
                    help="share of training crops given thin straight structures (poles, railings, mortar) "
-                        "before they are degraded (default 0; README, 'Thin structures')")
+                        "before they are degraded (default 0; docs/results/2026-12-03-thin-structures.md)")
     s.add_argument("--size", type=int, default=None, help="training crop size in pixels")
     s.add_argument("--test-size", type=int, default=None, help="longest side of test images")
     s.add_argument("--seed", type=int, default=0)
