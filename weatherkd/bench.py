@@ -269,7 +269,7 @@ def bench_kd_overhead(argv: list[str]) -> dict:
             data = [] if "cached" in name else [f"data.train_shards={subset}"]
             cfg = cfgmod.load(Config, a.config, [*a.overrides, *data, *extra, f"out_dir={Path(tmp) / name}",
                                                  "tracker.kind=none", f"data.eval_shards={base.data.eval_shards or base.data.train_shards}"])
-            engine = Engine(cfg, RECIPE)
+            engine = Engine(cfg, RECIPE, "distill")
             engine.build()
             batches = engine.train_batches()
             for _ in range(a.warmup):
@@ -357,7 +357,7 @@ def bench_step(argv: list[str]) -> dict:
     module = stages.get(stage).load()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = cfgmod.load(module.Config, a.config, [*a.overrides, f"out_dir={tmp}", "tracker.kind=none"])
-        engine = Engine(cfg, module.RECIPE)
+        engine = Engine(cfg, module.RECIPE, stage)
         engine.build()
         batches, window = engine.train_batches(), Window()
         for _ in range(a.warmup):

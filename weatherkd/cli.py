@@ -9,7 +9,7 @@ import traceback
 
 from weatherkd import __version__, stages
 from weatherkd.data.samples import ENCODINGS
-from weatherkd.errors import UserError
+from weatherkd.errors import Preempted, UserError
 
 
 def _run_configured(args) -> int:
@@ -204,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         # separate newline let two ranks' lines run into one.
         sys.stderr.write(f"error: {e}\n")
         code, together = 1, False
-    except SystemExit as e:  # a run that stops early on purpose (preempted: 75), a sub-parser's usage error
+    except Preempted as e:  # checkpointed and stopped on purpose: a scheduler requeues on this code
+        code, together = e.exit_code, False
+    except SystemExit as e:  # a sub-parser's usage error
         if isinstance(e.code, str):
             sys.stderr.write(f"{e.code}\n")
         code, together = e.code if isinstance(e.code, int) else (0 if e.code is None else 1), False

@@ -1,7 +1,7 @@
 """The one training loop: every training stage (teacher, vq, distill, adapter) runs on it.
 
 A stage defines a ``Recipe`` (model, frozen helpers, ``step(batch) -> losses``)
-and calls ``Engine(cfg, MyRecipe).fit()``. The engine seeds every RNG before it
+and calls ``Engine(cfg, MyRecipe, "name").fit()``. The engine seeds every RNG before it
 builds the recipe, so model initialisation is reproducible too. The launch config decides whether this
 is one process, DDP or DeepSpeed ZeRO; the loop reads the same either way:
 
@@ -18,7 +18,6 @@ import hashlib
 import itertools
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -30,12 +29,12 @@ from torch.autograd.profiler import record_function
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from weatherkd import config as cfgmod
-from weatherkd import models, stages, tracking
+from weatherkd import models, tracking
 from weatherkd.data import stream
 from weatherkd.data.stream import TrainSpec, eval_loader, train_loader
 from weatherkd.engine import checkpoint, failpoints, validate
 from weatherkd.engine import run_config as runcfg
-from weatherkd.engine.preempt import EXIT_PREEMPTED, Preemption
+from weatherkd.engine.preempt import EXIT_PREEMPTED, Preempted, Preemption
 from weatherkd.engine.nonfinite import NonFiniteGuard, NonFiniteTraining, weights_finite
 from weatherkd.engine.recipe import Recipe
 from weatherkd.models import card
@@ -84,7 +83,8 @@ def build_accelerator(cfg) -> Accelerator:
 
 
 class Engine:
-    def __init__(self, cfg, make_recipe: Callable[[Any], Recipe], accelerator: Accelerator | None = None):
+    def __init__(self, cfg, make_recipe: Callable[[Any], Recipe], stage: str, accelerator: Accelerator | None = None):
+        """``stage``: the command's name (``weatherkd STAGE``), the W&B job type of its runs."""
         self.cfg = cfg
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
@@ -93,7 +93,7 @@ class Engine:
         self.hold_out_dir()
         set_seed(cfg.seed)
         self.recipe = make_recipe(cfg)
-        self.stage = stages.named_by_module(type(self.recipe).__module__)  # the W&B job type
+        self.stage = stage
         self.progress = Progress()
         self.saved_at: int | None = None  # the step of the checkpoint this process last wrote
         self.weathers: list[str] = []
@@ -242,7 +242,7 @@ class Engine:
                             self.preemption.signal_name or "stop file", self.progress.step, EXIT_PREEMPTED)
                 batches.close()
                 self.tracker.finish()
-                sys.exit(EXIT_PREEMPTED)
+                raise Preempted(f"preempted at step {self.progress.step}")
             window.add(self.train_step(batches, window, check_sync=self.progress.step > start_step))
             step = self.progress.step
             failpoints.reached("train.step", step)

@@ -14,10 +14,8 @@ from pathlib import Path
 
 import torch
 
-# The process exits with this after a preemption checkpoint: EX_TEMPFAIL, "try again later".
-# Run directly, a scheduler can requeue on it. torchrun turns it into 1, so the SLURM templates
-# instead treat a stop file this run consumed (deleted after its checkpoint) as the signal.
-EXIT_PREEMPTED = 75
+from weatherkd.errors import EXIT_PREEMPTED, Preempted  # noqa: F401  (the engine's names for them)
+
 STOP_FILE = "STOP"
 # A second stop file a launcher can name without knowing out_dir (the SLURM templates use it).
 STOP_FILE_ENV = "WEATHERKD_STOP_FILE"

@@ -1,7 +1,7 @@
 """The registry of everything ``weatherkd`` runs: one entry per stage or command.
 
 Three kinds:
-- ``train``: a training stage on the engine (``Engine(cfg, RECIPE).fit()``), config-driven;
+- ``train``: a training stage on the engine (``Engine(cfg, RECIPE, name).fit()``), config-driven;
 - ``job``: a sharded generation job writing distillation tars, config-driven;
 - ``command``: a plain function; ``prune`` is config-driven, the others parse their own flags.
 
@@ -75,11 +75,6 @@ BENCH_NAMES = ["loader", "kd-overhead", "model", "step", "synth", "export"]
 
 def get(name: str) -> Stage:
     return STAGES[name]
-
-
-def named_by_module(module: str) -> str:
-    """The stage whose module is ``module`` (e.g. a recipe's ``__module__``); else the module's last part."""
-    return next((s.name for s in STAGES.values() if s.module == module), module.rsplit(".", 1)[-1])
 
 
 def of_kind(*kinds: Kind) -> list[str]:

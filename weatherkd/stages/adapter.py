@@ -152,5 +152,5 @@ RECIPE = AdapterRecipe
 
 
 def run(cfg: Config) -> int:
-    Engine(cfg, RECIPE).fit()
+    Engine(cfg, RECIPE, "adapter").fit()
     return 0

@@ -332,5 +332,5 @@ RECIPE = DistillRecipe  # what `weatherkd bench step` builds for this stage
 
 
 def run(cfg: Config) -> int:
-    Engine(cfg, RECIPE).fit()
+    Engine(cfg, RECIPE, "distill").fit()
     return 0

@@ -190,5 +190,5 @@ RECIPE = TeacherRecipe  # what `weatherkd bench step` builds for this stage
 
 
 def run(cfg: Config) -> int:
-    Engine(cfg, RECIPE).fit()
+    Engine(cfg, RECIPE, "teacher").fit()
     return 0

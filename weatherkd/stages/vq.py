@@ -38,5 +38,5 @@ RECIPE = VQRecipe  # what `weatherkd bench step` builds for this stage
 
 
 def run(cfg: Config) -> int:
-    Engine(cfg, RECIPE).fit()
+    Engine(cfg, RECIPE, "vq").fit()
     return 0

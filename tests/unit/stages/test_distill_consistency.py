@@ -200,7 +200,7 @@ def test_a_few_engine_steps_with_consistency_log_it_under_its_own_name(teachers,
         "history.every=[1]", "history.milestones=[]"])
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}  # the engine's preemption
     try:
-        engine = Engine(cfg, distill.RECIPE)
+        engine = Engine(cfg, distill.RECIPE, "distill")
         engine.fit()
     finally:
         for s, h in handlers.items():
