@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 
 from weatherkd.errors import UserError
 
@@ -47,6 +47,24 @@ def make_accelerator(mixed_precision: str | None = "no", grad_accum: int = 1, lo
     if deepspeed and acc.state.deepspeed_plugin is None:
         raise RuntimeError("launched with a DeepSpeed config, but accelerate set DeepSpeed aside")
     return acc
+
+
+def main_decides(acc: Accelerator, decide, refusal: type[Exception]):
+    """``decide()`` on the main process only, its answer on every rank. A UserError or OSError it
+    raises reaches every rank too, as a ``refusal`` with the same message: a decision that stops
+    rank 0 must stop every rank, at once, before any of them writes anything."""
+    answer = [None, None]
+    if acc.is_main_process:
+        try:
+            answer = [decide(), None]
+        except (UserError, OSError) as e:
+            answer = [None, str(e)]
+    if acc.num_processes > 1:
+        answer = broadcast_object_list(answer)
+    value, refused = answer
+    if refused is not None:
+        raise refusal(refused)
+    return value
 
 
 def cpu_runs_fp16() -> bool:

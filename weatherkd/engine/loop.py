@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 from torch.autograd.profiler import record_function
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -40,10 +40,9 @@ from weatherkd.engine.recipe import Recipe
 from weatherkd.models import card
 from weatherkd.engine.run_lock import RunLock, RunLocked
 from weatherkd.engine.schedule import build_scheduler
-from weatherkd.errors import UserError
 from weatherkd.io import atomic_write_json
 from weatherkd.logs import get_logger, progress
-from weatherkd.placement import autocast, dtype_named, make_accelerator
+from weatherkd.placement import autocast, dtype_named, main_decides, make_accelerator
 
 log = get_logger(__name__)
 SYNC_DEBUG_ENV = "WEATHERKD_CUDA_SYNC_DEBUG"  # error | warn: see Engine.host_sync_check
@@ -103,18 +102,13 @@ class Engine:
     def hold_out_dir(self) -> None:
         """Rank 0 locks out_dir for the life of the run; every rank gets its answer, so a second
         run on a busy folder stops at once, on every rank, before it writes anything."""
-        refusal = [None]
-        if self.acc.is_main_process:
+        def acquire() -> None:
             try:
                 self.lock.acquire()
-            except RunLocked as e:
-                refusal = [str(e)]
-            except OSError as e:  # e.g. a filesystem without flock: the other ranks must hear of it too
-                refusal = [f"cannot lock {self.lock.path}: {e}"]
-        if self.acc.num_processes > 1:
-            refusal = broadcast_object_list(refusal)
-        if refusal[0]:
-            raise RunLocked(refusal[0])
+            except OSError as e:  # e.g. a filesystem without flock
+                raise RunLocked(f"cannot lock {self.lock.path}: {e}") from e
+
+        main_decides(self.acc, acquire, RunLocked)
 
     @property
     def deepspeed(self) -> bool:
@@ -453,22 +447,14 @@ class Engine:
     def resume(self) -> None:
         """Rank 0 picks the newest checkpoint that verifies and holds no pickled code; every rank
         then loads it with torch.load forced to weights_only."""
-        decision = [None, None]
-        changes: dict = {}
-        if self.acc.is_main_process:
-            try:
-                path = checkpoint.choose(self.cfg.resume, self.ckpt_root)
-                if path is not None:
-                    checkpoint.refuse_pickled_code(path)
-                    changes = self.config_changes(path)
-                decision = [str(path) if path else None, None]
-            except (UserError, OSError) as e:  # whatever stops rank 0 here must reach every rank
-                decision = [None, str(e)]
-        if self.acc.num_processes > 1:
-            decision = broadcast_object_list(decision)
-        path, refusal = decision
-        if refusal:
-            raise checkpoint.CheckpointError(refusal)
+        def choose() -> tuple[str | None, dict]:
+            path = checkpoint.choose(self.cfg.resume, self.ckpt_root)
+            if path is None:
+                return None, {}
+            checkpoint.refuse_pickled_code(path)
+            return str(path), self.config_changes(path)
+
+        path, changes = main_decides(self.acc, choose, checkpoint.CheckpointError)
         if path is not None:
             self.load_state_dict(checkpoint.load(self.acc, Path(path)))
             log.info("resumed from %s at step %d (target %d)", path, self.progress.step, self.cfg.train.max_steps)
