@@ -7,6 +7,7 @@ than silently training with a default.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import os
@@ -115,8 +116,13 @@ class RunConfig:
     out_dir: str = "runs/unnamed"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if not _LOADING.get():  # `load` checks once, after its last override
+            self.check()
+
     def check(self) -> None:
-        """Checks across several keys, run when the config is loaded; raise ``ConfigError``."""
+        """Checks across several keys, run whenever a config is made (in code, or by `load`); raise
+        ``UserError``."""
 
 
 @dataclass
@@ -270,8 +276,28 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+# Set while `load` builds a config: the state between two overrides may be one no run would
+# have (schedule=step before decay_every=...), so its cross-key checks wait for the last one.
+_LOADING = contextvars.ContextVar("weatherkd_config_loading", default=False)
+
+
 def load(cls, path: str | os.PathLike | None = None, overrides: list[str] = ()):  # noqa: B006
     """Load ``cls`` from a YAML file and command-line overrides; errors name key and origin."""
+    token = _LOADING.set(True)
+    try:
+        cfg = _load_unchecked(cls, path, overrides)
+    finally:
+        _LOADING.reset(token)
+    if hasattr(cfg, "check"):
+        try:
+            cfg.check()
+        except UserError as e:
+            where = f"{path if path is not None else '<defaults>'}{' + overrides' if overrides else ''}"
+            raise ConfigError(f"{where}: {e}") from None
+    return cfg
+
+
+def _load_unchecked(cls, path, overrides):
     data: dict = {}
     source = "<defaults>"
     if path is not None:
@@ -293,12 +319,6 @@ def load(cls, path: str | os.PathLike | None = None, overrides: list[str] = ()):
         merged = to_dict(cfg)
         apply_override(merged, keys, value)
         cfg = build(cls, merged, f"override '{item}'")
-    if hasattr(cfg, "check"):
-        try:
-            cfg.check()
-        except UserError as e:
-            where = f"{source}{' + overrides' if overrides else ''}"
-            raise ConfigError(f"{where}: {e}") from None
     return cfg
 
 

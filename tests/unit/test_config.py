@@ -88,3 +88,18 @@ def test_malformed_yaml_names_file_line_and_column(tmp_path, text, where):
         cfgmod.load(Config, config)
     assert str(e.value).startswith(f"{config}{where}") and "\n" not in str(e.value)
     assert not marker.exists()
+
+
+def test_cross_key_checks_run_for_configs_built_in_code_and_after_the_last_override(tmp_path):
+    from weatherkd.errors import UserError
+    from weatherkd.stages import teacher
+
+    with pytest.raises(UserError, match="decay_every"):
+        C.StageConfig(train=C.TrainConfig(schedule="step"))
+    with pytest.raises(UserError, match="w_text"):
+        teacher.Config(model=teacher.TeacherModelConfig(arch="transweather"), loss=teacher.LossConfig(w_text=0.1))
+    # through load, a state between two overrides is not checked, the result is
+    cfg = C.load(C.StageConfig, None, ["train.schedule=step", "train.decay_every=100"])
+    assert cfg.train.decay_every == 100
+    with pytest.raises(C.ConfigError, match=r"<defaults> \+ overrides: train.schedule: step needs"):
+        C.load(C.StageConfig, None, ["train.schedule=step"])
