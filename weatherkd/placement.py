@@ -59,8 +59,7 @@ def main_decides(acc: Accelerator, decide, refusal: type[Exception]):
             answer = [decide(), None]
         except (UserError, OSError) as e:
             answer = [None, str(e)]
-    if acc.num_processes > 1:
-        answer = broadcast_object_list(answer)
+    answer = broadcast_object_list(answer)  # as it is, in one process
     value, refused = answer
     if refused is not None:
         raise refusal(refused)

@@ -378,8 +378,7 @@ class Engine:
         acc = self.acc
         names = sorted(window.sums)
         stacked = torch.stack([window.sums[k] for k in names]).to(acc.device)
-        if acc.num_processes > 1:
-            stacked = acc.reduce(stacked, reduction="mean")
+        stacked = acc.reduce(stacked, reduction="mean")  # accelerate's collectives are no-ops in one process
         scalars = {f"train/{k}": v / window.steps for k, v in zip(names, stacked.tolist())}
         scalars["train/lr"] = self.scheduler.get_last_lr()[0]
         if window.total_s > 0:
@@ -539,11 +538,11 @@ class Engine:
             module = self.acc.unwrap_model(self.model)
             for t in itertools.chain(module.parameters(), (b for b in module.buffers() if b.is_floating_point())):
                 digest.update(t.detach().float().cpu().numpy().tobytes())
-        return gather_object([digest.hexdigest()]) if self.acc.num_processes > 1 else [digest.hexdigest()]
+        return gather_object([digest.hexdigest()])
 
     def write_metrics(self, metrics: dict) -> None:
         checksums = self.rank_checksums()
-        devices = gather_object([str(self.acc.device)]) if self.acc.num_processes > 1 else [str(self.acc.device)]
+        devices = gather_object([str(self.acc.device)])
         in_sync = len(set(checksums)) == 1
         if not in_sync:
             log.error("parameters differ across ranks at the end of training: %s", checksums)

@@ -39,8 +39,7 @@ class Preemption:
         """True on every rank if any rank got a signal or sees the stop file (one tiny all-reduce)."""
         local = self.local or any(f.exists() for f in self.stop_files)
         flag = torch.tensor([1.0 if local else 0.0], device=accelerator.device)
-        if accelerator.num_processes > 1:
-            flag = accelerator.reduce(flag, reduction="sum")
+        flag = accelerator.reduce(flag, reduction="sum")
         return bool(flag.item() > 0)
 
     def clear(self) -> None:

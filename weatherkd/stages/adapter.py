@@ -129,14 +129,12 @@ class AdapterRecipe(Recipe):
                     sums[weather] += prompt
                     counts[weather] += 1
                     seen.append((pooled(prompt[None])[0], int(weather)))
-        if accelerator.num_processes > 1:
-            sums, counts = accelerator.reduce(sums, "sum"), accelerator.reduce(counts, "sum")
+        sums, counts = accelerator.reduce(sums, "sum"), accelerator.reduce(counts, "sum")
         self.weather_prompts = (sums / counts.clamp_min(1)[:, None, None]).cpu()
         centroids = pooled(self.weather_prompts.to(accelerator.device))
         correct = torch.tensor([float(sum(int((centroids @ z).argmax()) == w for z, w in seen)), float(len(seen))],
                                device=accelerator.device)
-        if accelerator.num_processes > 1:
-            correct = accelerator.reduce(correct, "sum")
+        correct = accelerator.reduce(correct, "sum")
         return {"kind": "prompt_retrieval", "accuracy": float(correct[0] / correct[1].clamp_min(1)),
                 "n": int(correct[1]), "per_weather_n": dict(zip(self.weathers, counts.int().tolist()))}
 

@@ -197,7 +197,7 @@ def run(cfg: Config) -> int:
         probe = pruner.prune({group: cfg.probe_ratio})
         saved = 1 - pruner.flops(probe) / base_flops
         measured.append((group, distortion(probe, reference, inputs), saved))
-    measured = gather_object(measured) if acc.num_processes > 1 else measured
+    measured = gather_object(measured)  # every rank's groups (as it is, in one process)
     per_group = {g: {"distortion": d, "flops_saved": s} for g, d, s in measured}
     sensitivity = {g: v["distortion"] / max(v["flops_saved"], 1e-9) for g, v in per_group.items()}
 
