@@ -116,6 +116,23 @@ def read(path) -> Photo:
     return Photo(rgb=rgb, alpha=alpha, bits=bits, gray=channels in (1, 2))
 
 
+def read_rgb8(path) -> np.ndarray:
+    """An image file as upright uint8 RGB (what shard sets store): `read`, then rounded to 8 bits."""
+    return quantize(read(path).rgb, 8)
+
+
+def header_size(path) -> tuple[int, int]:
+    """(height, width) as `read` returns the image (EXIF orientation applied), from the header
+    alone; (0, 0) when it cannot be read (the decode then names the problem)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            turned = im.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+        return (w, h) if turned else (h, w)
+    except Exception:  # any unreadable header: the decode will name it
+        return (0, 0)
+
+
 def quantize(rgb: np.ndarray, bits: int) -> np.ndarray:
     """A float image in [0, 1] -> uint8 or uint16, rounded to nearest."""
     top = 65535 if bits == 16 else 255

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from weatherkd.config import CANONICAL_WEATHERS
-from weatherkd.data.samples import IMAGE_EXTS, BadImage, encode_sample, read_image_file
+from weatherkd.data.image_files import read_rgb8
+from weatherkd.data.samples import IMAGE_EXTS, BadImage, encode_sample
 from weatherkd.data.shards import ShardSetError, ShardSetWriter
 from weatherkd.logs import get_logger, progress
 
@@ -107,7 +108,7 @@ def ingest(layout: str, root: str, out: str, split: str = "train", list_file: st
             missing += 1
             continue
         try:
-            input_img, target_img = read_image_file(inp), read_image_file(tgt)
+            input_img, target_img = read_rgb8(inp), read_rgb8(tgt)
         except BadImage as e:
             if not skip_bad:
                 raise BadImage(f"{e}; pass --skip-bad to skip and count such pairs") from None

@@ -18,7 +18,8 @@ from PIL import Image, ImageDraw
 
 from weatherkd.config import CANONICAL_WEATHERS
 from weatherkd.data import weather as weather_models
-from weatherkd.data.samples import IMAGE_EXTS, BadImage, encode_sample, read_image_file, to_uint8
+from weatherkd.data.image_files import read_rgb8
+from weatherkd.data.samples import IMAGE_EXTS, BadImage, encode_sample, to_uint8
 from weatherkd.data.shards import ShardSetError, ShardSetWriter
 from weatherkd.logs import get_logger, progress
 
@@ -55,7 +56,7 @@ def read_builtin(names) -> list[tuple[str, np.ndarray]]:
 
 def _decode_builtin(names) -> list[tuple[str, np.ndarray]]:
     catalogue = builtin_catalogue()
-    return [(n, read_image_file(PHOTO_DIR / catalogue[n]["file"])) for n in names]
+    return [(n, read_rgb8(PHOTO_DIR / catalogue[n]["file"])) for n in names]
 
 
 def _to_float(img: np.ndarray) -> np.ndarray:
@@ -129,7 +130,7 @@ def _decode(source: str, skip_bad: bool = False, bad: list | None = None) -> lis
     photos = []
     for p in files:
         try:
-            photos.append((str(p.relative_to(root)), read_image_file(p)))
+            photos.append((str(p.relative_to(root)), read_rgb8(p)))
         except BadImage as e:
             if not skip_bad:
                 raise BadImage(f"{e}; pass --skip-bad to skip and count such files") from None

@@ -70,18 +70,6 @@ class BadImage(UserError):
     """An image file that cannot be read or fully decoded (missing, truncated, not an image)."""
 
 
-def read_image_file(path) -> np.ndarray:
-    """Decode a whole image file to uint8 RGB; any failure is a ``BadImage`` naming the file."""
-    try:
-        with open(path, "rb") as f:
-            return decode_image(f.read())
-    # PIL reports broken files as OSError (truncated, unidentified), ValueError, SyntaxError (bad
-    # PNG chunks) or its DecompressionBombError; all mean the same thing here.
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise BadImage(f"{path}: unreadable image ({reason})") from None
-
-
 def decode_member(ext: str, data: bytes):
     ext = ext.lower()
     if ext.endswith("qoi"):
