@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import webdataset as wds
 from PIL import Image
 
 from weatherkd.data.samples import CorruptSample, decode_member, decode_sample
@@ -16,22 +17,8 @@ from weatherkd.logs import progress
 
 
 def iter_tar(path: Path):
-    """Raw samples of one tar in order, grouped by key (WebDataset's rule: name up to the first dot)."""
-    current: dict | None = None
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = Path(member.name)
-            key, _, ext = base.name.partition(".")
-            key = str(base.parent / key) if str(base.parent) != "." else key
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key, "__url__": str(path)}
-            current[ext] = tar.extractfile(member).read()
-    if current is not None:
-        yield current
+    """Raw samples of one tar in order, grouped by key: WebDataset's own reader, as training reads it."""
+    return wds.tarfile_to_samples()([{"url": str(path)}])
 
 
 def inspect(path) -> tuple[dict, list[str]]:
