@@ -246,8 +246,10 @@ def _leave_process_group(together: bool) -> None:
 
 def _launched() -> bool:
     """One of several ranks started by a launcher (torchrun, under `accelerate launch`)."""
+    from weatherkd import logs
+
     try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+        return logs.world_size() > 1
     except ValueError:
         return False
 

@@ -14,6 +14,9 @@ import sys
 from tqdm.auto import tqdm
 
 
+# The one place rank and world size are read from the environment: logging needs them before
+# accelerate's state exists (and failpoints, the CLI's exit, a launch's first decisions); everything
+# after that asks accelerate (``placement.place``).
 def rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
 

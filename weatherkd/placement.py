@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 
+from weatherkd import logs
 from weatherkd.errors import UserError
 
 
@@ -23,7 +24,7 @@ def make_accelerator(mixed_precision: str | None = "no", grad_accum: int = 1, lo
                      project_dir: str | None = None) -> Accelerator:
     """An Accelerator that joins the launcher's process group on GPU or CPU alike."""
     no_gpu = not torch.cuda.is_available()
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    launched = logs.world_size() > 1
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     # Without a GPU, ranks must meet over gloo. Under DDP, cpu=True does that; without it each rank
     # silently believes it is rank 0 of 1. Under DeepSpeed, cpu=True would quietly drop the

@@ -16,12 +16,14 @@ from __future__ import annotations
 import os
 import signal
 
+from weatherkd import logs
+
 ENV = "WEATHERKD_FAILPOINT"
 
 
 def reached(name: str, step: int) -> None:
     want = os.environ.get(ENV)
-    if not want or int(os.environ.get("RANK", "0")) != 0:
+    if not want or logs.rank() != 0:
         return
     if want == f"{name}:{step}:raise":  # a bug instead: rank 0 raises, the others carry on
         raise RuntimeError(f"failpoint {name} at step {step}")
@@ -47,4 +49,4 @@ def poisoned(name: str, step: int) -> bool:
     want = os.environ.get(ENV)
     if not want or want != f"{name}:{step}:nan":
         return False
-    return int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1
+    return logs.rank() == logs.world_size() - 1

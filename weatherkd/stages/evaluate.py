@@ -12,9 +12,9 @@ its own per shard set, split and protocol that a rerun replaces.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from accelerate import PartialState
 from PIL import Image
 
 from weatherkd import models, tracking
@@ -139,7 +139,7 @@ def run_cli(args) -> int:
     for model_dir, out in zip(args.model, outputs(args.model, args.out, args.shards, args.split, args.protocol)):
         summary = evaluate(model_dir, args.shards, out, args.protocol, args.split, args.tile, args.overlap,
                            args.max_samples, args.workers, args.tracker)
-        if int(os.environ.get("RANK", "0")) == 0:  # one summary per model, not one per rank
+        if PartialState().is_main_process:  # one summary per model, not one per rank
             print(json.dumps({"model": str(model_dir), "mean": summary["mean"], "identity": summary["identity"]["mean"],
                               "n": summary["n"], "protocol": summary["protocol"],
                               "random_init": summary["random_init"]}))
