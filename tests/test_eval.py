@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from conftest import accelerate_launch, make_set, run_cli, refused
-from weatherkd import metrics, models, report
+from weatherkd import metrics, models
+from weatherkd.commands import report
 from weatherkd.errors import UserError
 from weatherkd.stages import evaluate
 from weatherkd.data.check import iter_tar

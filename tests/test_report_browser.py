@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from unit.test_report_page import made_up  # noqa: F401  (the fixture: tiny models, a tiny shard set)
-from weatherkd import report
+from weatherkd.commands import report
 
 pytestmark = pytest.mark.browser
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)

@@ -2,12 +2,12 @@
 
 import json
 
-from weatherkd import demo
+from weatherkd.commands import demo
 
 
 def test_the_plan_chains_every_stage_and_sd_path_adds_the_d4ir_student(tmp_path):
     out, shards = tmp_path / "out", tmp_path / "shards"
-    plan = {s.name: s for s in demo.plan(out, shards)}
+    plan = {s.name: s for s in demo.pipeline(out, shards)}
     names = list(plan)
     assert names[:7] == ["shards", "teacher", "teach", "vq", "distill-scratch", "distill-kd", "distill-dckd"]
     taught = out / "taught-shards"
@@ -26,7 +26,7 @@ def test_the_plan_chains_every_stage_and_sd_path_adds_the_d4ir_student(tmp_path)
     assert [d.parent.name for d in plan["eval-heldout"].done] == evaluated
     (tmp_path / "sd" / "unet").mkdir(parents=True)
     (tmp_path / "sd" / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 32}))
-    stages = {s.name: s for s in demo.plan(out, shards, sd_path=tmp_path / "sd")}
+    stages = {s.name: s for s in demo.pipeline(out, shards, sd_path=tmp_path / "sd")}
     assert "prompt.width=32" in stages["adapter"].argv
     synth = " ".join(stages["synth"].argv)
     assert f"sd_path={tmp_path / 'sd'}" in synth and f"adapter={out / 'adapter' / 'model'}" in synth
@@ -39,8 +39,8 @@ def test_the_plan_chains_every_stage_and_sd_path_adds_the_d4ir_student(tmp_path)
 
 def test_seeds_train_each_student_again_and_evaluate_every_run(tmp_path):
     out, shards = tmp_path / "out", tmp_path / "shards"
-    one = demo.plan(out, shards)
-    three = {s.name: s for s in demo.plan(out, shards, seeds=3)}
+    one = demo.pipeline(out, shards)
+    three = {s.name: s for s in demo.pipeline(out, shards, seeds=3)}
     assert [s.name for s in one] == [n for n in three if not n.endswith(("-s1", "-s2"))]  # seed 0 is the default run
     for student in ("distill-scratch", "distill-kd", "distill-dckd", "distill-dream", "distill-pruned"):
         assert not any(a.startswith("seed=") for a in three[student].argv)
@@ -68,7 +68,7 @@ def test_a_failed_stage_shows_its_cause_above_the_launchers_summary():
 
 
 def test_the_checklist_states_each_target_met_or_failed_with_its_figure():
-    from weatherkd.demo import checklist
+    from weatherkd.commands.report.targets import checklist
 
     def diff(a, b, mean, weathers, se=0.05, seed_sd=None):
         d = {"a": a, "b": b, "mean": mean, "se": se, "weathers": {w: {"mean": m} for w, m in weathers.items()}}
@@ -99,8 +99,8 @@ def test_the_checklist_states_each_target_met_or_failed_with_its_figure():
 
 def test_the_evidence_preset_adds_the_consistency_rows_three_seeds_and_longer_runs(tmp_path):
     out, shards = tmp_path / "out", tmp_path / "shards"
-    default = {s.name: s for s in demo.plan(out, shards)}
-    evidence = {s.name: s for s in demo.plan(out, shards, demo.EVIDENCE)}
+    default = {s.name: s for s in demo.pipeline(out, shards)}
+    evidence = {s.name: s for s in demo.pipeline(out, shards, demo.EVIDENCE)}
     rows = ["scratch", "kd", "dckd", "kd-cons", "dckd-cons"]
     for row in rows:
         for name in (f"distill-{row}", f"distill-{row}-s1", f"distill-{row}-s2"):
@@ -114,4 +114,4 @@ def test_the_evidence_preset_adds_the_consistency_rows_three_seeds_and_longer_ru
     assert [d.parent.name for d in evidence["eval"].done][:4] == ["teacher", *(f"distill-scratch{s}" for s in ("", "-s1", "-s2"))]
     assert ("distill-dckd-cons", "distill-kd") in demo.EVIDENCE.diffs
     # `--seeds` still overrides the preset's
-    assert "distill-kd-s1" not in {s.name for s in demo.plan(out, shards, demo.EVIDENCE, seeds=1)}
+    assert "distill-kd-s1" not in {s.name for s in demo.pipeline(out, shards, demo.EVIDENCE, seeds=1)}

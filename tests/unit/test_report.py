@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import yaml
 
-from weatherkd import models, report
+from weatherkd import models
+from weatherkd.commands import report
 from weatherkd.engine.validate import summarise
 from weatherkd.errors import UserError
 

@@ -18,7 +18,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest's make_set
 from conftest import make_set  # noqa: E402
 
-from weatherkd import cli, models, report, report_figures  # noqa: E402
+from weatherkd import cli, models  # noqa: E402
+from weatherkd.commands import report  # noqa: E402
+from weatherkd.commands.report import figures as report_figures  # noqa: E402
 from weatherkd.engine.validate import summarise  # noqa: E402
 
 WEATHERS = ("rain_haze", "snow")

@@ -62,9 +62,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("bench", "command", "weatherkd.bench", "benchmarks, printed as JSON", False),
     Stage("plan", "command", "weatherkd.plan",
           "memory per GPU of a training stage (DDP, ZeRO-1/2/3) and the largest micro-batch that fits", False),
-    Stage("report", "command", "weatherkd.report",
+    Stage("report", "command", "weatherkd.commands.report",
           "gather several runs into one comparison table (markdown + JSON) and a page of figures (HTML)", False),
-    Stage("demo", "command", "weatherkd.demo",
+    Stage("demo", "command", "weatherkd.commands.demo",
           "the whole pipeline on the embedded default data; rerun to resume", False),
 ]}
 

@@ -12,7 +12,7 @@ mean, its standard error over the images, and the spread of the per-seed differe
 With ``--out report.md`` it also writes ``report.json`` and ``report.html``: one self-contained
 page with the tables, the quality/cost frontier, each model's gain per weather, a grid of
 restorations (the exported models run on a fixed choice of test images) and the clean-in check
-(``report_figures``, ``report_html``). ``weatherkd report report.json`` redraws the page (and, with
+(``figures``, ``page``). ``weatherkd report report.json`` redraws the page (and, with
 ``--figures-to DIR``, the figures as PNGs) from a report already written.
 """
 
@@ -278,7 +278,7 @@ def _cost_sizes(report: dict) -> tuple[int, int]:
 
 def write(report: dict, text: str, out: Path, figures_to: Path | None = None) -> list:
     """``out`` (markdown), the same name with ``.json``, and with ``.html`` (``html``); the
-    figures also as PNG files in ``figures_to``. Returns the figures (``report_figures.Drawn``)."""
+    figures also as PNG files in ``figures_to``. Returns the figures (``figures.Drawn``)."""
     atomic_write_json(out.with_suffix(".json"), report)
     atomic_write_text(out, text)
     return html(report, text, out.with_suffix(".html"), figures_to)
@@ -287,10 +287,10 @@ def write(report: dict, text: str, out: Path, figures_to: Path | None = None) ->
 def html(report: dict, text: str, out: Path, figures_to: Path | None = None) -> list:
     """``report.html``: one self-contained page, the tables and every figure inlined. The grid of
     restorations runs the report's exported models now, so it can be redrawn from the JSON at any time."""
-    from weatherkd import report_figures, report_html
+    from weatherkd.commands.report import figures as drawing, page
 
-    figures, notes = report_figures.draw(report)
-    atomic_write_text(out, report_html.page(report, text, figures, notes))
+    figures, notes = drawing.draw(report)
+    atomic_write_text(out, page.page(report, text, figures, notes))
     if figures_to is not None:
         for d in figures:
             atomic_write_bytes(Path(figures_to) / f"{d.name}.png", d.png)
@@ -404,9 +404,9 @@ def run_cli(args) -> int:
     if args.out:
         figures = write(report, text, Path(args.out), figures_to)
     elif figures_to is not None or tracking.wanted(args.tracker):
-        from weatherkd import report_figures
+        from weatherkd.commands.report import figures as drawing
 
-        figures, _ = report_figures.draw(report)
+        figures, _ = drawing.draw(report)
         for d in figures if figures_to is not None else []:
             atomic_write_bytes(figures_to / f"{d.name}.png", d.png)
     if tracking.wanted(args.tracker):

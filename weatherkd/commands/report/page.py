@@ -1,6 +1,6 @@
 """``report.html``: the report as one self-contained page (figures inlined as base64 PNG), which
 opens offline in any browser. Its tables are the markdown report's own (the ± columns and the
-paired differences included), rendered to HTML; its figures are ``report_figures``'."""
+paired differences included), rendered to HTML; its figures are ``figures``'."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import base64
 import html
 import re
 
-from weatherkd.report_figures import Drawn
+from weatherkd.commands.report.figures import Drawn
 
 _STYLE = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1500px;
