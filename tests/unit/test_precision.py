@@ -137,8 +137,8 @@ def test_plan_counts_a_helper_as_the_policy_places_it(mixed, role):
 def test_plan_holds_the_ema_and_dckds_models_in_their_roles_dtypes(mixed):
     from weatherkd.stages.distill import Config
 
-    cfg = C.load(Config, "configs/distill/demo.yaml", ["objective=dckd", "dckd.frozen_precision=bf16", "teacher=",
-                                                        "vq=", "train.ema_decay=0.99", f"train.mixed_precision={mixed}"])
+    cfg = C.load(Config, "configs/distill/demo.yaml", ["objective=dckd", "dckd.frozen_precision=bf16", "teacher=", "vq=",
+                                                        "train.ema_decay=0.99", f"train.mixed_precision={mixed}"])
     planned = plan.planned_models("distill", cfg)
     n = sum(p.numel() for p in planned.trained.parameters())
     assert {k: c.role for k, c in planned.held.items()} == {"EMA": "averaged", "history model": "averaged"}

@@ -96,7 +96,8 @@ class AdapterRecipe(Recipe):
         encoder = clip.ImagePrior(tower)
         head = models.build(m.arch, clip_width=encoder.width, tokens=p.tokens, width=p.width, hidden=p.hidden,
                             **m.kwargs)
-        super().__init__(head, {"clip_image": Helper(encoder, "bundled")})  # users load tower, head and prompts as one model
+        # bundled: users load tower, head and prompts as one model
+        super().__init__(head, {"clip_image": Helper(encoder, "bundled")})
         self.weathers = open_set(cfg.data.train_shards).weathers
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.weather_prompts = torch.zeros(len(self.weathers), p.tokens, p.width)
