@@ -92,7 +92,7 @@ def refuses_fp16(launch: str, precision: str) -> bool:
     rank refuses in one line (``placement.make_accelerator``); where the CPU has them, it trains."""
     import torch
 
-    from weatherkd.placement import cpu_runs_fp16
+    from weatherkd.precision import cpu_runs_fp16
 
     return precision == "fp16" and "zero" in launch and not torch.cuda.is_available() and not cpu_runs_fp16()
 

@@ -26,7 +26,8 @@ from weatherkd.data.check import iter_tar
 from weatherkd.data.shards import open_set
 from weatherkd.data.stream import TrainSpec, train_loader
 from weatherkd.errors import UserError
-from weatherkd.placement import dtype_named, make_accelerator, place
+from weatherkd.placement import make_accelerator, place
+from weatherkd.precision import dtype_named
 
 
 FOLDER_FIELDS = {"input": "input", "target": "gt", "teacher": "teacher"}  # field -> sub-folder
@@ -368,11 +369,11 @@ def bench_step(argv: list[str]) -> dict:
         window = Window()
         seconds = _timed_steps(engine, batches, a.steps, window)
         device = engine.acc.device
-        peak = cost.matmul_peak_flops(device, engine.compute_dtype)
+        peak = cost.matmul_peak_flops(device, engine.precision.compute_dtype)
     flops = counter.get_total_flops()
     achieved = flops * a.steps / seconds
     return {"bench": "step", "stage": stage, "config": a.config, "arch": cfg.model.arch, "size": cfg.model.size,
-            "device": str(device), "threads": torch.get_num_threads(), "dtype": str(engine.compute_dtype),
+            "device": str(device), "threads": torch.get_num_threads(), "dtype": str(engine.precision.compute_dtype),
             "batch_size": cfg.data.batch_size, "crop": cfg.data.crop, "steps": a.steps,
             "seconds_per_step": seconds / a.steps, "samples_per_s": window.samples / seconds,
             "data_wait_frac": window.data_s / seconds, "gflops_per_step": flops / 1e9,

@@ -18,6 +18,7 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 
 from weatherkd import logs
 from weatherkd.errors import UserError
+from weatherkd.precision import refuse_unrunnable
 
 
 def make_accelerator(mixed_precision: str | None = "no", grad_accum: int = 1, log_with=None,
@@ -31,15 +32,7 @@ def make_accelerator(mixed_precision: str | None = "no", grad_accum: int = 1, lo
     # DeepSpeed plugin (plain multi-CPU data parallel instead of ZeRO), so it stays False and the
     # gloo backend is asked for explicitly; DeepSpeed then runs on its CPU accelerator.
     cpu = no_gpu and not deepspeed
-    if mixed_precision == "fp16" and cpu:
-        # accelerate gives fp16 on the CPU neither autocast nor loss scaling: the trained model
-        # would stay fp32 while the frozen helpers, cast to the compute dtype, were fp16.
-        raise UserError("train.mixed_precision: fp16 needs a GPU or a DeepSpeed launch (accelerate has no fp16 "
-                        "on the CPU); use bf16 or no")
-    if mixed_precision == "fp16" and deepspeed and no_gpu and not cpu_runs_fp16():
-        # DeepSpeed's CPU accelerator refuses fp16 there, with a traceback from inside its engine
-        raise UserError("train.mixed_precision: fp16 under DeepSpeed on a CPU needs oneDNN's fp16 kernels "
-                        "(AVX512-FP16 or AMX-FP16), which this CPU lacks; use bf16 or no")
+    refuse_unrunnable(mixed_precision, deepspeed, no_gpu)
     if deepspeed:  # the same trap through the environment (accelerate launch --cpu sets it)
         os.environ.pop("ACCELERATE_USE_CPU", None)
     handlers = [InitProcessGroupKwargs(backend="gloo")] if no_gpu and launched else []
@@ -65,36 +58,6 @@ def main_decides(acc: Accelerator, decide, refusal: type[Exception]):
     if refused is not None:
         raise refusal(refused)
     return value
-
-
-def cpu_runs_fp16() -> bool:
-    """Whether this CPU has the fp16 kernels DeepSpeed's CPU accelerator requires for fp16."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def autocast(acc: Accelerator):
-    """Mixed precision for forward passes: ``acc.autocast()``, except under DeepSpeed. There
-    accelerate leaves autocast off, because DeepSpeed casts the model itself to 16 bits, so fp32
-    batches (and frozen helpers' inputs) would meet 16-bit weights and the first convolution would
-    refuse them; torch's autocast casts at each op instead, as it does under DDP."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
-    if acc.state.deepspeed_plugin is not None and dtype is not None:
-        return torch.autocast(acc.device.type, dtype=dtype)
-    return acc.autocast()
-
-
-# Precision names as configs and flags spell them ("no" is accelerate's mixed_precision for fp32).
-DTYPES = {"fp32": torch.float32, "no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def dtype_named(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: fp16 on a GPU, fp32 on the CPU (where half precision is slower, not faster)."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@
   bytes per parameter (2 + 2 for 16-bit weights and grads, 16 for fp32 grads, weights and Adam
   moments, the 16 sharded). In fp32 DeepSpeed keeps no 16-bit copy (4 + 4 + 8, sharded by stage).
   DDP keeps fp32 weights, grads and moments plus its gradient buckets: 20, unsharded.
-- Frozen models (teacher, CLIP towers, VQ) in the compute dtype; the EMA and DCKD's history model
-  (averaged from it) in fp32.
+- The helpers a stage runs beside its model (teacher, CLIP towers, VQ, DCKD's history model) and
+  the EMA, each in the dtype ``precision.Precision`` gives its role: the compute dtype, fp32 for
+  what averages the trained weights; plus the copies DCKD makes in ``dckd.frozen_precision``.
 - Activations: the bytes autograd saves for backward in one forward of the trained model and
   the loss terms that carry its gradient, at the config's crop, measured with
   ``torch.autograd.graph.saved_tensors_hooks`` (unique storages, parameters excluded) under
@@ -24,6 +25,7 @@ outputs, as the run decides whether to load the teacher).
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,7 @@ import torch
 from weatherkd import config as cfgmod
 from weatherkd import cost, models, stages
 from weatherkd.errors import UserError
+from weatherkd.precision import Precision, Role
 
 GB = 1024**3
 RESERVE_GB = 2.0  # CUDA context, NCCL buffers, allocator fragmentation
@@ -40,17 +43,35 @@ STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
 PLANNED = ("teacher", "distill", "vq")
 
 
+@dataclass(frozen=True)
+class Counted:
+    """A model held beside the trained one: its parameters, and its role (``precision.Helper``)
+    or, for a copy a recipe makes itself, its own dtype."""
+
+    params: int
+    role: Role = "frozen"
+    dtype: torch.dtype | None = None
+
+    def bytes(self, precision: Precision) -> int:
+        return self.params * (self.dtype or precision.dtype_of(self.role)).itemsize
+
+
 @dataclass
 class Planned:
     """What one training stage holds on a GPU: the model it trains, how a batch goes through it,
-    and the frozen models it runs beside it (name -> parameter count)."""
+    and the models it runs beside it (name -> parameters and role)."""
 
     trained: torch.nn.Module
     forward: object  # (images) -> output; the trained model's parameters take gradients
-    frozen: dict[str, int] = field(default_factory=dict)
+    held: dict[str, Counted] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    fp32_copies: dict[str, int] = field(default_factory=dict)  # kept in fp32 whatever the compute dtype
-    bf16_copies: dict[str, int] = field(default_factory=dict)  # made in bf16 beside them (dckd.frozen_precision)
+    copies: dict[str, Counted] = field(default_factory=dict)  # made beside the held ones (dckd.frozen_precision)
+
+    def of_role(self, *roles: Role) -> dict[str, int]:
+        return {k: c.params for k, c in self.held.items() if c.role in roles}
+
+    def bytes(self, precision: Precision) -> int:
+        return sum(c.bytes(precision) for c in itertools.chain(self.held.values(), self.copies.values()))
 
 
 def _clip_tower(name: str) -> torch.nn.Module:
@@ -71,16 +92,17 @@ def planned_models(stage: str, cfg) -> Planned:
         prior = clip.ImagePrior(tower).eval()
         text_dim = int(tower.text_projection.shape[1]) if hasattr(tower, "text_projection") else 512
         net = models.build("clipweather_net", prior_dim=prior.width, text_dim=text_dim, **m.arch_kwargs())
-        frozen = {f"clip image tower ({m.clip.image.name})": cost.params(prior)}
+        # roles as TeacherRecipe declares them
+        held = {f"clip image tower ({m.clip.image.name})": Counted(cost.params(prior), "bundled")}
         if cfg.loss.w_srd > 0:
-            frozen[f"clip residual tower ({m.clip.residual.name})"] = cost.params(
-                _clip_tower(m.clip.residual.name).visual)
+            held[f"clip residual tower ({m.clip.residual.name})"] = Counted(cost.params(
+                _clip_tower(m.clip.residual.name).visual))
         vgg = None
         if cfg.loss.w_perceptual > 0:
             import torchvision
 
             vgg = torchvision.models.vgg16().features[:16].requires_grad_(False)
-            frozen["vgg16 features[:16]"] = cost.params(vgg)
+            held["vgg16 features[:16]"] = Counted(cost.params(vgg))
 
         def forward(x):
             with torch.no_grad():
@@ -88,7 +110,7 @@ def planned_models(stage: str, cfg) -> Planned:
             out, aux = net(x, p, return_aux=True)  # as the teacher trains: SAR maps and prior for its losses
             return (out, aux, vgg(out)) if vgg is not None else (out, aux)  # the perceptual loss backprops through VGG
 
-        return Planned(net, forward, frozen)
+        return Planned(net, forward, held | _ema(cfg, net))
     if stage == "distill":
         if cfg.init:
             if not (Path(cfg.init) / "model.json").is_file():
@@ -100,7 +122,7 @@ def planned_models(stage: str, cfg) -> Planned:
         from weatherkd.stages.distill import loads_teacher
         from weatherkd.stages.job import check_taught_by
 
-        frozen, notes, loaded = {}, [], {}
+        held, notes, loaded = {}, [], {}
         # The teacher as the run holds it: not at all where the set caches its outputs, unless
         # consistency runs it online on transformed inputs. A set not written yet counts it.
         cached = (cfg.objective != "scratch" and (Path(cfg.teacher) / "model.json").is_file()
@@ -115,27 +137,32 @@ def planned_models(stage: str, cfg) -> Planned:
                 continue
             if (Path(path) / "model.json").is_file():
                 loaded[key] = models.load(path).eval().requires_grad_(False)
-                frozen[key] = cost.params(loaded[key])
+                held[key] = Counted(cost.params(loaded[key]))
             else:
                 notes.append(f"{key} {path or '(unset)'} is not exported yet: its weights, and the graph of "
                              f"the loss terms through it, are not counted")
-        # fp32 whatever the compute dtype: the EMA, and the history model averaged from it
-        fp32 = {"EMA": cost.params(student)} if cfg.train.ema_decay > 0 else {}
-        bf16 = {}
-        if cfg.objective == "dckd":
-            fp32["history model"] = cost.params(student)
-            if cfg.dckd.frozen_precision == "bf16":  # the negatives' history model and VQ, as extra copies
-                bf16 = {"history model": cost.params(student), **({"vq": frozen["vq"]} if "vq" in frozen else {})}
+        held |= _ema(cfg, student)
+        copies = {}
+        if cfg.objective == "dckd":  # roles and copies as DistillRecipe declares and makes them
+            held["history model"] = Counted(cost.params(student), "averaged")
+            if (copy := cfg.dckd.copy_dtype) is not None:  # the negatives' history model and VQ, as extra copies
+                copies = {k: Counted(held[k].params, dtype=copy) for k in ("history model", "vq") if k in held}
         vq = loaded.get("vq")
 
         def forward(x):
             out = student(x)
             return (out, vq.features(out)) if vq is not None else out  # DCKD backprops through the VQ encoder
 
-        return Planned(student, forward, frozen, notes, fp32, bf16)
+        return Planned(student, forward, held, notes, copies)
     if stage == "vq":
-        return Planned(models.build(cfg.model.arch, **cfg.model.arch_kwargs()), None)
+        net = models.build(cfg.model.arch, **cfg.model.arch_kwargs())
+        return Planned(net, None, _ema(cfg, net))
     raise UserError(f"weatherkd plan covers the {', '.join(PLANNED)} stages, not '{stage}'")
+
+
+def _ema(cfg, trained: torch.nn.Module) -> dict[str, Counted]:
+    """The engine's EMA of the trained model (``train.ema_decay``): it averages, like a history model."""
+    return {"EMA": Counted(cost.params(trained), "averaged")} if cfg.train.ema_decay > 0 else {}
 
 
 def saved_activation_bytes(fn, params: set[int]) -> int:
@@ -229,17 +256,15 @@ def plan(stage: str, cfg, launch: dict, gpu_mem_gb: float) -> dict:
     largest = max((p.numel() for p in net.parameters()), default=0)
     machines = launch["machines"]
     gpus_per_node = max(1, launch["processes"] // machines)
-    sixteen_bit = cfg.train.mixed_precision in ("bf16", "fp16")
-    dtype_bytes = 2 if sixteen_bit else 4
+    precision = Precision(cfg.train.mixed_precision, cfg.train.channels_last)
     crop = cfg.data.crop
     forward = planned.forward or net
     param_ptrs = {p.untyped_storage().data_ptr() for p in net.parameters()}
-    dtype = torch.bfloat16 if cfg.train.mixed_precision == "bf16" else torch.float16
 
-    per_sample, fixed = activation_bytes(forward, param_ptrs, (3, crop, crop), dtype if sixteen_bit else None)
-    frozen_bytes = (sum(planned.frozen.values()) * dtype_bytes + sum(planned.fp32_copies.values()) * 4
-                    + sum(planned.bf16_copies.values()) * 2)
-    states = model_state_bytes(params, gpus_per_node, machines, largest, sixteen_bit)
+    per_sample, fixed = activation_bytes(forward, param_ptrs, (3, crop, crop),
+                                         precision.compute_dtype if precision.sixteen_bit else None)
+    frozen_bytes = planned.bytes(precision)
+    states = model_state_bytes(params, gpus_per_node, machines, largest, precision.sixteen_bit)
     notes = list(planned.notes)
     if launch.get("offload"):
         notes.append("the launch file offloads to CPU, which these figures do not model: GPU memory is lower")
@@ -250,8 +275,8 @@ def plan(stage: str, cfg, launch: dict, gpu_mem_gb: float) -> dict:
     batch = cfg.data.batch_size
     return {
         "stage": stage, "trained_params": params, "largest_tensor_params": largest,
-        "frozen_params": planned.frozen, "fp32_params": planned.fp32_copies,
-        "bf16_params": planned.bf16_copies, "frozen_gb": frozen_bytes / GB,
+        "frozen_params": planned.of_role("frozen", "bundled"), "fp32_params": planned.of_role("averaged"),
+        "bf16_params": {k: c.params for k, c in planned.copies.items()}, "frozen_gb": frozen_bytes / GB,
         "activation_fixed_gb": fixed / GB,
         "activation_gb_per_sample": per_sample / GB, "crop": crop, "mixed_precision": cfg.train.mixed_precision,
         "micro_batch": batch, "activation_gb_at_micro_batch": batch * per_sample / GB,

@@ -69,5 +69,7 @@ def test_dckd_bf16_negatives_count_their_copies():
         cfg = C.load(Config, "configs/distill/demo.yaml", ["objective=dckd", f"dckd.frozen_precision={precision}",
                                                             "teacher=", "vq="])
         planned = planned_models("distill", cfg)
-        assert planned.fp32_copies["history model"] == cost.params(planned.trained)
-        assert planned.bf16_copies == ({"history model": cost.params(planned.trained)} if want else {})
+        n = cost.params(planned.trained)
+        assert planned.of_role("averaged")["history model"] == n
+        assert {k: c.params for k, c in planned.copies.items()} == ({"history model": n} if want else {})
+        assert all(c.dtype == torch.bfloat16 for c in planned.copies.values())

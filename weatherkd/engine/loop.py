@@ -26,7 +26,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from torch.autograd.profiler import record_function
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from weatherkd import config as cfgmod
 from weatherkd import models, tracking
@@ -42,7 +41,8 @@ from weatherkd.engine.run_lock import RunLock, RunLocked
 from weatherkd.engine.schedule import build_scheduler
 from weatherkd.io import atomic_write_json
 from weatherkd.logs import get_logger, progress
-from weatherkd.placement import autocast, dtype_named, main_decides, make_accelerator
+from weatherkd.placement import main_decides, make_accelerator
+from weatherkd.precision import Precision, autocast
 
 log = get_logger(__name__)
 SYNC_DEBUG_ENV = "WEATHERKD_CUDA_SYNC_DEBUG"  # error | warn: see Engine.host_sync_check
@@ -129,26 +129,10 @@ class Engine:
         cfg, acc = self.cfg, self.acc
         if acc.is_main_process:  # config.yaml is written once resume() has compared it with the checkpoint's
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.compute_dtype = dtype_named(cfg.train.mixed_precision, self.acc.device)
-        self._freeze_helpers()
-
-        model = self.recipe.model
-        # Under DeepSpeed the trained weights stay row-major: its first broadcast views each as
-        # bytes, which needs a unit last stride. The batches are still channels_last, and so each
-        # convolution is (its weight converted per call; the gradients come back row-major).
-        if cfg.train.channels_last and not self.deepspeed:
-            model = model.to(memory_format=torch.channels_last)
-        self.ema = None
-        if cfg.train.ema_decay > 0:
-            self.ema = ema_of(model, cfg.train.ema_decay)
-            self.ema.to(acc.device).eval()
-        if self.deepspeed and self.compute_dtype != torch.float32:
-            # DeepSpeed casts parameters to 16 bits and leaves buffers fp32; batch norm refuses
-            # running statistics in another dtype than its weights (the EMA above keeps fp32 ones).
-            for m in model.modules():
-                if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats:
-                    m.running_mean.data, m.running_var.data = (m.running_mean.to(self.compute_dtype),
-                                                               m.running_var.to(self.compute_dtype))
+        self.precision = Precision.of(cfg.train, acc)
+        for helper in self.recipe.helpers.values():
+            self.precision.place(helper, acc.is_main_process)
+        model, self.ema = self.precision.prepare_trained(self.recipe.model, cfg.train.ema_decay)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = self._optimizer(params)
         self.scheduler = build_scheduler(optimizer, cfg.train)
@@ -165,17 +149,6 @@ class Engine:
         self.tracker = tracking.Tracker(acc, cfg.tracker, self.out_dir, cfgmod.to_dict(cfg), self.stage)
         self.preemption = Preemption(self.out_dir)
         self.nonfinite = NonFiniteGuard(acc.device, cfg.train.max_nonfinite_steps, acc.num_processes)
-
-    def _freeze_helpers(self) -> None:
-        for name, module in self.recipe.frozen.items():
-            module.requires_grad_(False)
-            cast = module_is_float(module) and name not in self.recipe.averaged
-            if cast and name in self.recipe.bundled and self.compute_dtype != torch.float32 and self.acc.is_main_process:
-                self.recipe.loaded_weights[name] = {k: v.detach().to("cpu", copy=True)
-                                                    for k, v in module.state_dict().items()}
-            module.to(self.acc.device, dtype=self.compute_dtype if cast else None).eval()
-            if self.cfg.train.channels_last:  # the batches arrive channels_last: so must every conv's weights
-                module.to(memory_format=torch.channels_last)
 
     def _optimizer(self, params):
         t = self.cfg.train
@@ -322,7 +295,7 @@ class Engine:
         """Clip, then step, unless the step went non-finite on some rank: the fused optimizer reads
         that flag on the device (``found_inf``), so the host does not wait for it."""
         acc, step = self.acc, self.progress.step + 1
-        scaled = self.cfg.train.mixed_precision == "fp16"  # a loss scaler skips overflowing gradients itself
+        scaled = self.precision.loss_scaled
         if self.deepspeed:  # its engine stepped inside backward; ZeRO skips non-finite gradients (norm inf)
             norm = self.model.get_global_grad_norm()
             norm = None if scaled or norm is None else torch.as_tensor(float(norm), device=acc.device)
@@ -481,14 +454,9 @@ class Engine:
         """``out_dir/model/``: consolidated from ZeRO shards (every rank takes part), EMA weights if enabled."""
         acc = self.acc
         self.refuse_nonfinite("before the export")
-        state = acc.get_state_dict(self.model) if self.ema is None else self.ema.module.state_dict()
-        if self.ema is None and self.deepspeed and self.compute_dtype != torch.float32:
-            masters = self._fp32_master_weights()  # a collective: every rank, although only rank 0 holds a state
-            if acc.is_main_process:
-                state.update(masters)
+        state = self.precision.export_state(acc, self.model, self.ema)
         path = self.out_dir / "model"
         if acc.is_main_process:
-            state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
             extra = {"random_init": self.recipe.random_init, "step": self.progress.step,
                      "weathers": self.weathers, **self.recipe.export_extra()}
             module, state = self.recipe.export_model(acc.unwrap_model(self.model), state)
@@ -511,23 +479,6 @@ class Engine:
         if not weights_finite(weights, self.acc.device, self.acc.num_processes):
             raise NonFiniteTraining(f"step {self.progress.step}: the weights are not finite; stopped {where}, "
                                     "nothing written since the last checkpoint")
-
-    def _fp32_master_weights(self) -> dict[str, torch.Tensor]:
-        """The trained weights as DeepSpeed's optimizer holds them, in fp32 (sharded: every rank
-        takes part). In 16-bit training its module holds only a rounded copy of each."""
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        full, rounded = {}, []
-        for name, p in self.acc.unwrap_model(self.model).named_parameters():
-            master = safe_get_full_fp32_param(p) if p.requires_grad else None
-            if master is None:
-                rounded.append(name)
-            elif self.acc.is_main_process:
-                full[name] = master.detach().cpu()
-        if rounded and self.acc.is_main_process:  # frozen inside the trained model, or no fp32 masters
-            log.warning("exported in %s, DeepSpeed holding no fp32 copy: %s", self.compute_dtype, ", ".join(rounded[:5])
-                        + (f" and {len(rounded) - 5} more" if len(rounded) > 5 else ""))
-        return full
 
     def rank_checksums(self) -> list[str]:
         """A hash of every rank's trained parameters and floating buffers (batch norm's
@@ -554,39 +505,3 @@ class Engine:
                                "nonfinite_steps_skipped": int(self.nonfinite.skipped.item()),
                                "rank_checksums": checksums})
 
-
-def ema_of(model: torch.nn.Module, decay: float) -> AveragedModel:
-    """An exponential moving average of ``model``'s weights and buffers (torch's AveragedModel),
-    kept in the precision it starts in. Under DeepSpeed the trained module itself holds 16-bit
-    weights (the fp32 master copy is sharded in its optimizer): each update casts them to the
-    average's precision, which torch's in-place lerp will not do."""
-    return _EMA(model, decay)
-
-
-class _EMA(AveragedModel):
-    """AveragedModel's EMA over weights that may be 16-bit against fp32 averages. Its grouped
-    (foreach) update pairs bf16 weights with fp32 averages but refuses fp16 ones (DeepSpeed's fp16
-    module): with fp16 weights it updates tensor by tensor."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        lerp = get_ema_multi_avg_fn(decay)
-
-        def grouped(averaged, current, num_averaged):
-            lerp(averaged, [c.to(a.dtype) for a, c in zip(averaged, current)], num_averaged)
-
-        def one(averaged, current, num_averaged):
-            if not averaged.is_floating_point():  # as the grouped update treats integer buffers
-                return averaged * decay + current * (1 - decay)
-            return averaged.lerp(current.to(averaged.dtype), 1 - decay)
-
-        super().__init__(model, multi_avg_fn=grouped, use_buffers=True)
-        self.grouped, self.avg_fn = grouped, one
-
-    def update_parameters(self, model: torch.nn.Module) -> None:
-        fp16 = any(p.dtype == torch.float16 for p in model.parameters())
-        self.multi_avg_fn = None if fp16 else self.grouped  # AveragedModel takes avg_fn when this is None
-        super().update_parameters(model)
-
-
-def module_is_float(module: torch.nn.Module) -> bool:
-    return any(p.is_floating_point() for p in module.parameters())

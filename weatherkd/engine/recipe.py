@@ -5,41 +5,38 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from weatherkd.precision import Helper
+
 
 class Recipe:
     """Subclass per stage. The engine owns everything else: devices, precision, the loop,
     checkpoints, validation, tracking and export.
 
     - ``model``: the network being trained (built with ``weatherkd.models.build``).
-    - ``frozen``: helpers that are never trained (teacher, CLIP towers, history model, VQ encoder).
-      The engine moves them to the device and compute dtype, freezes them, keeps them in eval mode
-      and leaves them out of ``accelerator.prepare``.
-    - ``averaged``: the frozen helpers that average the model's weights into themselves (a history
-      model). They stay in fp32 whatever the compute dtype: a bf16 average would round each
-      update, its checkpoint would depend on the precision, and torch's in-place lerp refuses an
-      fp32 model averaged into a bf16 copy. Under autocast their forward still runs in the compute
-      dtype.
-    - ``bundled``: the frozen helpers the export bundles with the model (a CLIP tower). Before the
-      engine casts them to a 16-bit compute dtype, it keeps their weights as loaded (on the main
-      process's CPU), so that the export does not ship a rounded copy: ``bundled_state(name)``.
+    - ``helpers``: the models it runs beside it and never trains (teacher, CLIP towers, history
+      model, VQ encoder), each with its role (``precision.Helper``: frozen, averaged into, or
+      bundled with the export). The engine places them by ``precision.Precision`` (device, dtype,
+      frozen, eval mode) and leaves them out of ``accelerator.prepare``.
+    - ``frozen``: the helpers' modules by name, for the recipe's steps.
     - ``random_init``: True when a pretrained tower was replaced by random weights; every
       result this run writes says so.
     """
 
     model: nn.Module
-    frozen: dict[str, nn.Module]
-    averaged: tuple[str, ...] = ()
-    bundled: tuple[str, ...] = ()
+    helpers: dict[str, Helper]
     random_init: bool = False
 
-    def __init__(self, model: nn.Module, frozen: dict[str, nn.Module] | None = None):
+    def __init__(self, model: nn.Module, helpers: dict[str, Helper] | None = None):
         self.model = model
-        self.frozen = frozen or {}
-        self.loaded_weights: dict[str, dict[str, torch.Tensor]] = {}  # see ``bundled``
+        self.helpers = helpers or {}
+
+    @property
+    def frozen(self) -> dict[str, nn.Module]:
+        return {name: h.module for name, h in self.helpers.items()}
 
     def bundled_state(self, name: str) -> dict[str, torch.Tensor]:
         """A bundled helper's weights for the export: as loaded, not the compute-dtype copy."""
-        return self.loaded_weights.get(name) or self.frozen[name].state_dict()
+        return self.helpers[name].export_state()
 
     def step(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
         """Named losses for one micro-batch; ``"loss"`` is the total that is backpropagated."""
@@ -52,7 +49,7 @@ class Recipe:
     def validate(self, model: nn.Module, loader, accelerator, to_device) -> dict | None:
         """A stage whose model does not restore images scores itself here (every rank takes part)
         and returns its metrics. None, the default: the engine's PSNR/SSIM validation of ``predict``.
-        Its forward passes go under ``placement.autocast(accelerator)``, as the steps do (frozen helpers are
+        Its forward passes go under ``precision.autocast(accelerator)``, as the steps do (frozen helpers are
         in the compute dtype); its scores outside it, where bf16 would round near-ties together."""
         return None
 

@@ -11,7 +11,7 @@ from accelerate.utils import gather_object
 
 from weatherkd.data import stream
 from weatherkd.metrics import psnr_batch, quantize, ssim_batch
-from weatherkd.placement import autocast
+from weatherkd.precision import autocast
 
 
 def _rows(batch: dict, pred: torch.Tensor, weathers: list[str], protocol: str,

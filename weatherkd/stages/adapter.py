@@ -29,7 +29,7 @@ from weatherkd.data.shards import open_set
 from weatherkd.engine import Engine, Recipe
 from weatherkd.models import clip
 from weatherkd.models.prompt_adapter import pooled
-from weatherkd.placement import autocast
+from weatherkd.precision import Helper, autocast
 
 
 @dataclass
@@ -90,15 +90,14 @@ def supcon(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.T
 
 
 class AdapterRecipe(Recipe):
-    bundled = ("clip_image",)  # users load tower, head and prompts as one model
-
     def __init__(self, cfg: Config):
         self.cfg, m, p = cfg, cfg.model, cfg.prompt
         tower, self.random_init = clip.create(m.clip, m.allow_random_init, "model.clip")
         encoder = clip.ImagePrior(tower)
         head = models.build(m.arch, clip_width=encoder.width, tokens=p.tokens, width=p.width, hidden=p.hidden,
                             **m.kwargs)
-        super().__init__(head, {"clip_image": encoder})
+        # bundled: users load tower, head and prompts as one model
+        super().__init__(head, {"clip_image": Helper(encoder, "bundled")})
         self.weathers = open_set(cfg.data.train_shards).weathers
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.weather_prompts = torch.zeros(len(self.weathers), p.tokens, p.width)

@@ -31,11 +31,12 @@ from torch.autograd.profiler import record_function
 
 from weatherkd import models
 from weatherkd.config import ModelConfig, StageConfig
-from weatherkd.engine import Engine, Recipe, ema_of
+from weatherkd.engine import Engine, Recipe
 from weatherkd.errors import UserError
 from weatherkd.logs import get_logger
 from weatherkd.losses import distill as D
 from weatherkd.models.fusion import frozen_copy
+from weatherkd.precision import DTYPES, Helper, ema_of
 from weatherkd.stages.job import check_taught_by
 
 log = get_logger(__name__)
@@ -66,6 +67,11 @@ class DCKDConfig:
     # intermediates). Needs a C/C++ compiler and Python's headers (a probe build checks before
     # the run starts); each process's first step compiles.
     compile: bool = False
+
+    @property
+    def copy_dtype(self) -> torch.dtype | None:
+        """The dtype of the history model's and VQ's copies that run the negatives; None: no copies."""
+        return None if self.frozen_precision == "train" else DTYPES[self.frozen_precision]
 
 
 @dataclass
@@ -164,13 +170,11 @@ def init_student(path: str) -> torch.nn.Module:
 
 
 class DistillRecipe(Recipe):
-    averaged = ("history",)
-
     def __init__(self, cfg: Config):
         self.cfg = cfg
         student = init_student(cfg.init) if cfg.init else \
             models.build(cfg.model.arch, **cfg.model.arch_kwargs())
-        frozen = {}
+        helpers = {}
         # A set taught by this teacher (`weatherkd teach`, or dreamed/synthesised with it) carries its
         # outputs: the teacher is not even loaded. A set made by another teacher is refused.
         self.cached_teacher = False
@@ -179,15 +183,15 @@ class DistillRecipe(Recipe):
                 raise UserError("teacher is not set: give an exported model directory")
             self.cached_teacher = check_taught_by(cfg.data.train_shards, cfg.teacher)
             if loads_teacher(cfg, self.cached_teacher):
-                frozen["teacher"] = _load(cfg.teacher, "teacher")
+                helpers["teacher"] = Helper(_load(cfg.teacher, "teacher"))
             self.random_init = bool(models.verify(cfg.teacher).get("random_init", False))
         if cfg.objective == "dckd":
-            frozen["vq"] = _load(cfg.vq, "vq")
-            levels = len(frozen["vq"].features(torch.zeros(1, 3, 16, 16)))
+            helpers["vq"] = Helper(_load(cfg.vq, "vq"))
+            levels = len(helpers["vq"].module.features(torch.zeros(1, 3, 16, 16)))
             if len(cfg.dckd.level_weights) != levels:
                 raise UserError(f"dckd.level_weights has {len(cfg.dckd.level_weights)} entries; the VQ has {levels} levels")
-            frozen["history"] = ema_of(copy.deepcopy(student), cfg.history.decay)
-        super().__init__(student, frozen)
+            helpers["history"] = Helper(ema_of(copy.deepcopy(student), cfg.history.decay), "averaged")
+        super().__init__(student, helpers)
         self.history_updates = 0
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self._bf16_copies: dict[str, torch.nn.Module] = {}
@@ -251,14 +255,14 @@ class DistillRecipe(Recipe):
         with torch.no_grad():
             with record_function("distill/dckd_negatives"):
                 negatives = [x] + [D.degrade(x, kind, teacher, self.generator) for kind in c.negatives]
-            if c.frozen_precision == "bf16":
+            if c.copy_dtype is not None:
                 # bf16 copies, batch norm folded: one pass less per layer, and with the engine's
                 # autocast off for them, no casts per call (under fp16 mixed precision it would
                 # recast their weights). The features stay bf16; the contrastive term promotes them
                 # as it subtracts.
                 history_bf16, vq_bf16 = self.frozen_bf16("history", history.module), self.frozen_bf16("vq", vq)
                 with record_function("distill/dckd_history"), torch.autocast(x.device.type, enabled=False):
-                    restored = history_bf16(torch.cat(negatives).to(torch.bfloat16)).clamp(0, 1)
+                    restored = history_bf16(torch.cat(negatives).to(c.copy_dtype)).clamp(0, 1)
                 with record_function("distill/dckd_vq_frozen"):
                     with torch.autocast(x.device.type, enabled=False):
                         neg_levels = vq_bf16.features(restored)
@@ -288,7 +292,7 @@ class DistillRecipe(Recipe):
         after each history update."""
         if name not in self._bf16_copies:
             channels_last = self.cfg.train.channels_last
-            self._bf16_copies[name] = frozen_copy(module, torch.bfloat16, channels_last)
+            self._bf16_copies[name] = frozen_copy(module, self.cfg.dckd.copy_dtype, channels_last)
         return self._bf16_copies[name]
 
     # -- the history model -------------------------------------------------------
@@ -306,7 +310,7 @@ class DistillRecipe(Recipe):
         with torch.no_grad(), record_function("distill/history_update"):
             self.frozen["history"].update_parameters(ema_model if ema_model is not None else model)
             self._bf16_copies.pop("history", None)
-            if self.cfg.dckd.frozen_precision == "bf16":  # remade here, so the update's label holds its cost
+            if self.cfg.dckd.copy_dtype is not None:  # remade here, so the update's label holds its cost
                 self.frozen_bf16("history", self.frozen["history"].module)
         self.history_updates += 1
 

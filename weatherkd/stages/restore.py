@@ -36,7 +36,8 @@ from weatherkd.io import atomic_write_bytes
 from weatherkd.logs import get_logger, progress
 from weatherkd.models import deployed
 from weatherkd.models.tiling import default_tiling, tiled
-from weatherkd.placement import dtype_named, place
+from weatherkd.placement import place
+from weatherkd.precision import dtype_named
 
 log = get_logger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from weatherkd import models
-from weatherkd.placement import dtype_named
+from weatherkd.precision import dtype_named
 from weatherkd.stages.job import ShardedJob, SliceConfig, sample_seed, teacher_hash
 from weatherkd.data.samples import decode_member, encode_sample, to_uint8
 from weatherkd.data.shards import open_set

@@ -23,6 +23,7 @@ from weatherkd.engine import Engine, Recipe
 from weatherkd.logs import get_logger
 from weatherkd.losses import restoration as L
 from weatherkd.models import clip, feature_stats
+from weatherkd.precision import Helper
 
 log = get_logger(__name__)
 
@@ -80,32 +81,30 @@ class Config(StageConfig):
 
 
 class TeacherRecipe(Recipe):
-    bundled = ("clip_image",)  # the exported teacher runs on images alone
-
     def __init__(self, cfg: Config):
         self.cfg, m, loss = cfg, cfg.model, cfg.loss
         self.weathers = open_set(cfg.data.train_shards).weathers
         self.pixel = L.PIXEL[loss.pixel]
-        frozen, self.text_features = {}, None
+        helpers, self.text_features = {}, None
         random_init = False
         if m.arch == "clipweather":
             image_model, random_init = clip.create(m.clip.image, m.allow_random_init, "model.clip.image")
-            frozen["clip_image"] = clip.ImagePrior(image_model)
+            helpers["clip_image"] = Helper(clip.ImagePrior(image_model), "bundled")  # the export runs on images alone
             if loss.w_text > 0:
                 self.text_features = clip.text_features(image_model, m.clip.image.name,
                                                         clip.weather_prompts(self.weathers))
             if loss.w_srd > 0:
                 rn_model, rn_random = clip.create(m.clip.residual, m.allow_random_init, "model.clip.residual")
-                frozen["clip_residual"] = clip.ResidualFeatures(rn_model)
+                helpers["clip_residual"] = Helper(clip.ResidualFeatures(rn_model))
                 random_init = random_init or rn_random
             text_dim = image_model.text_projection.shape[1] if hasattr(image_model, "text_projection") else 512
-            net = models.build("clipweather_net", prior_dim=frozen["clip_image"].width, text_dim=int(text_dim),
+            net = models.build("clipweather_net", prior_dim=helpers["clip_image"].module.width, text_dim=int(text_dim),
                                **m.arch_kwargs())
         else:
             net = models.build(m.arch, **m.arch_kwargs())
         if loss.w_perceptual > 0:
-            frozen["vgg"] = L.Perceptual(loss.vgg_weights)
-        super().__init__(net, frozen)
+            helpers["vgg"] = Helper(L.Perceptual(loss.vgg_weights))
+        super().__init__(net, helpers)
         self.random_init = random_init
 
     @torch.no_grad()

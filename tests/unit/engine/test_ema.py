@@ -1,4 +1,4 @@
-"""`engine.ema_of`: torch's AveragedModel as the EMA (and DCKD's history model), fed weights in
+"""`precision.ema_of`: torch's AveragedModel as the EMA (and DCKD's history model), fed weights in
 whatever precision the trained module holds them: fp32 under DDP, bf16 or fp16 under DeepSpeed."""
 
 import copy
@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from weatherkd.engine import ema_of
+from weatherkd.precision import ema_of
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

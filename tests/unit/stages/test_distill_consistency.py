@@ -173,14 +173,14 @@ def test_from_a_cached_set_consistency_loads_the_teacher_and_plan_counts_it(teac
         recipe = distill.DistillRecipe(cfg)
         assert recipe.cached_teacher and ("teacher" in recipe.frozen) == held
         planned = planned_models("distill", cfg)
-        assert ("teacher" in planned.frozen) == held
+        assert ("teacher" in planned.held) == held
         assert any("caches the teacher's outputs" in n for n in planned.notes)
         if held:  # the kd term still reads the cache; only the consistency term runs the teacher
             x, cached = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
             assert torch.equal(recipe.teacher_output({"input": x, "teacher": cached}), cached)
     online = C.load(distill.Config, "configs/distill/demo.yaml", ["objective=kd", f"teacher={random_teacher}",
                                                                    f"data.train_shards={paired}"])
-    assert "teacher" in planned_models("distill", online).frozen  # not cached: counted, as before
+    assert "teacher" in planned_models("distill", online).held  # not cached: counted, as before
 
 
 @pytest.mark.parametrize("objective,cached", [("kd", False), ("dckd", True)])
