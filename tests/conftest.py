@@ -158,7 +158,7 @@ def make_set(path: Path, counts: dict[tuple[str, str], int], size: int = 12, sha
 def dreamer(teacher, tmp_path, *overrides):
     """`weatherkd dream`'s Dreamer on the demo config, small."""
     from weatherkd import config as cfgmod
-    from weatherkd.stages import dream
+    from weatherkd.jobs import dream
 
     cfg = cfgmod.load(dream.Config, "configs/dream/demo.yaml",
                       [f"teacher={teacher}", f"out_dir={tmp_path / 'dream'}", "size=32", "batch_size=6",

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from conftest import FP16_REFUSAL, accelerate_launch, assert_one_line_refusal, refuses_fp16, run_cli
 from rounding import gamma, roundings_through
 from weatherkd.losses import distill as D
-from weatherkd.stages.distill import compiler_missing
+from weatherkd.recipes.distill import compiler_missing
 
 
 
@@ -51,7 +51,7 @@ def test_dckd_under_ddp_resumes_with_all_kd_state(kd_inputs, tmp_path):
     assert metrics["ranks_in_sync"] and metrics["world_size"] == 2 and metrics["random_init"] is True
     assert set(metrics["weathers"]) == {"rain_haze", "raindrop", "snow"}
     # The history model is in the checkpoint: 4 updates at s=1 (steps 1-4), then s=2 (steps 6, 8).
-    from weatherkd.stages.distill import Config, DistillRecipe
+    from weatherkd.recipes.distill import Config, DistillRecipe
     from weatherkd import config as C
 
     cfg = C.load(Config, "configs/distill/demo.yaml", [f"teacher={teacher}", f"vq={vq}",
@@ -101,7 +101,7 @@ def test_dckd_in_16_bit_mixed_precision_updates_its_history_model_in_fp32(kd_inp
 
 def test_frozen_parts_build_no_graph_and_targetless_tars_work(kd_inputs):
     shards, teacher, vq = kd_inputs
-    from weatherkd.stages.distill import Config, DistillRecipe
+    from weatherkd.recipes.distill import Config, DistillRecipe
     from weatherkd import config as C
 
     cfg = C.load(Config, "configs/distill/demo.yaml", [f"teacher={teacher}", f"vq={vq}"])
@@ -185,7 +185,7 @@ def test_frozen_parts_build_no_graph_and_targetless_tars_work(kd_inputs):
 
 
 def test_bench_kd_overhead_times_the_engines_real_step_online_and_cached(kd_inputs):
-    from weatherkd import bench
+    from weatherkd.commands import bench
 
     shards, teacher, vq = kd_inputs
     out = bench.BENCHES["kd-overhead"](["--steps", "1", "--warmup", "1", "--teach-shards", "1", "--profile-steps", "1",
@@ -225,7 +225,7 @@ def test_compiled_dckd_terms_are_the_eager_ones(kd_inputs):
     shards, teacher, vq = kd_inputs
     from weatherkd import config as C
     from weatherkd import models
-    from weatherkd.stages.distill import Config, DistillRecipe
+    from weatherkd.recipes.distill import Config, DistillRecipe
 
     torch.manual_seed(0)
     shapes, weights = [(2, 4, 8, 8), (2, 8, 4, 4)], [0.25, 1.0]

@@ -11,7 +11,7 @@ from conftest import accelerate_launch, make_set, run_cli, refused
 from weatherkd import metrics, models
 from weatherkd.commands import report
 from weatherkd.errors import UserError
-from weatherkd.stages import evaluate
+from weatherkd.commands import evaluate
 from weatherkd.data.check import iter_tar
 from weatherkd.data.samples import decode_sample
 from weatherkd.data.shards import open_set

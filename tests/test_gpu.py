@@ -125,7 +125,7 @@ def test_restore_on_the_gpu_in_half_precision(tmp_path):
 
     from weatherkd import models
     from weatherkd.data import image_files
-    from weatherkd.stages import restore
+    from weatherkd.commands import restore
 
     torch.manual_seed(0)
     net = models.build("unet_bn", size="tiny")

@@ -9,7 +9,7 @@ import torch
 from conftest import accelerate_launch, make_set
 from weatherkd import config as cfgmod
 from weatherkd import cost, models
-from weatherkd.stages import prune
+from weatherkd.commands import prune
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,9 @@ from weatherkd import models
 from weatherkd.data import image_files
 from weatherkd.errors import UserError
 from weatherkd.models import pruned
-from weatherkd.stages import export, prune, restore
+from weatherkd.commands import export
+from weatherkd.commands import prune
+from weatherkd.commands import restore
 
 
 def photo(h, w, seed=0, c=3, dtype=np.uint8):

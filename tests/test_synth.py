@@ -105,7 +105,7 @@ def test_a_job_killed_mid_shard_resumes_to_an_identical_set(parts, reference, tm
 
 def test_bad_settings_are_clear_errors(parts, tmp_path):
     from weatherkd import config as cfgmod
-    from weatherkd.stages import synth
+    from weatherkd.jobs import synth
 
     # Checked when the config loads, before anything is built:
     for extra, message in [(["strength=0.1", "steps=4"], "runs no denoising step"),
@@ -167,7 +167,7 @@ def test_clean_images_read_straight_from_tar_offsets(parts):
     from weatherkd.data.check import iter_tar
     from weatherkd.data.samples import decode_sample
     from weatherkd.data.shards import open_set
-    from weatherkd.stages.synth import CleanImages, _square
+    from weatherkd.jobs.synth import CleanImages, _square
 
     clean = CleanImages(str(parts["clean"]), "train", 0)
     shard_set = open_set(parts["clean"])

@@ -15,9 +15,9 @@ from weatherkd.data.check import iter_tar
 from weatherkd.data.samples import decode_image
 from weatherkd.data.shards import open_set
 from weatherkd.errors import UserError
-from weatherkd.stages import distill
-from weatherkd.stages import teach as teach_stage
-from weatherkd.stages.job import teacher_hash
+from weatherkd.recipes import distill
+from weatherkd.jobs import teach as teach_stage
+from weatherkd.jobs.runner import teacher_hash
 
 
 @pytest.fixture(scope="module")

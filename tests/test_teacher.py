@@ -13,7 +13,7 @@ from weatherkd.models import feature_stats
 
 
 def test_frozen_towers_build_no_autograd_graph(tmp_path, builtin_set):
-    from weatherkd.stages.teacher import Config, TeacherRecipe
+    from weatherkd.recipes.teacher import Config, TeacherRecipe
     from weatherkd import config as C
 
     cfg = C.load(Config, "configs/teacher/demo.yaml", [f"data.train_shards={builtin_set}"])

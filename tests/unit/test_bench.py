@@ -2,7 +2,7 @@
 
 import pytest
 
-from weatherkd import bench
+from weatherkd.commands import bench
 from weatherkd.errors import UserError
 
 

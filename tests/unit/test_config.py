@@ -79,7 +79,7 @@ def test_shipped_configs_load(tmp_path):
                                           ":1:7: invalid YAML: could not determine a constructor")])
 def test_malformed_yaml_names_file_line_and_column(tmp_path, text, where):
     from weatherkd import config as cfgmod
-    from weatherkd.stages.teacher import Config
+    from weatherkd.recipes.teacher import Config
 
     marker = tmp_path / "PWNED"
     config = tmp_path / "bad.yaml"
@@ -92,7 +92,7 @@ def test_malformed_yaml_names_file_line_and_column(tmp_path, text, where):
 
 def test_cross_key_checks_run_for_configs_built_in_code_and_after_the_last_override(tmp_path):
     from weatherkd.errors import UserError
-    from weatherkd.stages import teacher
+    from weatherkd.recipes import teacher
 
     with pytest.raises(UserError, match="decay_every"):
         C.StageConfig(train=C.TrainConfig(schedule="step"))

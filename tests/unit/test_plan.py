@@ -7,7 +7,7 @@ import sys
 import torch
 from torch import nn
 
-from weatherkd import plan
+from weatherkd.commands import plan
 
 
 def test_saved_activations_are_counted_once_per_storage_and_scale_with_batch():
@@ -62,8 +62,8 @@ def test_dckd_bf16_negatives_count_their_copies():
     exported) beside the fp32 ones: the plan counts it, 2 bytes a parameter."""
     from weatherkd import config as C
     from weatherkd import cost
-    from weatherkd.plan import planned_models
-    from weatherkd.stages.distill import Config
+    from weatherkd.commands.plan import planned_models
+    from weatherkd.recipes.distill import Config
 
     for precision, want in (("train", False), ("bf16", True)):
         cfg = C.load(Config, "configs/distill/demo.yaml", ["objective=dckd", f"dckd.frozen_precision={precision}",

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from weatherkd import config as C
-from weatherkd import plan
+from weatherkd.commands import plan
 from weatherkd.errors import UserError
 from weatherkd.precision import DTYPES, Helper, Precision, refuse_unrunnable
 
@@ -135,7 +135,7 @@ def test_plan_counts_a_helper_as_the_policy_places_it(mixed, role):
 
 @pytest.mark.parametrize("mixed", PRECISIONS)
 def test_plan_holds_the_ema_and_dckds_models_in_their_roles_dtypes(mixed):
-    from weatherkd.stages.distill import Config
+    from weatherkd.recipes.distill import Config
 
     cfg = C.load(Config, "configs/distill/demo.yaml", ["objective=dckd", "dckd.frozen_precision=bf16", "teacher=", "vq=",
                                                         "train.ema_decay=0.99", f"train.mixed_precision={mixed}"])

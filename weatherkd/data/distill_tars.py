@@ -3,7 +3,7 @@
 Sample ``k`` goes to shard ``j = k // shard_size``. Each shard is written to a temp file and
 renamed, then its sidecar ``<shard>.json`` (count, sha256, bytes); a shard with its sidecar is
 done. Whoever finds every sidecar present writes ``manifest.json``. Which task writes which shard
-is the job runner's business (``weatherkd.stages.job``).
+is the job runner's business (``weatherkd.jobs.runner``).
 """
 
 from __future__ import annotations

@@ -326,7 +326,7 @@ def _eval_key(summary: dict) -> dict:
 
 
 def eval_section(summary: dict, out_dir) -> str:
-    from weatherkd.stages.evaluate import markdown
+    from weatherkd.commands.evaluate import markdown
 
     key = _eval_key(summary)
     name = Path(key["shards"] or "?").name

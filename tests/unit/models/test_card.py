@@ -13,7 +13,7 @@ from conftest import make_set  # noqa: E402
 from weatherkd import models  # noqa: E402
 from weatherkd.io import sha256_file  # noqa: E402
 from weatherkd.models import card  # noqa: E402
-from weatherkd.stages import evaluate  # noqa: E402
+from weatherkd.commands import evaluate  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The D4IR adapter's contrastive loss and views, in process."""
 
 import torch
-from weatherkd.stages.adapter import content_changing_view, supcon
+from weatherkd.recipes.adapter import content_changing_view, supcon
 
 
 def test_supcon_and_content_changing_views():

@@ -13,8 +13,8 @@ from conftest import make_set
 from weatherkd import config as C
 from weatherkd import models
 from weatherkd.losses import distill as D
-from weatherkd.stages import distill
-from weatherkd.stages import teach as teach_stage
+from weatherkd.recipes import distill
+from weatherkd.jobs import teach as teach_stage
 
 ALL_COMBINATIONS = torch.tensor(list(itertools.product([False, True], repeat=4)))  # (16, 4)
 
@@ -162,7 +162,7 @@ def sets(teachers, tmp_path_factory):
 
 
 def test_from_a_cached_set_consistency_loads_the_teacher_and_plan_counts_it(teachers, sets):
-    from weatherkd.plan import planned_models
+    from weatherkd.commands.plan import planned_models
 
     _, random_teacher = teachers
     paired, taught = sets

@@ -7,7 +7,7 @@ from weatherkd import config as cfgmod
 from weatherkd import cost, models
 from weatherkd.errors import UserError
 from weatherkd.models import pruned
-from weatherkd.stages import prune
+from weatherkd.commands import prune
 
 
 def test_allocation_prunes_insensitive_groups_more_and_meets_the_target():

@@ -5,7 +5,8 @@ Three kinds:
 - ``job``: a sharded generation job writing distillation tars, config-driven;
 - ``command``: a plain function; ``prune`` is config-driven, the others parse their own flags.
 
-``cli.py``, ``bench.py``, ``demo.py`` and the tests read this table. Modules are imported only
+``cli.py``, ``commands.bench``, ``commands.demo`` and the tests read this table. The modules
+live by kind: ``recipes/`` (train), ``jobs/`` (job), ``commands/`` (command; ``shards`` is ``data.cli``). Modules are imported only
 when a stage is used, so ``weatherkd --help`` stays fast.
 """
 
@@ -40,27 +41,27 @@ class Stage:
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("shards", "command", "weatherkd.data.cli",
           "build, ingest, inspect and check WebDataset shard sets", False),
-    Stage("teacher", "train", "weatherkd.stages.teacher",
+    Stage("teacher", "train", "weatherkd.recipes.teacher",
           "train the CLIP-guided weather-removal teacher (DeepSpeed ZeRO)", True),
-    Stage("distill", "train", "weatherkd.stages.distill",
+    Stage("distill", "train", "weatherkd.recipes.distill",
           "distil a student from an exported teacher (KD / DCKD, DDP)", True),
-    Stage("vq", "train", "weatherkd.stages.vq", "train the VQ autoencoder used by DCKD", True),
-    Stage("adapter", "train", "weatherkd.stages.adapter", "train the D4IR degradation-prompt adapter", True),
-    Stage("synth", "job", "weatherkd.stages.synth",
+    Stage("vq", "train", "weatherkd.recipes.vq", "train the VQ autoencoder used by DCKD", True),
+    Stage("adapter", "train", "weatherkd.recipes.adapter", "train the D4IR degradation-prompt adapter", True),
+    Stage("synth", "job", "weatherkd.jobs.synth",
           "synthesise distillation tars with degradation-prompted Stable Diffusion", True),
-    Stage("dream", "job", "weatherkd.stages.dream", "synthesise distillation tars by inverting the teacher", True),
-    Stage("teach", "job", "weatherkd.stages.teach",
+    Stage("dream", "job", "weatherkd.jobs.dream", "synthesise distillation tars by inverting the teacher", True),
+    Stage("teach", "job", "weatherkd.jobs.teach",
           "cache the teacher's full-resolution outputs in a copy of a paired shard set, for kd/dckd", True),
-    Stage("prune", "command", "weatherkd.stages.prune",
+    Stage("prune", "command", "weatherkd.commands.prune",
           "adaptively prune a trained network into a student initialisation", True),
-    Stage("eval", "command", "weatherkd.stages.evaluate",
+    Stage("eval", "command", "weatherkd.commands.evaluate",
           "evaluate an exported model on a shard set (accelerate launch splits it)", False),
-    Stage("restore", "command", "weatherkd.stages.restore",
+    Stage("restore", "command", "weatherkd.commands.restore",
           "restore your own photos (files, folders, globs; any size) with a model folder or an exported file", False),
-    Stage("export", "command", "weatherkd.stages.export",
+    Stage("export", "command", "weatherkd.commands.export",
           "export a model to ONNX, checked against PyTorch on real photos", False),
-    Stage("bench", "command", "weatherkd.bench", "benchmarks, printed as JSON", False),
-    Stage("plan", "command", "weatherkd.plan",
+    Stage("bench", "command", "weatherkd.commands.bench", "benchmarks, printed as JSON", False),
+    Stage("plan", "command", "weatherkd.commands.plan",
           "memory per GPU of a training stage (DDP, ZeRO-1/2/3) and the largest micro-batch that fits", False),
     Stage("report", "command", "weatherkd.commands.report",
           "gather several runs into one comparison table (markdown + JSON) and a page of figures (HTML)", False),

@@ -225,8 +225,8 @@ def bench_kd_overhead(argv: list[str]) -> dict:
     from weatherkd import config as cfgmod
     from weatherkd import cost
     from weatherkd.engine.loop import Engine, Window
-    from weatherkd.stages import teach
-    from weatherkd.stages.distill import RECIPE, Config, compiler_missing
+    from weatherkd.jobs import teach
+    from weatherkd.recipes.distill import RECIPE, Config, compiler_missing
 
     p = argparse.ArgumentParser(prog="weatherkd bench kd-overhead")
     p.add_argument("--config", default="configs/distill/demo.yaml")
@@ -439,7 +439,7 @@ def bench_export(argv: list[str]) -> dict:
     each as a ratio to eager (above 1: faster than eager)."""
     from weatherkd import models
     from weatherkd.models import deployed
-    from weatherkd.stages import export
+    from weatherkd.commands import export
 
     p = argparse.ArgumentParser(prog="weatherkd bench export")
     p.add_argument("--model", required=True, help="exported model directory")

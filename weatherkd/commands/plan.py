@@ -119,8 +119,8 @@ def planned_models(stage: str, cfg) -> Planned:
             student = models.load(cfg.init)
         else:
             student = models.build(cfg.model.arch, **cfg.model.arch_kwargs())
-        from weatherkd.stages.distill import loads_teacher
-        from weatherkd.stages.job import check_taught_by
+        from weatherkd.recipes.distill import loads_teacher
+        from weatherkd.jobs.runner import check_taught_by
 
         held, notes, loaded = {}, [], {}
         # The teacher as the run holds it: not at all where the set caches its outputs, unless

@@ -3,7 +3,7 @@
 ``teacher.png``, ``prov.json``).
 
 Sample ``k`` is clean image ``k // W`` under weather ``k % W``. Sharding, slices (SLURM array
-tasks or ranks), atomic writes, resume and the manifest: the job runner, ``weatherkd.stages.job``.
+tasks or ranks), atomic writes, resume and the manifest: the job runner, ``weatherkd.jobs.runner``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from PIL import Image
 
 from weatherkd import models
 from weatherkd.precision import dtype_named
-from weatherkd.stages.job import ShardedJob, SliceConfig, sample_seed, teacher_hash
+from weatherkd.jobs.runner import ShardedJob, SliceConfig, sample_seed, teacher_hash
 from weatherkd.data.samples import decode_member, encode_sample, to_uint8
 from weatherkd.data.shards import open_set
 from weatherkd.config import RunConfig

@@ -12,7 +12,7 @@ so that the teacher's internal feature statistics match those recorded from it:
 
 Output is a distillation set: ``input.png`` (the dreamed image), ``teacher.png`` (the teacher's
 restoration: the only target there is) and ``prov.json``. Sharding, SLURM array slices, atomic
-writes and resume: the job runner, ``weatherkd.stages.job``.
+writes and resume: the job runner, ``weatherkd.jobs.runner``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from weatherkd import models
-from weatherkd.stages.job import ShardedJob, SliceConfig, sample_seed, teacher_hash
+from weatherkd.jobs.runner import ShardedJob, SliceConfig, sample_seed, teacher_hash
 from weatherkd.data.samples import encode_sample, to_uint8
 from weatherkd.config import RunConfig
 from weatherkd.errors import UserError

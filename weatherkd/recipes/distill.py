@@ -37,7 +37,7 @@ from weatherkd.logs import get_logger
 from weatherkd.losses import distill as D
 from weatherkd.models.fusion import frozen_copy
 from weatherkd.precision import DTYPES, Helper, ema_of
-from weatherkd.stages.job import check_taught_by
+from weatherkd.jobs.runner import check_taught_by
 
 log = get_logger(__name__)
 

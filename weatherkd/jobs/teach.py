@@ -30,7 +30,7 @@ from weatherkd.data.shards import open_set
 from weatherkd.errors import UserError
 from weatherkd.logs import get_logger
 from weatherkd.models.tiling import default_tiling, tiled
-from weatherkd.stages.job import ShardedJob, SliceConfig, teacher_hash
+from weatherkd.jobs.runner import ShardedJob, SliceConfig, teacher_hash
 
 log = get_logger(__name__)
 

@@ -1,0 +1,3 @@
+"""Sharded generation jobs that write distillation tars (synth, dream, teach), all run by one
+runner (`jobs.runner`): sliced by rank or SLURM array task, atomic shards, resumed by skipping
+finished shards."""
