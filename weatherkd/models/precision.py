@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +96,9 @@ def to_int8(fp32_path: Path, out_path: Path, calibration: Calibration, settings:
             return None if x is None else {"image": x}
 
     shared = out_path.with_name(out_path.name + ".unshared.onnx")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to pre-process, on the root logger: see the docstring above
     try:
         onnx.save(_unshare_initializers(onnx.load(str(fp32_path))), str(shared))
         quantize_static(str(shared), str(out_path), Reader(calibration.images),
@@ -106,6 +110,7 @@ def to_int8(fp32_path: Path, out_path: Path, calibration: Calibration, settings:
                         weight_type=getattr(QuantType, settings.weights))
     finally:
         shared.unlink(missing_ok=True)
+        root.setLevel(level)
     return split_ops(onnx.load(str(out_path)))
 
 

@@ -198,13 +198,15 @@ def _psnr(a, b) -> float:
 def _int8_quality(fp32, int8, photos, quality, measured: dict, max_drop: float, model_dir) -> dict:
     """The int8 graph's PSNR against the fp32 graph (on the check photos and the set's samples)
     and against the reference; refused when it is more than ``max_drop`` dB below fp32 there."""
-    vs_fp32 = [_psnr(int8._run(x), fp32._run(x)) for x in photos]
+    pairs = [(int8._run(x), fp32._run(x)) for x in photos]
+    vs_fp32 = [_psnr(a, b) for a, b in pairs]
     f32 = [(fp32._run(torch.from_numpy(x)), torch.from_numpy(ref)) for x, ref in quality]
     i8 = [int8._run(torch.from_numpy(x)) for x, _ in quality]
     psnr_fp32 = statistics.fmean(_psnr(y, ref) for y, ref in f32)
     psnr_int8 = statistics.fmean(_psnr(y, ref) for y, (_, ref) in zip(i8, f32))
     drop = psnr_fp32 - psnr_int8
     record = {"psnr_int8_vs_fp32_photos_db": vs_fp32,
+              "max_abs_error_vs_fp32_photos": [float((a - b).abs().max()) for a, b in pairs],
               "psnr_int8_vs_fp32_set_db": statistics.fmean(_psnr(y, y32) for y, (y32, _) in zip(i8, f32)),
               **measured, "psnr_fp32_db": psnr_fp32, "psnr_int8_db": psnr_int8, "drop_db": drop,
               "max_drop_db": max_drop}
@@ -277,7 +279,7 @@ def export(model_dir, fmt: str = "onnx", out=None, size=None, opset: int = OPSET
             calib, quality, measured = calibration
             ops = reduced.to_int8(fp32_path, tmp, calib, int8)
             runner = deployed.OnnxModel(tmp, torch.device("cpu"))
-            extra["quantization"] = {**asdict(int8), "calibration": calib.source, "ops": ops}
+            extra["quantization"] = {**asdict(int8), "op_types": list(int8.op_types), "calibration": calib.source, "ops": ops}
             extra["quality"] = _int8_quality(fp32, runner, images, quality, measured, max_psnr_drop, model_dir)
         elif precision == "fp16":
             extra["fp16"] = {**reduced.to_fp16(fp32_path, tmp)}
