@@ -511,7 +511,7 @@ def bench_export(argv: list[str]) -> dict:
                         "students and the allweather ones at real size)")
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 1024], help="image sides (big students: and 512)")
     p.add_argument("--calib-shards", default=None, help="int8 calibration set (default: crops of the shipped photos)")
-    p.add_argument("--min-time", type=float, default=1.0, help="seconds each timing runs at least (blocked_autorange)")
+    p.add_argument("--rounds", type=int, default=7, help="timed calls of each runner, taken in turn; the median counts")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (minutes per size on a small CPU)")
     a = p.parse_intermixed_args(argv)
     threads = torch.get_num_threads()
@@ -537,7 +537,7 @@ def bench_export(argv: list[str]) -> dict:
             runners = {"eager": model, "onnxruntime": deployed.OnnxModel(fp32_file, torch.device("cpu")),
                        "onnxruntime_int8": deployed.OnnxModel(int8_file, torch.device("cpu"))}
             sizes = sorted(set(a.sizes) | ({512} if big else set()))
-            entry = {"arch": spec["arch"], "kwargs": spec["kwargs"], "random_init": bool(spec.get("random_init")),
+            entry = {"arch": spec["arch"], "rounds": a.rounds, "kwargs": spec["kwargs"], "random_init": bool(spec.get("random_init")),
                      "onnx_max_abs_error": max(record["check"]["max_abs_error"]), "int8_ops": ops, "median_ms": {},
                      "speedup_over_eager": {}, "int8_over_onnxruntime": {}, "int8_psnr_vs_fp32_db": {}}
             for size in sizes:
@@ -551,12 +551,18 @@ def bench_export(argv: list[str]) -> dict:
                         timed["compile"] = compiled
                     except Exception as e:  # no compiler toolchain, or an op inductor cannot take: reported
                         result["not_run"][f"{name}@{size}/compile"] = " ".join(str(e).split())[:200] or type(e).__name__
-                ms = {}
                 with torch.no_grad():
+                    timers = {}
                     for runner_name, fn in timed.items():
                         fn(x)  # warm-up
-                        timer = benchmark.Timer("fn(x)", globals={"fn": fn, "x": x}, num_threads=threads)
-                        ms[runner_name] = timer.blocked_autorange(min_run_time=a.min_time).median * 1e3
+                        timers[runner_name] = benchmark.Timer("fn(x)", globals={"fn": fn, "x": x}, num_threads=threads)
+                    # Round robin, one call of each in turn: a shared machine's slow spells hit every
+                    # runner alike, and the median call ignores the spikes.
+                    calls: dict[str, list[float]] = {k: [] for k in timers}
+                    for _ in range(a.rounds):
+                        for runner_name, timer in timers.items():
+                            calls[runner_name].append(timer.timeit(1).median * 1e3)
+                    ms = {k: float(np.median(v)) for k, v in calls.items()}
                     int8_out, fp32_out = runners["onnxruntime_int8"](x), runners["onnxruntime"](x)
                 torch._dynamo.reset()  # the compiled graphs of this size are not needed again
                 key = str(size)

@@ -115,16 +115,17 @@ def to_int8(fp32_path: Path, out_path: Path, calibration: Calibration, settings:
 
 
 def split_ops(model) -> dict:
-    """Op types that run in int8 (a node fed by a DequantizeLinear of an activation and a
-    weight, or a QLinear op) and those that stay in float."""
+    """Op types that run in int8 (a QLinear op, or a node fed a dequantised activation and a
+    dequantised weight: onnxruntime fuses DQ→op→Q into its QLinear kernel) and those that stay in
+    float (op type -> count)."""
     producers = {o: n for n in model.graph.node for o in n.output}
+    weights = {i.name for i in model.graph.initializer}
     quantised, floating = collections.Counter(), collections.Counter()
     for node in model.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             continue
-        fed = [producers.get(i) for i in node.input if i]
-        if node.op_type.startswith("QLinear") or (fed and all(p is not None and p.op_type == "DequantizeLinear"
-                                                                for p in fed[:2])):
+        dq = [producers[i] for i in node.input if i in producers and producers[i].op_type == "DequantizeLinear"]
+        if node.op_type.startswith("QLinear") or (len(dq) >= 2 and any(d.input[0] in weights for d in dq)):
             quantised[node.op_type] += 1
         else:
             floating[node.op_type] += 1
