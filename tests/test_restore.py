@@ -15,8 +15,9 @@ from conftest import accelerate_launch, run_cli, refused
 from weatherkd import config as cfgmod
 from weatherkd import models
 from weatherkd.data import image_files
+from weatherkd.data.shards import open_set
 from weatherkd.errors import UserError
-from weatherkd.models import pruned
+from weatherkd.models import deployed, pruned
 from weatherkd.commands import export
 from weatherkd.commands import prune
 from weatherkd.commands import restore
@@ -204,15 +205,18 @@ def pruned_student(tmp_path):
     return models.save(small, tmp_path / "pruned", extra={"random_init": True})
 
 
-def test_export_to_onnx_matches_pytorch_for_every_student_arch(student, tmp_path):
+def random_nafnet(tmp_path):
     torch.manual_seed(0)
     naf = models.build("nafnet", size="tiny")
     for name, p in naf.named_parameters():  # NAFNet starts as the identity; make every block count
         if name.endswith(("beta", "gamma")):
             torch.nn.init.normal_(p, 0, 0.3)
     torch.nn.init.normal_(naf.ending[0].weight, 0, 0.02)
-    sources = {"unet_bn": student, "nafnet": models.save(naf, tmp_path / "naf", extra={"random_init": True}),
-               "pruned": pruned_student(tmp_path)}
+    return models.save(naf, tmp_path / "naf", extra={"random_init": True})
+
+
+def test_export_to_onnx_matches_pytorch_for_every_student_arch(student, tmp_path):
+    sources = {"unet_bn": student, "nafnet": random_nafnet(tmp_path), "pruned": pruned_student(tmp_path)}
     for arch, model_dir in sources.items():
         record = export.export(model_dir, "onnx", tmp_path / f"{arch}.onnx")
         onnx.checker.check_model(str(tmp_path / f"{arch}.onnx"), full_check=True)
@@ -261,3 +265,84 @@ def test_export_cli_record_and_restore_through_the_file(student, tmp_path):
 
     bad = refused("export", "--model", student, "--out", tmp_path / "x.txt")
     assert bad.returncode == 1 and "must end in .onnx" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("arch", ["unet_bn", "nafnet", "pruned"])
+def test_int8_export_records_its_quality_within_tolerance(arch, student, builtin_set, tmp_path):
+    model_dir = {"unet_bn": lambda: student, "nafnet": lambda: random_nafnet(tmp_path),
+                 "pruned": lambda: pruned_student(tmp_path)}[arch]()
+    out = tmp_path / f"{arch}-int8.onnx"
+    record = export.export(model_dir, "onnx", out, precision="int8", calib_shards=builtin_set, calib_samples=8)
+    assert json.loads((tmp_path / f"{arch}-int8.onnx.json").read_text()) == record
+    q, quant = record["quality"], record["quantization"]
+    assert record["precision"] == "int8" and quant["calibration"]["samples"] == 8
+    # builtin_set has a test split with targets: the drop is measured against ground truth there.
+    assert q["reference"] == "ground truth" and q["split"] == "test" and q["samples"] == open_set(builtin_set).count("test")
+    assert q["drop_db"] == pytest.approx(q["psnr_fp32_db"] - q["psnr_int8_db"]) and q["drop_db"] <= 0.2
+    assert len(q["psnr_int8_vs_fp32_photos_db"]) == len(export.CHECK_SIZES)
+    # The convolutions run in int8 (QDQ around them); the rest is named as float.
+    nodes = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= nodes and quant["ops"]["int8"].get("Conv", 0) > 0
+    assert quant["ops"]["float"] and "Conv" not in quant["ops"]["float"]
+    # The figures recorded are the graph's: recomputed here on the first photo.
+    photo = export.check_images(export.CHECK_SIZES[:1])[0]
+    got = deployed.load(out)(photo)
+    with torch.no_grad():
+        want = models.load(model_dir).eval()(photo)
+    assert abs(export._psnr(got, want) - q["psnr_int8_vs_fp32_photos_db"][0]) < 0.05  # fp32 graph vs PyTorch: 1e-4
+    assert f"{q['psnr_int8_db']:.2f} dB against ground truth" in (tmp_path / f"{arch}-int8.onnx.md").read_text()
+
+
+def test_int8_export_below_its_tolerance_is_refused_and_writes_nothing(student, builtin_set, tmp_path):
+    out = tmp_path / "s-int8.onnx"
+    bad = refused("export", "--model", student, "--out", out, "--precision", "int8", "--calib-shards", builtin_set,
+                  "--calib-samples", 4, "--max-psnr-drop", -100)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    line = [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1 and re.search(r"int8 graph of .* is -?\d+\.\d+ dB below fp32 against ground truth", line[0])
+    assert "allowed -100 (--max-psnr-drop). Nothing was written" in line[0]
+    assert list(tmp_path.iterdir()) == []  # no graph, record, card or temporary file
+    no_set = refused("export", "--model", student, "--out", out, "--precision", "int8")
+    assert no_set.returncode == 1 and "--precision int8 needs --calib-shards DIR" in no_set.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_restore_through_int8_and_fp16_graphs(student, builtin_set, tmp_path):
+    """int8: restoring the photos the export measured gives the fp32 model's images within the
+    recorded error (plus the fp32 graph's 1e-4 and 8-bit rounding); through tiles too. fp16: the
+    graph really holds fp16, takes float32, and matches PyTorch within its recorded tolerance."""
+    int8 = tmp_path / "s-int8.onnx"
+    record = export.export(student, "onnx", int8, precision="int8", calib_shards=builtin_set, calib_samples=8)
+    bound = max(record["quality"]["max_abs_error_vs_fp32_photos"]) + export.TOLERANCE
+    photos = export.check_images(export.CHECK_SIZES)
+    (tmp_path / "in").mkdir()
+    for i, x in enumerate(photos):
+        img = x[0].permute(1, 2, 0).numpy()
+        assert np.abs(np.round(img * 255) / 255 - img).max() < 1e-6  # 8-bit photos: the PNG is the same image
+        Image.fromarray(np.round(img * 255).astype(np.uint8)).save(tmp_path / "in" / f"{i}.png")
+    for model, dest in ((student, "torch"), (int8, "int8")):
+        restore.restore(model, [str(tmp_path / "in")], tmp_path / dest)
+        restore.restore(model, [str(tmp_path / "in")], tmp_path / f"{dest}-tiled", tile=64, overlap=16)
+    for i in range(len(photos)):
+        a = np.asarray(Image.open(tmp_path / "torch" / f"{i}.png")).astype(float)
+        b = np.asarray(Image.open(tmp_path / "int8" / f"{i}.png")).astype(float)
+        assert np.abs(a - b).max() <= bound * 255 + 1
+        # Tiled, each tile is another input than the photo the bound was measured on: on average
+        # within it (each output pixel is a blend of tiles' outputs).
+        a = np.asarray(Image.open(tmp_path / "torch-tiled" / f"{i}.png")).astype(float)
+        b = np.asarray(Image.open(tmp_path / "int8-tiled" / f"{i}.png")).astype(float)
+        assert a.shape == (*photos[i].shape[-2:], 3) and np.abs(a - b).mean() <= bound * 255 + 1
+
+    fp16 = tmp_path / "s-fp16.onnx"
+    record = export.export(student, "onnx", fp16, precision="fp16")
+    check = record["fp16"]
+    assert max(check["max_abs_error_vs_fp32"]) <= check["tolerance"] == export.FP16_TOLERANCE
+    graph = onnx.load(str(fp16)).graph
+    assert {i.data_type for i in graph.initializer if i.dims and i.dims[0] > 1} == {onnx.TensorProto.FLOAT16}
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # called like the fp32 graph
+    net = models.load(student).eval()
+    with torch.no_grad():
+        for x in photos:
+            assert (deployed.load(fp16)(x) - net(x)).abs().max() <= export.FP16_TOLERANCE + export.TOLERANCE
+    restore.restore(fp16, [str(tmp_path / "in")], tmp_path / "fp16", tile=64, overlap=16)
+    assert len(list((tmp_path / "fp16").iterdir())) == len(photos)

@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="a fixed-shape graph (default: dynamic batch, height and width)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16"],
+                   help="int8: static quantisation for CPUs (needs --calib-shards); fp16: for GPUs")
+    p.add_argument("--calib-shards", default=None, help="int8: a shard set (any kind) to calibrate on and measure with")
+    p.add_argument("--calib-samples", type=int, default=32, help="int8: calibration samples (default 32)")
+    p.add_argument("--max-psnr-drop", type=float, default=0.2,
+                   help="int8: refuse a graph more than this many dB below fp32 against ground truth (default 0.2)")
 
     p = sub.add_parser("bench", help=stages.get("bench").help)
     p.add_argument("what", choices=stages.BENCH_NAMES, help="which benchmark")

@@ -8,7 +8,7 @@ is one process, DDP or DeepSpeed ZeRO; the loop reads the same either way:
     lock out_dir -> build -> resume -> [step -> log -> validate -> checkpoint -> preempted?]* -> export
 
 Sharded generation jobs (synth, dream) are not trained: they share the job runner in
-``weatherkd.jobs.runner``. prune, eval, report and bench are commands (``weatherkd.stages``).
+``weatherkd.jobs.runner``. prune, eval, report and bench are commands (``weatherkd.commands``).
 """
 
 from __future__ import annotations

@@ -400,8 +400,10 @@ def export_copy(model_dir, out_file, record: dict) -> Path:
         f"| parity | max abs error {max(check['max_abs_error']):.2e} (allowed {check['tolerance']:g}) against PyTorch "
         f"in fp32 on {len(check['sizes'])} real photos ({', '.join('×'.join(map(str, s)) for s in check['sizes'])}); "
         f"onnx.checker {check['onnx_checker']}; {check['runtime']} |",
+        *_precision_rows(record),
         f"| latency at {'×'.join(map(str, lat['size']))} | PyTorch eager {lat['torch_eager_ms']:.1f} ms, onnxruntime "
-        f"{lat['onnxruntime_ms']:.1f} ms (this machine, at export) |",
+        f"{lat['onnxruntime_ms']:.1f} ms" + (f" (its fp32 graph {lat['onnxruntime_fp32_ms']:.1f} ms)"
+                                              if "onnxruntime_fp32_ms" in lat else "") + " (this machine, at export) |",
         f"| tiling | tiles of {record['tile']}, overlap {record['tile_overlap']} |",
         f"| record | `{out_file.name}.json` |", "",
         "```bash", f"weatherkd restore --model {out_file} photos/ --out restored/", "```", "",
@@ -411,6 +413,24 @@ def export_copy(model_dir, out_file, record: dict) -> Path:
     dest = card_beside(out_file)
     atomic_write_text(dest, join_front_matter(meta, body))
     return dest
+
+
+def _precision_rows(record: dict) -> list[str]:
+    """The int8 graph's quality, or the fp16 graph's parity, against the fp32 graph checked above."""
+    if "quality" in record:
+        q, ops = record["quality"], record["quantization"]["ops"]
+        return [f"| precision | int8 ({record['quantization']['format']}, calibrated on "
+                f"{record['quantization']['calibration']['samples']} samples); in int8: "
+                f"{', '.join(f'{k} ×{v}' for k, v in ops['int8'].items())}; in float: "
+                f"{', '.join(f'{k} ×{v}' for k, v in ops['float'].items())} |",
+                f"| quality | {q['psnr_int8_db']:.2f} dB against {q['reference']} ({q['drop_db']:+.3f} dB below fp32's "
+                f"{q['psnr_fp32_db']:.2f}; allowed {q['max_drop_db']:g}) on {q['samples']} {q['split']} samples; "
+                f"{min(q['psnr_int8_vs_fp32_photos_db']):.1f} dB or more against fp32 on the photos |"]
+    if "fp16" in record:
+        f = record["fp16"]
+        return [f"| precision | fp16: max abs error {max(f['max_abs_error_vs_fp32']):.2e} against fp32 (allowed "
+                f"{f['tolerance']:g}), {min(f['psnr_vs_fp32_photos_db']):.1f} dB or more on the photos |"]
+    return []
 
 
 def card_beside(out_file) -> Path:

@@ -1,6 +1,7 @@
 """Exported graphs (``weatherkd export``), run like the PyTorch model they came from.
 
-``FILE.onnx`` runs through onnxruntime. It is called on a (B, 3, H, W) float tensor and returns
+``FILE.onnx`` runs through onnxruntime, whatever its precision (fp32, int8, fp16: all take and
+return float32). It is called on a (B, 3, H, W) float tensor and returns
 one, so tiling and the restore loop treat it like any model. ``FILE.json`` beside the file (written by the export) says what the model was,
 how it was checked and how to tile it.
 """
@@ -76,6 +77,9 @@ class OnnxModel(Deployed):
         super().__init__(path)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
+        # Idle workers sleep instead of spinning: restore decodes and writes in threads beside the
+        # graph, and on a shared CPU spinning workers took their cores (docs/deployment.md).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
