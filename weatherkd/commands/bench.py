@@ -461,7 +461,7 @@ def _bench_model(name: str, tmp: Path):
 def _builtin_calibration(n: int = 8, side: int = 256):
     """Crops of the shipped training photos: timing needs a calibrated graph, not a trained one."""
     from weatherkd.data.photo_set import builtin_train_photos, read_builtin
-    from weatherkd.models.precision import Calibration
+    from weatherkd.models.reduced import Calibration
 
     images = [photo[:side, :side].transpose(2, 0, 1)[None].copy() for _, photo in read_builtin(builtin_train_photos()[:n])]
     return Calibration(images, {"set": "builtin training photos", "samples": len(images), "side": side})
@@ -504,7 +504,7 @@ def bench_export(argv: list[str]) -> dict:
     from weatherkd import models
     from weatherkd.models import deployed
     from weatherkd.commands import export
-    from weatherkd.models import precision as reduced
+    from weatherkd.models import reduced
 
     p = argparse.ArgumentParser(prog="weatherkd bench export")
     p.add_argument("--model", nargs="+", default=["unet_bn:tiny", "nafnet:tiny", "nafnet:medium", "nafnet:large"],

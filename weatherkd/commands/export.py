@@ -6,7 +6,7 @@
   real photos of different sizes.
 
 - ``--precision int8 --calib-shards DIR``: the checked fp32 graph quantised by onnxruntime
-  (``models.precision``: static, QDQ, Conv only, calibrated on the set's inputs), then measured: its
+  (``models.reduced``: static, QDQ, Conv only, calibrated on the set's inputs), then measured: its
   PSNR against the fp32 graph's output, and against ground truth on the set's test split (else
   against the targets or teacher outputs of samples it was not calibrated on). More than
   ``--max-psnr-drop`` dB (0.2) below fp32 there, and it is refused in one line; nothing is written.
@@ -42,7 +42,7 @@ from weatherkd.errors import UserError
 from weatherkd.io import atomic_path, atomic_write_json, sha256_file
 from weatherkd.logs import get_logger
 from weatherkd.models import card, deployed, onnx_friendly
-from weatherkd.models import precision as reduced
+from weatherkd.models import reduced
 from weatherkd.models.registry import SPEC, WEIGHTS
 from weatherkd.models.tiling import default_tiling
 

@@ -1,7 +1,7 @@
 """Reduced-precision copies of an exported fp32 ONNX graph: int8 (static, calibrated) and fp16.
 
 Both are made with onnxruntime's own tools from the fp32 graph ``weatherkd export`` has already
-checked against PyTorch; ``stages/export.py`` then measures them against that graph (and against
+checked against PyTorch; ``commands/export.py`` then measures them against that graph (and against
 ground truth) before anything is written. Why these settings: docs/deployment.md.
 
 int8 (``Int8Settings``), chosen by measuring on the students (random and trained weights; the
