@@ -7,7 +7,7 @@ from weatherkd.errors import UserError
 
 
 def test_bench_loader_builds_each_encoding_and_reports_per_core_rates():
-    out = bench.bench_loader(["--size", "96x64", "--samples", "6", "--crop", "32", "--batch-size", "2",
+    out = bench.bench("loader")(["--size", "96x64", "--samples", "6", "--crop", "32", "--batch-size", "2",
                               "--batches", "2", "--warmup", "1", "--workers", "0"])
     assert out["cores"] == 1 and out["samples"] == 4 and "96x64" in out["source"]
     for name in ("naive_folder", "shards_png", "shards_qoi"):
@@ -21,4 +21,4 @@ def test_bench_loader_builds_each_encoding_and_reports_per_core_rates():
                                            (["--size", "640"], "--size must be W×H")])
 def test_bench_loader_refuses_bad_settings(args, message):
     with pytest.raises(UserError, match=message):
-        bench.bench_loader(args)
+        bench.bench("loader")(args)

@@ -82,6 +82,7 @@ def build_accelerator(cfg) -> Accelerator:
 
 
 class Engine:
+    PROFILE_LABELS = ("engine/backward", "engine/optimizer", "engine/ema")  # its parts of a step, as profiled
     def __init__(self, cfg, make_recipe: Callable[[Any], Recipe], stage: str, accelerator: Accelerator | None = None):
         """``stage``: the command's name (``weatherkd STAGE``), the W&B job type of its runs."""
         self.cfg = cfg

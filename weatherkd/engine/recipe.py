@@ -25,6 +25,8 @@ class Recipe:
     model: nn.Module
     helpers: dict[str, Helper]
     random_init: bool = False
+    # The ``record_function`` labels the recipe's step puts on its parts (`bench kd-overhead`).
+    profile_labels: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, helpers: dict[str, Helper] | None = None):
         self.model = model

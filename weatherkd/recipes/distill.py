@@ -170,6 +170,11 @@ def init_student(path: str) -> torch.nn.Module:
 
 
 class DistillRecipe(Recipe):
+    profile_labels = ("distill/student_forward", "distill/teacher", "distill/consistency_teacher",
+                      "distill/dckd_negatives", "distill/dckd_history", "distill/dckd_vq_frozen",
+                      "distill/dckd_vq_student", "distill/dckd_contrast", "distill/dckd_dmm",
+                      "distill/history_update")
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
         student = init_student(cfg.init) if cfg.init else \
