@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from weatherkd import models
 from weatherkd.data import image_files
@@ -120,18 +119,6 @@ def plan_jobs(found: list[tuple[Path, Path]], out: Path, fmt: str, compare: bool
     return jobs
 
 
-def header_size(path: Path) -> tuple[int, int]:
-    """(height, width) as restored, read from the header alone; (0, 0) when it cannot be read
-    (the decode then names the problem)."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-        return (w, h) if turned else (h, w)
-    except Exception:  # any unreadable header: the decode will name it
-        return (0, 0)
-
-
 def load_model(path, device: torch.device):
     """An exported model folder or file, in eval mode on ``device``, with no gradients."""
     path = Path(path)
@@ -220,7 +207,7 @@ def restore(model_path, inputs: list[str], out, fmt: str = "png", quality: int =
 
     mine = jobs[where.rank::where.world_size]  # split before looking at the disk: every rank sees the same list
     todo = [j for j in mine if overwrite or not (j.dst.exists() and (j.compare is None or j.compare.exists()))]
-    todo.sort(key=lambda j: (header_size(j.src), str(j.src)))  # equal sizes side by side, for batching
+    todo.sort(key=lambda j: (image_files.header_size(j.src), str(j.src)))  # equal sizes side by side, for batching
     counts = {"restored": 0, "skipped": len(mine) - len(todo), "failed": 0}
     failures: list[str] = []
     lost_notes: set[str] = set()
