@@ -304,6 +304,8 @@ def test_int8_export_below_its_tolerance_is_refused_and_writes_nothing(student, 
     assert list(tmp_path.iterdir()) == []  # no graph, record, card or temporary file
     no_set = refused("export", "--model", student, "--out", out, "--precision", "int8")
     assert no_set.returncode == 1 and "--precision int8 needs --calib-shards DIR" in no_set.stderr
+    fp16_set = refused("export", "--model", student, "--out", out, "--precision", "fp16", "--calib-shards", builtin_set)
+    assert fp16_set.returncode == 1 and "--precision fp16 takes none" in fp16_set.stderr
     assert list(tmp_path.iterdir()) == []
 
 

@@ -237,6 +237,8 @@ def export(model_dir, fmt: str = "onnx", out=None, size=None, opset: int = OPSET
         raise UserError(f"--precision {precision}: choose one of {', '.join(reduced.PRECISIONS)}")
     if precision == "int8" and not calib_shards:
         raise UserError("--precision int8 needs --calib-shards DIR: a shard set whose inputs calibrate it")
+    if calib_shards and precision != "int8":
+        raise UserError(f"--calib-shards calibrates int8 graphs; --precision {precision} takes none")
     if calib_samples < 1:
         raise UserError("--calib-samples must be at least 1")
     spec = models.read_spec(model_dir)
