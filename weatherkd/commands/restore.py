@@ -92,7 +92,7 @@ def find_inputs(inputs: list[str], out: Path | None = None) -> list[tuple[Path, 
     return sorted(found.items())
 
 
-def plan_jobs(found: list[tuple[Path, Path]], out: Path, fmt: str, compare: bool) -> list[Job]:
+def jobs_for(found: list[tuple[Path, Path]], out: Path, fmt: str, compare: bool) -> list[Job]:
     """Where each input goes. Two inputs with one stem in one folder (a.jpg, a.png) keep their
     suffix in the name (a_jpg.png, a_png.png); an output never lands on an input."""
     ext = image_files.WRITE_FORMATS[fmt]
@@ -191,7 +191,7 @@ def restore(model_path, inputs: list[str], out, fmt: str = "png", quality: int =
     """Restore every image named by ``inputs`` into ``out``; returns this launch's counts."""
     if fmt not in image_files.WRITE_FORMATS:
         raise UserError(f"--format {fmt}: choose one of {', '.join(image_files.WRITE_FORMATS)}")
-    jobs = plan_jobs(find_inputs(inputs, Path(out)), Path(out), fmt, compare)  # one-line errors before anything loads
+    jobs = jobs_for(find_inputs(inputs, Path(out)), Path(out), fmt, compare)  # one-line errors before anything loads
     where = place()
     model = load_model(model_path, where.device)
     model_tile, model_overlap = default_tiling(model)
