@@ -49,16 +49,20 @@ def flops(model: torch.nn.Module, size: int = 256, device="cpu") -> int:
 def latency_ms(model: torch.nn.Module, size: int = 256, batch: int = 1, repeats: int = 20, warmup: int = 3,
                device="cpu") -> dict:
     """Median and spread of forward wall time, after warm-up, with the device synchronised per call."""
-    device = torch.device(device)
-    x = torch.rand(batch, 3, size, size, device=device)
+    return timed_ms(model, torch.rand(batch, 3, size, size, device=torch.device(device)), repeats, warmup)
+
+
+def timed_ms(fn, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> dict:
+    """Wall milliseconds of ``fn(x)`` (median, min, max), after ``warmup`` calls, with ``x``'s device
+    synchronised after each call: a GPU's queued work is counted where it runs, not where it is queued."""
     for _ in range(warmup):
-        model(x)
-    sync(device)
+        fn(x)
+    sync(x.device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        model(x)
-        sync(device)
+        fn(x)
+        sync(x.device)
         times.append((time.perf_counter() - start) * 1e3)
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "repeats": repeats}
 

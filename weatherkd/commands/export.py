@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from weatherkd import models
+from weatherkd import cost, models
 from weatherkd.errors import UserError
 from weatherkd.io import atomic_path, atomic_write_json, sha256_file
 from weatherkd.logs import get_logger
@@ -79,17 +79,6 @@ def check_images(sizes) -> list[torch.Tensor]:
         top, left = (img.shape[-2] - h) // 2, (img.shape[-1] - w) // 2
         out.append(img[..., top:top + h, left:left + w].clamp(0, 1).contiguous())
     return out
-
-
-def median_ms(fn, x: torch.Tensor, repeats: int = 10, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def _dynamic_shapes(size):
@@ -291,10 +280,13 @@ def export(model_dir, fmt: str = "onnx", out=None, size=None, opset: int = OPSET
             runner = fp32
         x = images[-1]
         with torch.no_grad():
-            latency = {"size": list(x.shape[-2:]), "torch_eager_ms": median_ms(model, x),
-                       "onnxruntime_ms": median_ms(runner._run, x)}
+            def median_ms(fn) -> float:
+                return cost.timed_ms(fn, x, repeats=10, warmup=2)["median"]
+
+            latency = {"size": list(x.shape[-2:]), "torch_eager_ms": median_ms(model),
+                       "onnxruntime_ms": median_ms(runner._run)}
             if precision != "fp32":
-                latency["onnxruntime_fp32_ms"] = median_ms(fp32._run, x)
+                latency["onnxruntime_fp32_ms"] = median_ms(fp32._run)
         record = {
             "format": fmt, "precision": precision, "file": out.name, "sha256": sha256_file(tmp),
             "source": {"model": str(model_dir.resolve()), "arch": spec["arch"], "kwargs": spec["kwargs"],
