@@ -136,7 +136,7 @@ def test_restore_refuses_bad_requests_in_one_line(identity_model, tmp_path):
     inside = tmp_path / "photos" / "restored"
     for _ in range(2):
         counts = restore.restore(identity_model, [str(tmp_path / "photos")], inside)
-    assert (counts["restored"], counts["skipped"]) == (0, 1) and [p.name for p in inside.iterdir()] == ["a.png"]
+    assert (counts.restored, counts.skipped) == (0, 1) and [p.name for p in inside.iterdir()] == ["a.png"]
     # ...and on the command line each is one line, no traceback.
     proc = refused("restore", "--model", identity_model, tmp_path / "empty", "--out", out)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: no image files in")
@@ -186,10 +186,10 @@ def test_every_arch_restores_and_other_models_are_refused(tmp_path):
     for arch, kwargs in archs.items():
         model_dir = models.save(models.build(arch, **kwargs), tmp_path / arch)
         counts = restore.restore(model_dir, [str(tmp_path / "a.png")], tmp_path / f"out-{arch}")
-        assert counts["restored"] == 1 and counts["failed"] == 0, arch
+        assert counts.restored == 1 and counts.failed == 0, arch
         assert np.asarray(Image.open(tmp_path / f"out-{arch}" / "a.png")).shape == (40, 56, 3)
     counts = restore.restore(pruned_student(tmp_path), [str(tmp_path / "a.png")], tmp_path / "out-pruned")
-    assert counts["restored"] == 1
+    assert counts.restored == 1
     models.save(models.build("prompt_adapter_head", clip_width=16, tokens=2, width=8, hidden=8), tmp_path / "head")
     with pytest.raises(UserError, match="arch 'prompt_adapter_head' does not restore images"):
         restore.restore(tmp_path / "head", [str(tmp_path / "a.png")], tmp_path / "out-head")

@@ -20,8 +20,9 @@ import contextlib
 import glob
 import itertools
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,79 @@ class Restorer:
         return list(y.clamp_(0, 1).permute(0, 2, 3, 1).cpu().numpy())
 
 
+@dataclass
+class Counts:
+    """What one launch did, image by image; ``failures`` names each image that failed and why."""
+    restored: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+    def fail(self, why: str) -> None:
+        self.failures.append(why)
+        self.failed += 1
+        log.warning("%s", why, extra={"all_ranks": True})
+
+    def across_ranks(self, world_size: int) -> Counts:
+        """Every rank's counts summed (seconds: the slowest rank's)."""
+        if world_size == 1:
+            return self
+        from accelerate.utils import gather_object
+
+        every: list[Counts] = gather_object([self])
+        return Counts(sum(c.restored for c in every), sum(c.skipped for c in every), sum(c.failed for c in every),
+                      max(c.seconds for c in every), [f for c in every for f in c.failures])
+
+
+Decoded = tuple[Job, image_files.Photo]
+
+
+def read_ahead(todo: list[Job], counts: Counts, workers: int, ahead: int) -> Iterator[Decoded]:
+    """Each job's photo, in order, decoded ``ahead`` files in advance; an unreadable file is counted."""
+    with ThreadPoolExecutor(workers) as readers:
+        queue = iter(todo)
+        decoding = collections.deque((job, readers.submit(image_files.read, job.src))
+                                     for job in itertools.islice(queue, ahead))
+        while decoding:
+            job, future = decoding.popleft()
+            for nxt in itertools.islice(queue, 1):
+                decoding.append((nxt, readers.submit(image_files.read, nxt.src)))
+            try:
+                yield job, future.result()
+            except BadImage as e:
+                counts.fail(f"skipped {e}")
+
+
+def same_size_batches(photos: Iterable[Decoded], batch_size: int) -> Iterator[list[Decoded]]:
+    """Runs of up to ``batch_size`` photos of one size (the inputs come sorted by size)."""
+    batch: list[Decoded] = []
+    for item in photos:
+        if batch and (item[1].shape != batch[0][1].shape or len(batch) == batch_size):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+def restored(batches: Iterable[list[Decoded]], restorer: Restorer, counts: Counts
+             ) -> Iterator[tuple[Job, image_files.Photo, np.ndarray]]:
+    """Each batch through the model; a batch the model fails on is counted, and the rest go on."""
+    for batch in batches:
+        try:
+            outputs = restorer([photo for _, photo in batch])
+        except UserError:
+            raise  # out of memory: the same for every batch that follows
+        except Exception as e:  # a graph or model that fails on these images: name them, go on
+            reason = " ".join(str(e).split())[:200] or type(e).__name__
+            for job, _ in batch:
+                counts.fail(f"{job.src}: the model failed on it ({reason})")
+            continue
+        for (job, photo), output in zip(batch, outputs):
+            yield job, photo, output
+
+
 def _write(job: Job, photo: image_files.Photo, restored: np.ndarray, fmt: str, quality: int) -> list[str]:
     out = image_files.Photo(restored, photo.alpha, photo.bits, photo.gray)
     data, lost = image_files.encode(out, fmt, quality)
@@ -185,10 +259,37 @@ def _write(job: Job, photo: image_files.Photo, restored: np.ndarray, fmt: str, q
     return lost
 
 
+def write_all(results: Iterable[tuple[Job, image_files.Photo, np.ndarray]], counts: Counts, fmt: str,
+              quality: int, ahead: int, bar) -> set[str]:
+    """Encode and write on a thread beside the model, at most ``ahead`` images behind it; returns
+    what the format could not keep (alpha, 16 bits), once per kind."""
+    lost: set[str] = set()
+    with ThreadPoolExecutor(1) as writer:
+        writing: collections.deque = collections.deque()
+
+        def finish_one() -> None:
+            job, future = writing.popleft()
+            try:
+                lost.update(future.result())
+                counts.restored += 1
+            except (OSError, ValueError) as e:  # a full disk, or an encoder refusing the image
+                counts.fail(f"{job.dst}: cannot write ({e})")
+            bar.update(1)
+
+        for job, photo, output in results:
+            writing.append((job, writer.submit(_write, job, photo, output, fmt, quality)))
+            while len(writing) > ahead:
+                finish_one()
+        while writing:
+            finish_one()
+    return lost
+
+
 def restore(model_path, inputs: list[str], out, fmt: str = "png", quality: int = 95, tile=None,
             overlap: int | None = None, batch_size: int = 4, precision: str = "auto", compare: bool = False,
-            overwrite: bool = False, workers: int = 2) -> dict:
-    """Restore every image named by ``inputs`` into ``out``; returns this launch's counts."""
+            overwrite: bool = False, workers: int = 2) -> Counts:
+    """Restore every image named by ``inputs`` into ``out``: read ahead, group same-size images,
+    restore, write. Returns this launch's counts, summed over ranks."""
     if fmt not in image_files.WRITE_FORMATS:
         raise UserError(f"--format {fmt}: choose one of {', '.join(image_files.WRITE_FORMATS)}")
     jobs = jobs_for(find_inputs(inputs, Path(out)), Path(out), fmt, compare)  # one-line errors before anything loads
@@ -208,91 +309,21 @@ def restore(model_path, inputs: list[str], out, fmt: str = "png", quality: int =
     mine = jobs[where.rank::where.world_size]  # split before looking at the disk: every rank sees the same list
     todo = [j for j in mine if overwrite or not (j.dst.exists() and (j.compare is None or j.compare.exists()))]
     todo.sort(key=lambda j: (image_files.header_size(j.src), str(j.src)))  # equal sizes side by side, for batching
-    counts = {"restored": 0, "skipped": len(mine) - len(todo), "failed": 0}
-    failures: list[str] = []
-    lost_notes: set[str] = set()
+    counts = Counts(skipped=len(mine) - len(todo))
     start = time.perf_counter()
-    bar = progress(total=len(todo), desc="restore", unit="img")
-
     ahead = 2 * batch_size + workers  # decoded photos waiting, and restored ones being written, at most
-    with ThreadPoolExecutor(workers) as readers, ThreadPoolExecutor(1) as writer:
-        decoding = collections.deque()
-        writing: collections.deque = collections.deque()
-        batch: list[tuple[Job, image_files.Photo]] = []
-
-        def finish_write():
-            job, w = writing.popleft()
-            try:
-                lost_notes.update(w.result())
-                counts["restored"] += 1
-            except (OSError, ValueError) as e:  # a full disk, or an encoder refusing the image
-                failures.append(f"{job.dst}: cannot write ({e})")
-                log.warning("cannot write %s: %s", job.dst, e, extra={"all_ranks": True})
-                counts["failed"] += 1
-
-        def flush():
-            try:
-                results = restorer([p for _, p in batch])
-            except UserError:
-                raise  # out of memory: the same for every batch that follows
-            except Exception as e:  # a graph or model that fails on these images: name them, go on
-                reason = " ".join(str(e).split())[:200] or type(e).__name__
-                for job, _ in batch:
-                    failures.append(f"{job.src}: the model failed on it ({reason})")
-                    log.warning("failed %s: the model failed on it (%s)", job.src, reason, extra={"all_ranks": True})
-                    counts["failed"] += 1
-                batch.clear()
-                return
-            for (job, photo), restored in zip(batch, results):
-                writing.append((job, writer.submit(_write, job, photo, restored, fmt, quality)))
-                while len(writing) > ahead:
-                    finish_write()
-            batch.clear()
-
-        queue = iter(todo)
-        for job in itertools.islice(queue, ahead):
-            decoding.append((job, readers.submit(image_files.read, job.src)))
-        while decoding:
-            job, future = decoding.popleft()
-            for nxt in itertools.islice(queue, 1):
-                decoding.append((nxt, readers.submit(image_files.read, nxt.src)))
-            try:
-                photo = future.result()
-            except BadImage as e:
-                failures.append(str(e))
-                log.warning("skipped %s", e, extra={"all_ranks": True})
-                counts["failed"] += 1
-                bar.update(1)
-                continue
-            if batch and (photo.shape != batch[0][1].shape or len(batch) == batch_size):
-                flush()
-            batch.append((job, photo))
-            bar.update(1)
-        if batch:
-            flush()
-        while writing:
-            finish_write()
-    bar.close()
-    for note in sorted(lost_notes):
+    with progress(total=len(todo), desc="restore", unit="img") as bar:
+        photos = read_ahead(todo, counts, workers, ahead)
+        results = restored(same_size_batches(photos, batch_size), restorer, counts)
+        lost = write_all(results, counts, fmt, quality, ahead, bar)
+        bar.update(len(todo) - bar.n)  # the bar counts written images; close it on the failed ones too
+    for note in sorted(lost):
         log.warning("--format %s: %s; written without it", fmt, note)
-    counts["seconds"] = time.perf_counter() - start
-    counts["failures"] = failures
+    counts.seconds = time.perf_counter() - start
     if where.world_size > 1:
         log.info("rank %d of %d: restored %d, skipped %d, failed %d", where.rank, where.world_size,
-                 counts["restored"], counts["skipped"], counts["failed"], extra={"all_ranks": True})
-    return _across_ranks(counts, where.world_size)
-
-
-def _across_ranks(counts: dict, world_size: int) -> dict:
-    """Every rank's counts summed (seconds: the slowest rank's)."""
-    if world_size == 1:
-        return counts
-    from accelerate.utils import gather_object
-
-    every = gather_object([counts])
-    return {"restored": sum(c["restored"] for c in every), "skipped": sum(c["skipped"] for c in every),
-            "failed": sum(c["failed"] for c in every), "seconds": max(c["seconds"] for c in every),
-            "failures": [f for c in every for f in c["failures"]]}
+                 counts.restored, counts.skipped, counts.failed, extra={"all_ranks": True})
+    return counts.across_ranks(where.world_size)
 
 
 def run_cli(args) -> int:
@@ -306,7 +337,7 @@ def run_cli(args) -> int:
     from weatherkd.logs import is_main_process
 
     if is_main_process():
-        rate = counts["restored"] / counts["seconds"] if counts["seconds"] > 0 else 0.0
-        print(f"restored {counts['restored']}, skipped {counts['skipped']}, failed {counts['failed']}, "
+        rate = counts.restored / counts.seconds if counts.seconds > 0 else 0.0
+        print(f"restored {counts.restored}, skipped {counts.skipped}, failed {counts.failed}, "
               f"{rate:.2f} images/s -> {args.out}")
-    return 1 if counts["failed"] else 0
+    return 1 if counts.failed else 0
