@@ -26,11 +26,11 @@ def test_failed_stage_is_named_with_its_log(tmp_path):
     proc = demo(out, shards, check=False)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    # teach is the first stage that runs, and it needs the missing teacher
-    assert "demo stage 'teach' failed" in last and str(out / "logs" / "teach.log") in last
-    assert "teacher: done already" in proc.stdout and "vq:" not in proc.stdout  # it stopped at teach
+    # cache-teacher is the first stage that runs, and it needs the missing teacher
+    assert "demo stage 'cache-teacher' failed" in last and str(out / "logs" / "cache-teacher.log") in last
+    assert "teacher: done already" in proc.stdout and "vq:" not in proc.stdout  # it stopped at cache-teacher
     assert (shards / "manifest.json").is_file()
-    assert "error: teacher: " in (out / "logs" / "teach.log").read_text()  # each rank's one line
+    assert "error: teacher: " in (out / "logs" / "cache-teacher.log").read_text()  # each rank's one line
 
 
 def test_quick_demo_runs_every_stage_and_resumes_a_half_done_one(tmp_path):

@@ -188,7 +188,7 @@ def test_bench_kd_overhead_times_the_engines_real_step_online_and_cached(kd_inpu
     from weatherkd.commands import bench
 
     shards, teacher, vq = kd_inputs
-    out = bench.bench("kd-overhead")(["--steps", "1", "--warmup", "1", "--teach-shards", "1", "--profile-steps", "1",
+    out = bench.bench("kd-overhead")(["--steps", "1", "--warmup", "1", "--cache-shards", "1", "--profile-steps", "1",
                                         f"teacher={teacher}",
                                         f"vq={vq}", f"data.train_shards={shards}", "data.crop=32",
                                         "data.num_workers=0", "data.eval_max_samples=2"])

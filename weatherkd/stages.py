@@ -50,7 +50,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("synth", "job", "weatherkd.jobs.synth",
           "synthesise distillation tars with degradation-prompted Stable Diffusion", True),
     Stage("dream", "job", "weatherkd.jobs.dream", "synthesise distillation tars by inverting the teacher", True),
-    Stage("teach", "job", "weatherkd.jobs.teach",
+    Stage("cache-teacher", "job", "weatherkd.jobs.teacher_cache",
           "cache the teacher's full-resolution outputs in a copy of a paired shard set, for kd/dckd", True),
     Stage("prune", "command", "weatherkd.commands.prune",
           "adaptively prune a trained network into a student initialisation", True),

@@ -9,9 +9,9 @@ def test_the_plan_chains_every_stage_and_sd_path_adds_the_d4ir_student(tmp_path)
     out, shards = tmp_path / "out", tmp_path / "shards"
     plan = {s.name: s for s in demo.pipeline(out, shards)}
     names = list(plan)
-    assert names[:7] == ["shards", "teacher", "teach", "vq", "distill-scratch", "distill-kd", "distill-dckd"]
+    assert names[:7] == ["shards", "teacher", "cache-teacher", "vq", "distill-scratch", "distill-kd", "distill-dckd"]
     taught = out / "taught-shards"
-    assert f"teacher={out / 'teacher' / 'model'}" in plan["teach"].argv and f"out_dir={taught}" in plan["teach"].argv
+    assert f"teacher={out / 'teacher' / 'model'}" in plan["cache-teacher"].argv and f"out_dir={taught}" in plan["cache-teacher"].argv
     for student in ("distill-kd", "distill-dckd"):  # from the cache, scored on the real test split
         assert f"data.train_shards={taught}" in plan[student].argv and f"data.eval_shards={shards}" in plan[student].argv
     assert f"data.train_shards={taught}" not in plan["distill-scratch"].argv

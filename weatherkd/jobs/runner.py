@@ -67,7 +67,7 @@ def check_taught_by(shards, teacher) -> bool:
         return False
     if teacher and recorded != teacher_hash(teacher):
         raise UserError(f"{shards} holds the outputs of another teacher (sha256 {recorded[:12]}…), not of "
-                        f"{teacher}: teach the set again with this teacher, or distil from the one that made it")
+                        f"{teacher}: cache this teacher on the set again (weatherkd cache-teacher), or distil from the one that made it")
     return True
 
 

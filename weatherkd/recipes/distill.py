@@ -180,7 +180,7 @@ class DistillRecipe(Recipe):
         student = init_student(cfg.init) if cfg.init else \
             models.build(cfg.model.arch, **cfg.model.arch_kwargs())
         helpers = {}
-        # A set taught by this teacher (`weatherkd teach`, or dreamed/synthesised with it) carries its
+        # A set taught by this teacher (`weatherkd cache-teacher`, or dreamed/synthesised with it) carries its
         # outputs: the teacher is not even loaded. A set made by another teacher is refused.
         self.cached_teacher = False
         if cfg.objective != "scratch":

@@ -14,7 +14,7 @@ from weatherkd import config as C
 from weatherkd import models
 from weatherkd.losses import distill as D
 from weatherkd.recipes import distill
-from weatherkd.jobs import teach as teach_stage
+from weatherkd.jobs import teacher_cache
 
 ALL_COMBINATIONS = torch.tensor(list(itertools.product([False, True], repeat=4)))  # (16, 4)
 
@@ -155,7 +155,7 @@ def sets(teachers, tmp_path_factory):
     _, random_teacher = teachers
     root = tmp_path_factory.mktemp("sets")
     make_set(root / "paired", {("train", "snow"): 6, ("train", "raindrop"): 6, ("test", "snow"): 2}, size=24)
-    teach_stage.Teach(C.load(teach_stage.Config, "configs/teach/demo.yaml", [
+    teacher_cache.TeacherCache(C.load(teacher_cache.Config, "configs/cache-teacher/demo.yaml", [
         f"out_dir={root / 'taught'}", f"teacher={random_teacher}", f"shards={root / 'paired'}",
         "slice.index=0", "slice.count=1"])).run()
     return root / "paired", root / "taught"

@@ -3,7 +3,7 @@
 def test_every_registered_stage_exists_and_the_cli_reads_the_registry():
     from weatherkd import stages
 
-    assert sorted(stages.STAGES) == sorted(["shards", "teacher", "distill", "vq", "adapter", "synth", "dream", "teach", "prune",
+    assert sorted(stages.STAGES) == sorted(["shards", "teacher", "distill", "vq", "adapter", "synth", "dream", "cache-teacher", "prune",
                                             "eval", "restore", "export", "bench", "plan", "report", "demo"])
     for name, stage in stages.STAGES.items():
         module = stage.load()  # every stage is built
@@ -11,4 +11,4 @@ def test_every_registered_stage_exists_and_the_cli_reads_the_registry():
         if stage.configured:
             assert stage.config_class is module.Config
     assert stages.of_kind("train") == ["teacher", "distill", "vq", "adapter"]
-    assert stages.of_kind("job") == ["synth", "dream", "teach"]
+    assert stages.of_kind("job") == ["synth", "dream", "cache-teacher"]

@@ -37,7 +37,7 @@ CONSISTENCY_BASES = ("kd_online", "kd_cached", "dckd_online", "dckd_cached")  # 
 def run(argv: list[str]) -> dict:
     """Seconds per step of the engine's real ``train_step`` (EMA and the history update included)
     for scratch, kd and dckd on one student, batch and machine, in one run; kd and dckd with the
-    teacher online and from its cache (`weatherkd teach` on the first shards, untimed); dckd online
+    teacher online and from its cache (`weatherkd cache-teacher` on the first shards, untimed); dckd online
     also with its negatives in bf16 (``dckd.frozen_precision``) when training in fp32, and with its
     terms compiled (``dckd.compile``) where torch.compile can build; kd and dckd, online and cached,
     also with the consistency term (``consistency.objectives``; from the cache its teacher still
@@ -48,30 +48,30 @@ def run(argv: list[str]) -> dict:
     from weatherkd import config as cfgmod
     from weatherkd import cost
     from weatherkd.engine.loop import Engine, Window
-    from weatherkd.jobs import teach
+    from weatherkd.jobs import teacher_cache
     from weatherkd.recipes.distill import RECIPE, Config, compiler_missing
 
     p = argparse.ArgumentParser(prog="weatherkd bench kd-overhead")
     p.add_argument("--config", default="configs/distill/demo.yaml")
     p.add_argument("--steps", type=int, default=20, help="timed steps of each kind, taken in turn; the median counts")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--teach-shards", type=int, default=2, help="shards of the training set the cache is made of")
+    p.add_argument("--cache-shards", type=int, default=2, help="shards of the training set the cache is made of")
     p.add_argument("--profile-steps", type=int, default=3, help="steps profiled for the split into parts")
     p.add_argument("overrides", nargs="*")
     a = p.parse_intermixed_args(argv)
     base = cfgmod.load(Config, a.config, a.overrides)
     if not base.teacher:
         raise UserError(f"{a.config}: teacher is not set; the kd steps need an exported teacher")
-    # The engines' precision first: the teach job below only places itself, and accelerate lets a
+    # The engines' precision first: the cache-teacher job below only places itself, and accelerate lets a
     # process choose its precision once.
     make_accelerator(base.train.mixed_precision)
     result = {"bench": "kd-overhead", "student": base.model.arch, "size": base.model.size, "batch_size":
               base.data.batch_size, "crop": base.data.crop, "threads": torch.get_num_threads(),
               "seconds_per_step": {}, "ms_per_step_by_part": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        subset = _first_shards(base.data.train_shards, base.data.train_split, a.teach_shards, Path(tmp) / "subset")
+        subset = _first_shards(base.data.train_shards, base.data.train_split, a.cache_shards, Path(tmp) / "subset")
         taught = Path(tmp) / "taught"
-        teach.Teach(cfgmod.load(teach.Config, None, [f"out_dir={taught}", f"teacher={base.teacher}",
+        teacher_cache.TeacherCache(cfgmod.load(teacher_cache.Config, None, [f"out_dir={taught}", f"teacher={base.teacher}",
                                                       f"shards={subset}", f"split={base.data.train_split}",
                                                       "slice.index=0", "slice.count=1"])).run()
         cached = [f"data.train_shards={taught}", "data.train_split=train"]  # a taught set's one split

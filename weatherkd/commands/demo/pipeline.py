@@ -1,6 +1,6 @@
 """The demo's pipeline as data: its steps, each a real launch, in order, as a preset sizes them.
 
-    shards synth -> teacher (ZeRO-2) -> teach (its outputs, once) -> vq (DDP)
+    shards synth -> teacher (ZeRO-2) -> cache-teacher (its outputs, once) -> vq (DDP)
       -> distill scratch | kd | dckd (DDP; kd and dckd from the cached outputs)
       -> dream (teacher inversion) -> distill-dream (the data-free student)
       -> prune (the teacher, -45% FLOPs) -> distill-pruned (on the dreamed inputs)
@@ -26,7 +26,7 @@ from weatherkd.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[3]  # the checkout: launch/ and configs/ live here
 # Student rows: name -> the objective's overrides of configs/distill/demo.yaml. Every row but
-# scratch learns from the teacher's cached outputs (`teach`).
+# scratch learns from the teacher's cached outputs (`cache-teacher`).
 STUDENTS = {"scratch": ("objective=scratch",), "kd": ("objective=kd",), "dckd": ("objective=dckd",)}
 @dataclasses.dataclass
 class Step:
@@ -96,9 +96,9 @@ def pipeline(out: Path, shards: Path, preset: Preset | None = None, sd_path: Pat
     teacher, taught = out / "teacher" / "model", out / "taught-shards"
     stages.append(train("teacher", "teacher", "configs/teacher/demo.yaml", zero))
     # The teacher's outputs, once, at full resolution: kd and dckd then never run the teacher.
-    stages.append(Step("teach", _accelerate(ddp, nproc, "teach", "--config", "configs/teach/demo.yaml",
+    stages.append(Step("cache-teacher", _accelerate(ddp, nproc, "cache-teacher", "--config", "configs/cache-teacher/demo.yaml",
                                              f"out_dir={taught}", f"teacher={teacher}", f"shards={shards}",
-                                             *overrides.get("teach", [])), taught / "manifest.json"))
+                                             *overrides.get("cache-teacher", [])), taught / "manifest.json"))
     stages.append(train("vq", "vq", "configs/vq/demo.yaml", ddp))
     for row, objective in preset.students.items():
         data = [] if row == "scratch" else [f"data.train_shards={taught}", f"data.eval_shards={shards}"]

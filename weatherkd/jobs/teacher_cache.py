@@ -1,4 +1,4 @@
-"""`weatherkd teach`: the teacher's outputs computed once, so distillation stops paying for them.
+"""`weatherkd cache-teacher`: the teacher's outputs computed once, so distillation stops paying for them.
 
 A sharded job on the runner synth and dream share (``stages.job``): output shard ``j`` is input
 shard ``j`` of a paired set, every sample kept as it was (input, target, weather, meta) plus
@@ -49,8 +49,8 @@ class Config(RunConfig):
             raise ConfigError("teacher and shards must both be set (an exported teacher, a paired shard set)")
 
 
-class Teach(ShardedJob):
-    stage = "teach"
+class TeacherCache(ShardedJob):
+    stage = "cache-teacher"
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -120,7 +120,7 @@ class Teach(ShardedJob):
 def run(cfg: Config) -> int:
     if not Path(cfg.teacher).is_dir():
         raise UserError(f"teacher: {cfg.teacher} is not an exported model directory")
-    job = Teach(cfg)
+    job = TeacherCache(cfg)
     job.run()
     if job.skipped:
         log.warning("skipped %d corrupt samples", job.skipped, extra={"all_ranks": True})

@@ -1,4 +1,4 @@
-"""`weatherkd teach`: the teacher's outputs cached once, over 2 processes, bound to that teacher."""
+"""`weatherkd cache-teacher`: the teacher's outputs cached once, over 2 processes, bound to that teacher."""
 
 import json
 import re
@@ -16,7 +16,7 @@ from weatherkd.data.samples import decode_image
 from weatherkd.data.shards import open_set
 from weatherkd.errors import UserError
 from weatherkd.recipes import distill
-from weatherkd.jobs import teach as teach_stage
+from weatherkd.jobs import teacher_cache
 from weatherkd.jobs.runner import teacher_hash
 
 
@@ -29,14 +29,14 @@ def local_teacher(tmp_path_factory):
     return models.save(net, tmp_path_factory.mktemp("t") / "teacher")
 
 
-def teach(out, teacher, shards, nproc=2):
-    return accelerate_launch(["weatherkd", "teach", "--config", "configs/teach/demo.yaml", f"out_dir={out}",
+def cache_teacher(out, teacher, shards, nproc=2):
+    return accelerate_launch(["weatherkd", "cache-teacher", "--config", "configs/cache-teacher/demo.yaml", f"out_dir={out}",
                               f"teacher={teacher}", f"shards={shards}", "batch_size=5"], nproc=nproc, module=True)
 
 
 def test_two_processes_cache_whole_image_outputs_that_training_crops_share(builtin_set, local_teacher, tmp_path):
     out = tmp_path / "taught"
-    teach(out, local_teacher, builtin_set)
+    cache_teacher(out, local_teacher, builtin_set)
     source, taught = open_set(builtin_set, "train"), open_set(out, "train")
     manifest = taught.manifest
     assert manifest["created_by"]["teacher_sha256"] == teacher_hash(local_teacher)
@@ -77,11 +77,11 @@ def test_two_processes_cache_whole_image_outputs_that_training_crops_share(built
     assert (batch["teacher"].float() - online).abs().max() > 1 / 255  # at the edge the cache saw real context
 
     # Rerun: nothing left to write.
-    again = teach(out, local_teacher, builtin_set)
+    again = cache_teacher(out, local_teacher, builtin_set)
     assert re.search(r"task 0/2: 0 of its \d+ shards to write", again.stderr), again.stderr[-2000:]
     # ...and a rerun into the same folder with another teacher is refused: its shards would mix.
     other = models.save(models.build("residual_cnn", width=4, depth=3), tmp_path / "other")
-    mixed = accelerate_launch(["weatherkd", "teach", "--config", "configs/teach/demo.yaml", f"out_dir={out}",
+    mixed = accelerate_launch(["weatherkd", "cache-teacher", "--config", "configs/cache-teacher/demo.yaml", f"out_dir={out}",
                                f"teacher={other}", f"shards={builtin_set}"], nproc=1, module=True, check=False)
     assert mixed.returncode == 1 and "holds shards made with another teacher" in mixed.stderr
 
@@ -90,7 +90,7 @@ def test_a_qoi_set_is_taught_in_qoi_and_another_teachers_cache_is_refused(local_
     source, out = tmp_path / "qoi", tmp_path / "taught"
     make_set(source, {("train", "snow"): 5, ("train", "raindrop"): 4}, size=16, encoding="qoi")
     # In process, one task: the launch over 2 processes is the test above.
-    teach_stage.Teach(cfgmod.load(teach_stage.Config, "configs/teach/demo.yaml",
+    teacher_cache.TeacherCache(cfgmod.load(teacher_cache.Config, "configs/cache-teacher/demo.yaml",
                                   [f"out_dir={out}", f"teacher={local_teacher}", f"shards={source}",
                                    "slice.index=0", "slice.count=1"])).run()
     taught = open_set(out, "train")
