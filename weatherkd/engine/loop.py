@@ -19,6 +19,7 @@ import itertools
 import os
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -63,16 +64,29 @@ class Progress:
         self.step, self.micro = state["step"], state["micro"]
 
 
+@dataclass
+class StepStats:
+    """What one optimizer step measured: its losses (means over the micro-batches, still on the
+    device), the samples it took, and its seconds waiting for data and in all."""
+    losses: dict[str, torch.Tensor]
+    samples: int
+    data_s: float
+    total_s: float
+
+
 class Window:
-    """Losses and timings accumulated between two log lines."""
+    """Steps accumulated between two log lines."""
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
         self.steps, self.samples, self.data_s, self.total_s = 0, 0, 0.0, 0.0
 
-    def add(self, losses: dict[str, torch.Tensor]) -> None:
+    def add(self, stats: StepStats) -> None:
         self.steps += 1
-        for k, v in losses.items():
+        self.samples += stats.samples
+        self.data_s += stats.data_s
+        self.total_s += stats.total_s
+        for k, v in stats.losses.items():
             self.sums[k] = self.sums.get(k, 0) + v
 
 
@@ -203,15 +217,8 @@ class Engine:
             if self.progress.step % cfg.ckpt.preempt_check_every == 0:
                 self.nonfinite.check(f"at step {self.progress.step}")  # the same host sync's cadence
             if self.progress.step % cfg.ckpt.preempt_check_every == 0 and self.preemption.requested(acc):
-                self.save()
-                if acc.is_main_process:
-                    self.preemption.clear()  # the requeued run must not stop again at once
-                log.warning("preempted (%s) at step %d: checkpoint saved, exiting %d",
-                            self.preemption.signal_name or "stop file", self.progress.step, EXIT_PREEMPTED)
-                batches.close()
-                self.tracker.finish()
-                raise Preempted(f"preempted at step {self.progress.step}")
-            window.add(self.train_step(batches, window, check_sync=self.progress.step > start_step))
+                self.stop_preempted(batches)
+            window.add(self.train_step(batches, check_sync=self.progress.step > start_step))
             step = self.progress.step
             failpoints.reached("train.step", step)
             bar.update()
@@ -234,6 +241,17 @@ class Engine:
         self.tracker.finish()  # last: with W&B on, accelerate's end_training destroys the process group
         return metrics
 
+    def stop_preempted(self, batches) -> None:
+        """Checkpoint, then raise ``Preempted`` (the CLI exits 75, so SLURM requeues the job)."""
+        self.save()
+        if self.acc.is_main_process:
+            self.preemption.clear()  # the requeued run must not stop again at once
+        log.warning("preempted (%s) at step %d: checkpoint saved, exiting %d",
+                    self.preemption.signal_name or "stop file", self.progress.step, EXIT_PREEMPTED)
+        batches.close()
+        self.tracker.finish()
+        raise Preempted(f"preempted at step {self.progress.step}")
+
     def host_sync_check(self, steady: bool):
         """With ``WEATHERKD_CUDA_SYNC_DEBUG=error`` (or ``warn``), a steady-state step (any after the
         first of this process) whose forward, backward or optimizer step makes the host wait for
@@ -254,18 +272,20 @@ class Engine:
 
         return checked()
 
-    def train_step(self, batches, window: "Window", check_sync: bool = False) -> dict[str, torch.Tensor]:
-        """One optimizer step over ``grad_accum`` micro-batches; skipped on every rank, on the
-        device, when a loss term or the gradient norm is not finite on any rank (``nonfinite``)."""
+    def train_step(self, batches, check_sync: bool = False) -> StepStats:
+        """One optimizer step over ``grad_accum`` micro-batches, advancing ``self.progress``;
+        skipped on every rank, on the device, when a loss term or the gradient norm is not finite
+        on any rank (``nonfinite``)."""
         acc, model = self.acc, self.model
         model.train()
         totals: dict[str, torch.Tensor] = {}
+        samples, data_s = 0, 0.0
         start = time.perf_counter()
         with self.host_sync_check(check_sync):
             for _ in range(self.cfg.train.grad_accum):
                 t0 = time.perf_counter()
                 batch = next(batches)  # already on the device: the loader prepared it ahead
-                window.data_s += time.perf_counter() - t0
+                data_s += time.perf_counter() - t0
                 self.progress.micro += 1
                 with acc.accumulate(model):
                     with autocast(acc):  # the forward only: backward ops follow their forward's dtypes
@@ -276,7 +296,7 @@ class Engine:
                         acc.backward(losses["loss"])  # under DeepSpeed, its engine steps here too
                 for k, v in losses.items():
                     totals[k] = totals.get(k, 0) + v.detach().float() / self.cfg.train.grad_accum
-                window.samples += batch["input"].shape[0]
+                samples += batch["input"].shape[0]
             with record_function("engine/optimizer"):
                 self.optimizer_step(totals)
         self.scheduler.step()
@@ -289,8 +309,7 @@ class Engine:
         reads_weights = self.ema is None and self.recipe.reads_weights_after(self.progress.step)
         with self.gathered_params() if reads_weights else contextlib.nullcontext():
             self.recipe.after_step(self.progress.step, acc.unwrap_model(model), self.ema_module)
-        window.total_s += time.perf_counter() - start
-        return totals
+        return StepStats(totals, samples, data_s, time.perf_counter() - start)
 
     def optimizer_step(self, losses: dict[str, torch.Tensor]) -> None:
         """Clip, then step, unless the step went non-finite on some rank: the fused optimizer reads

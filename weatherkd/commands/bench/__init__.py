@@ -34,7 +34,7 @@ def timed_steps(engine, batches, steps: int, window) -> float:
     cost.sync(engine.acc.device)
     start = time.perf_counter()
     for _ in range(steps):
-        engine.train_step(batches, window)
+        window.add(engine.train_step(batches))
     cost.sync(engine.acc.device)
     return time.perf_counter() - start
 

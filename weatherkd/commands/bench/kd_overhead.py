@@ -97,7 +97,7 @@ def run(argv: list[str]) -> dict:
             engine.build()
             batches = engine.train_batches()
             for _ in range(a.warmup):
-                engine.train_step(batches, Window())
+                engine.train_step(batches)
             engines[name] = (engine, batches, Window(), [])
         # Round robin, one step of each in turn: a shared machine's slow spells hit every kind
         # alike, and the median step ignores the spikes.
@@ -113,7 +113,7 @@ def run(argv: list[str]) -> dict:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
             with profile(activities=activities) as prof:  # separate steps: profiling slows them
                 for _ in range(a.profile_steps):
-                    engine.train_step(batches, Window())
+                    engine.train_step(batches)
                 cost.sync(device)
             totals = {e.key: (e.device_time_total if cuda else e.cpu_time_total) / 1e3 / a.profile_steps
                       for e in prof.key_averages() if e.key in parts}

@@ -42,12 +42,12 @@ def run(argv: list[str]) -> dict:
         cfg = cfgmod.load(module.Config, a.config, [*a.overrides, f"out_dir={tmp}", "tracker.kind=none"])
         engine = Engine(cfg, module.RECIPE, stage)
         engine.build()
-        batches, window = engine.train_batches(), Window()
+        batches = engine.train_batches()
         for _ in range(a.warmup):
-            engine.train_step(batches, window)
+            engine.train_step(batches)
         counter = FlopCounterMode(display=False)
         with counter:
-            engine.train_step(batches, Window())
+            engine.train_step(batches)
         window = Window()
         seconds = timed_steps(engine, batches, a.steps, window)
         device = engine.acc.device
