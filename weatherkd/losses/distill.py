@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -131,10 +132,14 @@ def code_mapping(code_logits, student_latent: torch.Tensor, teacher_latent: torc
 CONSISTENCY_OPS = ("invert", "flip_rows", "flip_columns", "transpose")
 
 
-def consistency_ops(batch: int, prob: float, generator: torch.Generator) -> torch.Tensor:
+def consistency_ops(batch: int, prob: float, generator: torch.Generator,
+                    allowed: Sequence[str] = CONSISTENCY_OPS) -> torch.Tensor:
     """(batch, 4) bools: which of `CONSISTENCY_OPS` each sample gets, each independently with
-    probability ``prob`` (drawn on the CPU from the recipe's seeded, checkpointed generator)."""
-    return torch.rand(batch, len(CONSISTENCY_OPS), generator=generator) < prob
+    probability ``prob`` (drawn on the CPU from the recipe's seeded, checkpointed generator).
+    Ops outside ``allowed`` are never chosen; all four are drawn anyway, so that two runs that
+    allow different ops see the same draws for the ops they share."""
+    drawn = torch.rand(batch, len(CONSISTENCY_OPS), generator=generator) < prob
+    return drawn & torch.tensor([op in allowed for op in CONSISTENCY_OPS])
 
 
 def _apply_op(x: torch.Tensor, op: int, chosen: torch.Tensor) -> torch.Tensor:

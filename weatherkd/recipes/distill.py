@@ -91,6 +91,10 @@ class ConsistencyConfig:
     objectives: list[Literal["kd", "dckd"]] = field(default_factory=list)  # [] = off; e.g. [dckd] or [kd, dckd]
     prob: float = 0.5  # per sample and transform (official: train.noisy.prob 0.5)
     weight: float = 1.0  # official: lcr_opt, L1, loss_weight 1.0
+    # Which transforms may be drawn (official: all four). Inverted or transposed weather is not
+    # weather the teacher has seen (dark streaks, horizontal rain), so its outputs there may be
+    # poor targets; the flips alone keep it in its domain.
+    ops: list[Literal["invert", "flip_rows", "flip_columns", "transpose"]] = field(default_factory=lambda: list(D.CONSISTENCY_OPS))
 
 
 @dataclass
@@ -116,6 +120,9 @@ class Config(StageConfig):
         c = self.consistency
         if not 0.0 <= c.prob <= 1.0:
             raise UserError(f"consistency.prob = {c.prob} must be between 0 and 1")
+        if c.objectives and not c.ops:
+            raise UserError(f"consistency.ops is empty: list some of {', '.join(D.CONSISTENCY_OPS)}, "
+                            "or turn the term off with consistency.objectives=[]")
         if c.objectives and c.weight <= 0:
             raise UserError(f"consistency.weight = {c.weight} must be > 0 where consistency.objectives lists "
                             f"{', '.join(c.objectives)} (an empty list turns the term off)")
@@ -250,7 +257,7 @@ class DistillRecipe(Recipe):
         no_grad, in the frozen helpers' precision (the engine's autocast), clamped to [0, 1]. Its
         output is transformed back in fp32: 1 − y in bf16 would round dark pixels by up to 2⁻⁹."""
         c = self.cfg.consistency
-        ops = D.consistency_ops(len(x), c.prob, self.generator)
+        ops = D.consistency_ops(len(x), c.prob, self.generator, c.ops)
         with torch.no_grad(), record_function("distill/consistency_teacher"):
             target = D.untransform(self.frozen["teacher"](D.transform(x, ops)).float().clamp(0, 1), ops)
         return c.weight * F.l1_loss(out, target)

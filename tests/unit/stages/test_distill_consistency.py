@@ -67,6 +67,13 @@ def test_ops_are_drawn_per_sample_and_op_with_the_probability():
     assert not D.consistency_ops(64, 0.0, g).any() and D.consistency_ops(64, 1.0, g).all()
 
 
+def test_ops_left_out_are_never_drawn_and_the_others_draw_as_before():
+    every = D.consistency_ops(512, 0.5, torch.Generator().manual_seed(3))
+    flips = D.consistency_ops(512, 0.5, torch.Generator().manual_seed(3), ["flip_rows", "flip_columns"])
+    assert not flips[:, [0, 3]].any()  # invert, transpose
+    assert torch.equal(flips[:, 1:3], every[:, 1:3])  # the same draws: runs differ only in the ops left out
+
+
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
     root = tmp_path_factory.mktemp("consistency")
