@@ -19,7 +19,6 @@ import itertools
 import os
 import resource
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +34,7 @@ from weatherkd.data.stream import TrainSpec, eval_loader, train_loader
 from weatherkd.engine import checkpoint, failpoints, validate
 from weatherkd.engine import run_config as runcfg
 from weatherkd.engine.preempt import EXIT_PREEMPTED, Preempted, Preemption
+from weatherkd.engine.progress import Progress, StepStats, Window
 from weatherkd.engine.nonfinite import NonFiniteGuard, NonFiniteTraining, weights_finite
 from weatherkd.engine.recipe import Recipe
 from weatherkd.models import card
@@ -48,46 +48,6 @@ from weatherkd.precision import Precision, autocast
 log = get_logger(__name__)
 SYNC_DEBUG_ENV = "WEATHERKD_CUDA_SYNC_DEBUG"  # error | warn: see Engine.host_sync_check
 PROGRESS_FILE = "progress.json"  # out_dir/progress.json: the latest logged step, rewritten at each log line
-
-
-class Progress:
-    """Where training stands: optimizer steps taken and micro-batches consumed (the data position)."""
-
-    def __init__(self):
-        self.step = 0
-        self.micro = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "micro": self.micro}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.micro = state["step"], state["micro"]
-
-
-@dataclass
-class StepStats:
-    """What one optimizer step measured: its losses (means over the micro-batches, still on the
-    device), the samples it took, and its seconds waiting for data and in all."""
-    losses: dict[str, torch.Tensor]
-    samples: int
-    data_s: float
-    total_s: float
-
-
-class Window:
-    """Steps accumulated between two log lines."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.steps, self.samples, self.data_s, self.total_s = 0, 0, 0.0, 0.0
-
-    def add(self, stats: StepStats) -> None:
-        self.steps += 1
-        self.samples += stats.samples
-        self.data_s += stats.data_s
-        self.total_s += stats.total_s
-        for k, v in stats.losses.items():
-            self.sums[k] = self.sums.get(k, 0) + v
 
 
 def build_accelerator(cfg) -> Accelerator:

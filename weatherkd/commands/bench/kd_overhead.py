@@ -47,7 +47,8 @@ def run(argv: list[str]) -> dict:
 
     from weatherkd import config as cfgmod
     from weatherkd import cost
-    from weatherkd.engine.loop import Engine, Window
+    from weatherkd.engine.loop import Engine
+    from weatherkd.engine.progress import Window
     from weatherkd.jobs import teacher_cache
     from weatherkd.recipes.distill import RECIPE, Config, compiler_missing
 

@@ -22,7 +22,8 @@ def run(argv: list[str]) -> dict:
     """
     from weatherkd import config as cfgmod
     from weatherkd import cost
-    from weatherkd.engine.loop import Engine, Window
+    from weatherkd.engine.loop import Engine
+    from weatherkd.engine.progress import Window
     from torch.utils.flop_counter import FlopCounterMode
 
     p = argparse.ArgumentParser(prog="weatherkd bench step")
