@@ -35,7 +35,7 @@ from weatherkd.engine import checkpoint, failpoints, validate
 from weatherkd.engine import run_config as runcfg
 from weatherkd.engine.preempt import EXIT_PREEMPTED, Preempted, Preemption
 from weatherkd.engine.progress import Progress, StepStats, Window
-from weatherkd.engine.nonfinite import NonFiniteGuard, NonFiniteTraining, weights_finite
+from weatherkd.engine.nonfinite import NonFiniteGuard, NonFiniteTraining, held_weights, weights_finite
 from weatherkd.engine.recipe import Recipe
 from weatherkd.models import card
 from weatherkd.engine.run_lock import RunLock, RunLocked
@@ -452,8 +452,7 @@ class Engine:
         are not finite, stop the run on every rank, leaving the checkpoints as they are."""
         self.nonfinite.check(where)
         module = self.acc.unwrap_model(self.model)
-        # ZeRO-3 holds each rank's partition of a parameter in ds_tensor, and an empty placeholder
-        weights = [getattr(p, "ds_tensor", p) for p in module.parameters()]
+        weights = [held_weights(p, self.acc.process_index) for p in module.parameters()]
         if self.ema is not None:
             weights += list(self.ema.module.parameters())
         if not weights_finite(weights, self.acc.device, self.acc.num_processes):

@@ -82,3 +82,14 @@ def weights_finite(tensors, device: torch.device, num_processes: int) -> bool:
     if num_processes > 1:
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
     return bool(bad.item() == 0)
+
+
+def held_weights(param: torch.Tensor, rank: int) -> torch.Tensor:
+    """What this rank holds of a parameter: all of it, or under ZeRO-3 its partition
+    (``ds_tensor``) without the padding that rounds the last partition up. DeepSpeed leaves that
+    padding uninitialised, so checking it would stop a healthy run at random."""
+    part = getattr(param, "ds_tensor", None)
+    if part is None:
+        return param
+    size = part.ds_numel
+    return part.narrow(0, 0, max(0, min(size, param.ds_numel - rank * size)))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from weatherkd.engine import run_config
-from weatherkd.engine.nonfinite import NonFiniteGuard, NonFiniteTraining, weights_finite
+from weatherkd.engine.nonfinite import NonFiniteGuard, NonFiniteTraining, held_weights, weights_finite
 
 
 def test_the_guard_flags_skips_counts_and_names_the_first_bad_step():
@@ -35,3 +35,20 @@ def test_only_keys_that_extend_or_watch_a_run_pass_a_resume():
     assert diff == {"ckpt.every": (5, 2), "model.kwargs": ({"width": 8}, {"width": 16}),
                     "train.log_every": (5, 1), "train.max_steps": (10, 20)}
     assert run_config.defining(diff) == ["model.kwargs"]
+
+
+def test_a_zero3_partitions_padding_is_not_checked():
+    """DeepSpeed rounds a ZeRO-3 partition up to equal sizes and leaves the last one's padding
+    uninitialised: garbage there must not stop the run, a NaN in the weights must."""
+    param = torch.empty(0)  # ZeRO-3 empties the parameter itself
+    param.ds_numel = 5  # 5 weights over 2 ranks: partitions of 3, the last with 1 of padding
+    first, last = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0, float("nan")])
+    first.ds_numel = last.ds_numel = 3
+    param.ds_tensor = last
+    assert torch.equal(held_weights(param, rank=1), torch.tensor([4.0, 5.0]))
+    assert weights_finite([held_weights(param, rank=1)], torch.device("cpu"), 1)
+    param.ds_tensor = first
+    first[1] = float("nan")
+    assert not weights_finite([held_weights(param, rank=0)], torch.device("cpu"), 1)
+    plain = torch.ones(4)
+    assert held_weights(plain, rank=1) is plain
