@@ -297,6 +297,15 @@ def load(cls, path: str | os.PathLike | None = None, overrides: list[str] = ()):
     return cfg
 
 
+def build_unchecked(cls, data: dict, source: str = "<dict>"):
+    """``build`` without the cross-key checks: for reading back a config a run saved."""
+    token = _LOADING.set(True)
+    try:
+        return build(cls, data, source)
+    finally:
+        _LOADING.reset(token)
+
+
 def _load_unchecked(cls, path, overrides):
     data: dict = {}
     source = "<defaults>"

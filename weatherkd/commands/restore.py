@@ -202,7 +202,7 @@ class Counts:
 Decoded = tuple[Job, image_files.Photo]
 
 
-def read_ahead(todo: list[Job], counts: Counts, workers: int, ahead: int) -> Iterator[Decoded]:
+def read_ahead(todo: list[Job], counts: Counts, workers: int, ahead: int, bar) -> Iterator[Decoded]:
     """Each job's photo, in order, decoded ``ahead`` files in advance; an unreadable file is counted."""
     with ThreadPoolExecutor(workers) as readers:
         queue = iter(todo)
@@ -216,6 +216,7 @@ def read_ahead(todo: list[Job], counts: Counts, workers: int, ahead: int) -> Ite
                 yield job, future.result()
             except BadImage as e:
                 counts.fail(f"skipped {e}")
+                bar.update(1)
 
 
 def same_size_batches(photos: Iterable[Decoded], batch_size: int) -> Iterator[list[Decoded]]:
@@ -230,7 +231,7 @@ def same_size_batches(photos: Iterable[Decoded], batch_size: int) -> Iterator[li
         yield batch
 
 
-def restored(batches: Iterable[list[Decoded]], restorer: Restorer, counts: Counts
+def restored(batches: Iterable[list[Decoded]], restorer: Restorer, counts: Counts, bar
              ) -> Iterator[tuple[Job, image_files.Photo, np.ndarray]]:
     """Each batch through the model; a batch the model fails on is counted, and the rest go on."""
     for batch in batches:
@@ -242,6 +243,7 @@ def restored(batches: Iterable[list[Decoded]], restorer: Restorer, counts: Count
             reason = " ".join(str(e).split())[:200] or type(e).__name__
             for job, _ in batch:
                 counts.fail(f"{job.src}: the model failed on it ({reason})")
+            bar.update(len(batch))
             continue
         for (job, photo), output in zip(batch, outputs):
             yield job, photo, output
@@ -312,11 +314,11 @@ def restore(model_path, inputs: list[str], out, fmt: str = "png", quality: int =
     counts = Counts(skipped=len(mine) - len(todo))
     start = time.perf_counter()
     ahead = 2 * batch_size + workers  # decoded photos waiting, and restored ones being written, at most
-    with progress(total=len(todo), desc="restore", unit="img") as bar:
-        photos = read_ahead(todo, counts, workers, ahead)
-        results = restored(same_size_batches(photos, batch_size), restorer, counts)
+    # closing: out of memory ends the chain early, and the readers' threads must stop with it
+    with progress(total=len(todo), desc="restore", unit="img") as bar, \
+            contextlib.closing(read_ahead(todo, counts, workers, ahead, bar)) as photos:
+        results = restored(same_size_batches(photos, batch_size), restorer, counts, bar)
         lost = write_all(results, counts, fmt, quality, ahead, bar)
-        bar.update(len(todo) - bar.n)  # the bar counts written images; close it on the failed ones too
     for note in sorted(lost):
         log.warning("--format %s: %s; written without it", fmt, note)
     counts.seconds = time.perf_counter() - start

@@ -421,7 +421,7 @@ class Engine:
         saved = checkpoint.load_state_tree(path).get("config")
         if saved is None:  # a checkpoint from before the engine saved its config: the run's config.yaml
             saved = runcfg.read_saved(self.out_dir / "config.yaml")
-        changes = runcfg.changes(saved, cfgmod.to_dict(self.cfg))
+        changes = runcfg.changes(runcfg.with_defaults(type(self.cfg), saved), cfgmod.to_dict(self.cfg))
         defining = runcfg.defining(changes)
         if defining and not self.cfg.resume_allow_changes:
             shown = "; ".join(f"{k}: {runcfg.short(changes[k][0])} -> {runcfg.short(changes[k][1])}" for k in defining)

@@ -42,6 +42,16 @@ def changes(saved: dict, now: dict) -> dict[str, tuple]:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)}
 
 
+def with_defaults(cls, saved: dict) -> dict:
+    """``saved`` as this code reads it: a key added to ``cls`` since the run was saved takes its
+    default, which is, by the rule for adding keys, what the code did before the key existed.
+    A saved config this code cannot read (a key removed since) is compared as it is."""
+    try:
+        return cfgmod.to_dict(cfgmod.build_unchecked(cls, saved))
+    except UserError:
+        return saved
+
+
 def defining(diff: dict) -> list[str]:
     """The changed keys that change what the run is."""
     return [k for k in diff if not any(k == w or (w.endswith(".") and k.startswith(w)) for w in WATCHING)]

@@ -52,3 +52,20 @@ def test_a_zero3_partitions_padding_is_not_checked():
     assert not weights_finite([held_weights(param, rank=0)], torch.device("cpu"), 1)
     plain = torch.ones(4)
     assert held_weights(plain, rank=1) is plain
+
+
+def test_a_key_added_since_the_checkpoint_is_no_change_at_its_default():
+    """A distill run saved before `consistency.ops` existed resumes as it was; one that sets it
+    otherwise changes what the run is; a config with a key since removed compares as saved."""
+    from weatherkd import config as cfgmod
+    from weatherkd.recipes.distill import Config
+
+    now = cfgmod.load(Config, "configs/distill/demo.yaml")
+    saved = cfgmod.to_dict(now)
+    del saved["consistency"]["ops"]
+    assert run_config.changes(run_config.with_defaults(Config, saved), cfgmod.to_dict(now)) == {}
+    flips = cfgmod.load(Config, "configs/distill/demo.yaml", ["consistency.ops=[flip_rows]"])
+    diff = run_config.changes(run_config.with_defaults(Config, saved), cfgmod.to_dict(flips))
+    assert run_config.defining(diff) == ["consistency.ops"]
+    saved["gone"] = 1
+    assert run_config.with_defaults(Config, saved) is saved
