@@ -18,7 +18,7 @@ def _synth(args) -> int:
     from weatherkd.data.photo_set import SynthSpec, build
 
     spec = SynthSpec(seed=args.seed, encoding=args.encoding)
-    for name in ("weathers", "train", "test", "size", "test_size", "shard_size", "severity", "clean_fraction",
+    for name in ("weathers", "train", "test", "size", "test_size", "shard_size", "severity", "zoom", "clean_fraction",
                  "grey_fraction", "structure_fraction"):
         value = getattr(args, name)
         if value is not None:

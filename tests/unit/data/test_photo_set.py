@@ -86,7 +86,7 @@ def test_a_crop_is_the_window_of_the_whole_photo_resized():
         crop, (y, x, scale) = _random_crop(np.random.default_rng(seed), img, 64)
         rng = np.random.default_rng(seed)
         lo = 64 / min(img.size)
-        exact = float(rng.uniform(max(lo, 0.25), max(lo, 0.75)))
+        exact = float(np.exp(rng.uniform(np.log(max(lo, 0.15)), np.log(max(lo, 0.75)))))
         whole = img.resize((round(img.width * exact), round(img.height * exact)), Image.BICUBIC)
         expected = np.asarray(whole, np.float32)[y:y + 64, x:x + 64]
         assert crop.shape == (64, 64, 3) and abs(exact - scale) < 1e-4
