@@ -35,7 +35,7 @@ def _add_shards(sub) -> None:
     s.add_argument("--severity", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="range of training severities, 1 = the configured weather ranges (default 0.2 1.0)")
     s.add_argument("--zoom", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                   help="range of the photo's scale before a training crop, drawn log-uniformly (default 0.15 0.75)")
+                   help="range of the photo's scale before a training crop is cut (default 0.25 0.75)")
     s.add_argument("--clean-fraction", type=float, default=None,
                    help="share of training crops left clean, input = target (default 0.15)")
     s.add_argument("--grey-fraction", type=float, default=None,

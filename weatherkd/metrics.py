@@ -43,6 +43,21 @@ def psnr_batch(pred: torch.Tensor, target: torch.Tensor, protocol: str = "rgb", 
     return 10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))
 
 
+def weather_split(pred: torch.Tensor, inp: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per image, the squared errors (0..255 grid, summed over pixels and channels) where the
+    weather changed the image (input differs from target by more than one level in some channel)
+    and where it did not. A change in PSNR is then either removal (the model's error on weather
+    pixels against the input's) or damage (any error on untouched pixels, where the input is exact)."""
+    p, x, t = quantize(pred), quantize(inp), quantize(target)
+    weather = ((x - t).abs().amax(1) > 1).double()  # (B, H, W); keep_loss's tolerance, one level
+    se, se_input = ((p - t) ** 2).sum(1), ((x - t) ** 2).sum(1)
+    channels = pred.shape[1]
+    return {"se_weather": (se * weather).flatten(1).sum(1), "se_weather_input": (se_input * weather).flatten(1).sum(1),
+            "se_untouched": (se * (1 - weather)).flatten(1).sum(1),
+            "weather_values": weather.flatten(1).sum(1) * channels,
+            "untouched_values": (1 - weather).flatten(1).sum(1) * channels}
+
+
 def gaussian_1d(size: int = 11, sigma: float = 1.5, device=None) -> torch.Tensor:
     coords = torch.arange(size, dtype=torch.float64, device=device) - size // 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))

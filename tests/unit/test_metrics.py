@@ -62,3 +62,42 @@ def test_protocols_differ_and_bad_input_is_refused():
         psnr(a, b, "lab")
     with pytest.raises(ValueError, match="uint8"):
         psnr(a.astype(np.float32), b)
+
+
+def _t(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(img).permute(2, 0, 1)[None].double() / 255
+
+
+def test_removal_and_damage_split_a_psnr_change_by_where_the_weather_was():
+    """Weather on the left half, a model that removes a known share of it there and damages the
+    right half: ``removed`` is that share, ``untouched_psnr`` is scikit-image's PSNR of the right half."""
+    from weatherkd.engine.validate import removal
+
+    rng = np.random.default_rng(1)
+    clean = skimage.data.astronaut()[:64, :96]
+    weathered = clean.astype(int)
+    weathered[:, :48] = np.clip(weathered[:, :48] + 60, 0, 255)  # a bright veil where the weather fell
+    inp = weathered.astype(np.uint8)
+    out = clean.astype(int)
+    out[:, :48] += (inp.astype(int) - clean)[:, :48] // 2  # half the veil left: a quarter of its squared error
+    out[:, 48:] = np.clip(out[:, 48:] + rng.integers(-9, 10, out[:, 48:].shape), 0, 255)  # damage
+    out = out.astype(np.uint8)
+
+    def split(pred):
+        from weatherkd.metrics import weather_split
+        return [{k: float(v[0]) for k, v in weather_split(_t(pred), _t(inp), _t(clean)).items()}]
+
+    moved = (inp.astype(int) - clean)[:, :48]
+    veiled = np.abs(moved).max(-1) > 1
+    se_in = (moved ** 2)[veiled].sum()
+    se_out = ((out.astype(int) - clean)[:, :48] ** 2)[veiled].sum()
+    got = removal(split(out))
+    assert got["removed"] == pytest.approx(1 - se_out / se_in, abs=1e-9)
+    assert 0.6 < got["removed"] < 0.9
+    untouched = ~np.pad(veiled, ((0, 0), (0, 48)))
+    expected = peak_signal_noise_ratio(clean[untouched], out[untouched], data_range=255)
+    assert got["untouched_psnr"] == pytest.approx(expected, abs=1e-6)
+    assert got["weather_pixels"] == pytest.approx(veiled.sum() / veiled.size / 2)
+    # identity removes nothing and damages nothing; the clean image removes everything
+    assert removal(split(inp)) == {"removed": 0.0, "untouched_psnr": None, "weather_pixels": got["weather_pixels"]}
+    assert removal(split(clean))["removed"] == 1.0

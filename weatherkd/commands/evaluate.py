@@ -54,7 +54,25 @@ def markdown(summary: dict, title: str) -> str:
                   f"it, {clean['min']:.2f} dB at worst.\n" if clean else "")
     return (f"### {title}{random_note}\n\nPSNR (dB) / SSIM, protocol `{summary['protocol']}`, "
             f"{summary['n']} samples\n\n" + head + row(title, summary) + row("identity", summary["identity"])
-            + clean_line)
+            + clean_line + removal_markdown(summary.get("removal", {})))
+
+
+def removal_markdown(removal: dict) -> str:
+    """Where each weather's PSNR change comes from: the weather removed, and what the weather left
+    untouched, damaged (validate.removal)."""
+    if not removal:
+        return ""
+    def pct(v):
+        return "—" if v is None else f"{100 * v:.0f}%"
+
+    def db(v):
+        return "exact" if v is None else f"{v:.1f} dB"
+    lines = [f"| {w} | {pct(r['weather_pixels'])} | {pct(r['removed'])} | {db(r['untouched_psnr'])} |"
+             for w, r in removal.items()]
+    return ("\nRemoval and damage (RGB): the share of pixels the weather changed, the share of the input's "
+            "squared error there that the model took away, and the PSNR over the pixels the weather left "
+            "exact (identity: exact).\n\n| weather | weather pixels | removed | untouched pixels |\n"
+            "|---|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
 def evaluate(model_dir, shards, out=None, protocol: str = "rgb", split: str = "test", tile: int = 0,

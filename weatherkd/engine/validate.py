@@ -10,7 +10,7 @@ import torch
 from accelerate.utils import gather_object
 
 from weatherkd.data import stream
-from weatherkd.metrics import psnr_batch, quantize, ssim_batch
+from weatherkd.metrics import psnr_batch, quantize, ssim_batch, weather_split
 from weatherkd.precision import autocast
 
 
@@ -22,10 +22,11 @@ def _rows(batch: dict, pred: torch.Tensor, weathers: list[str], protocol: str,
     target, inp = batch["target"].float(), batch["input"].float()
     p_psnr, p_ssim = psnr_batch(pred, target, protocol), ssim_batch(pred, target, protocol)
     i_psnr, i_ssim = psnr_batch(inp, target, protocol), ssim_batch(inp, target, protocol)
+    split = weather_split(pred, inp, target)
     rows = [
         {"key": k, "weather": weathers[int(w)], "psnr": float(a), "ssim": float(b),
-         "id_psnr": float(c), "id_ssim": float(d)}
-        for k, w, a, b, c, d in zip(batch["key"], batch["weather"], p_psnr, p_ssim, i_psnr, i_ssim)
+         "id_psnr": float(c), "id_ssim": float(d), **{name: float(v[i]) for name, v in split.items()}}
+        for i, (k, w, a, b, c, d) in enumerate(zip(batch["key"], batch["weather"], p_psnr, p_ssim, i_psnr, i_ssim))
     ]
     if clean_pred is not None:  # the clean image in: how far the model moves what needs no restoring
         for r, c in zip(rows, psnr_batch(clean_pred, target, protocol)):
@@ -49,11 +50,29 @@ def summarise(rows: list[dict], protocol: str) -> dict:
 
     model, identity = table("psnr", "ssim"), table("id_psnr", "id_ssim")
     summary = {"protocol": protocol, **model, "n": len(rows), "identity": identity}
+    if rows and all("se_weather" in r for r in rows):
+        summary["removal"] = {w: removal(rs) for w, rs in sorted(by_weather.items())}
     if rows and all("clean_psnr" in r for r in rows):
         per_weather = {w: float(np.mean([r["clean_psnr"] for r in rs])) for w, rs in sorted(by_weather.items())}
         summary["clean_in"] = {"psnr": float(np.mean(list(per_weather.values()))), "weathers": per_weather,
                                "min": float(min(r["clean_psnr"] for r in rows))}
     return summary
+
+
+def removal(rows: list[dict]) -> dict:
+    """Where a weather's PSNR change comes from, over these rows (RGB, whatever the protocol):
+    ``removed``, the share of the input's squared error on weather pixels that the model took away
+    (1: all of it, 0: none, below 0: it made them worse); ``untouched_psnr``, PSNR over the pixels
+    the weather left exact, i.e. the damage (None: returned exactly, as identity does, or no such
+    pixels); ``weather_pixels``, the share of pixels the weather changed."""
+    def total(name: str) -> float:
+        return float(sum(r[name] for r in rows))
+
+    weather_se_input, untouched = total("se_weather_input"), total("untouched_values")
+    mse_untouched = total("se_untouched") / untouched if untouched else 0.0
+    return {"removed": 1 - total("se_weather") / weather_se_input if weather_se_input else None,
+            "untouched_psnr": float(10 * np.log10(255**2 / mse_untouched)) if mse_untouched > 0 else None,
+            "weather_pixels": total("weather_values") / (total("weather_values") + untouched)}
 
 
 def triplet(batch: dict, pred: torch.Tensor, i: int = 0) -> np.ndarray:

@@ -1,11 +1,13 @@
 """The embedded training set's looks: greyscale, turned and structured crops, each from its own random stream."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from weatherkd.data.check import iter_tar
 from weatherkd.data.photo_set import SynthSpec, _random_crop, build, draw_structures, greyscale, read_builtin
 from weatherkd.data.samples import decode_sample
+from weatherkd.data.shards import ShardSetError
 
 
 def _train_samples(out, **spec):
@@ -86,8 +88,19 @@ def test_a_crop_is_the_window_of_the_whole_photo_resized():
         crop, (y, x, scale) = _random_crop(np.random.default_rng(seed), img, 64)
         rng = np.random.default_rng(seed)
         lo = 64 / min(img.size)
-        exact = float(np.exp(rng.uniform(np.log(max(lo, 0.15)), np.log(max(lo, 0.75)))))
+        exact = float(rng.uniform(max(lo, 0.25), max(lo, 0.75)))
         whole = img.resize((round(img.width * exact), round(img.height * exact)), Image.BICUBIC)
         expected = np.asarray(whole, np.float32)[y:y + 64, x:x + 64]
         assert crop.shape == (64, 64, 3) and abs(exact - scale) < 1e-4
         assert np.abs(crop * 255 - expected).max() <= 1.01
+
+
+def test_zoom_sets_the_scale_of_training_crops_and_a_bad_range_is_refused(tmp_path):
+    (_, photo), = read_builtin(["path"])
+    img = Image.fromarray((photo * 255 + 0.5).astype(np.uint8))
+    scales = [_random_crop(np.random.default_rng(s), img, 64, (0.4, 0.5))[1][2] for s in range(20)]
+    assert all(0.4 <= s <= 0.5 for s in scales) and max(scales) - min(scales) > 0.02
+    # never so small that the crop would not fit: the photo's short side times the scale is at least the crop
+    assert _random_crop(np.random.default_rng(0), img, 64, (0.01, 0.01))[1][2] == pytest.approx(64 / min(img.size), abs=1e-4)
+    with pytest.raises(ShardSetError, match="--zoom needs 0 < low <= high"):
+        build(str(tmp_path / "s"), "builtin", SynthSpec(zoom=[0.5, 0.2]))
