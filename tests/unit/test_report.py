@@ -20,14 +20,19 @@ def seed_or_0(seed):
     return seed or 0
 
 
-def fake_eval(root, name, psnr, seed=None, objective="kd"):
-    """An eval output as `weatherkd eval` writes it, with made-up per-image PSNRs."""
+def fake_eval(root, name, psnr, seed=None, objective="kd", removed=None):
+    """An eval output as `weatherkd eval` writes it, with made-up per-image PSNRs (and, with
+    ``removed``, every image's weather error cut to 1 - removed and 10 of damage per 100 untouched values)."""
     run = root / name
     models.save(models.build("residual_cnn", width=4, depth=2), run / "model")
     if seed is not None:
         (run / "config.yaml").write_text(yaml.safe_dump({"objective": objective, "seed": seed, "out_dir": str(run)}))
     rows = [{"key": k, "weather": w, "psnr": float(p), "ssim": 0.5, "id_psnr": float(i), "id_ssim": 0.4,
              "clean_psnr": 40.0 + seed_or_0(seed)} for (k, w), p, i in zip(KEYS, psnr, IDENTITY)]
+    if removed is not None:
+        for r in rows:
+            r.update(se_weather=100.0 * (1 - removed), se_weather_input=100.0, se_untouched=10.0,
+                     weather_values=30.0, untouched_values=100.0)
     ev = run / "eval"
     ev.mkdir()
     (ev / "samples.json").write_text(json.dumps(rows))
@@ -94,3 +99,16 @@ def test_a_repeated_seed_an_unknown_diff_and_other_images_are_refused(tmp_path):
     one = report.paired_difference([{"a": ("snow", 2.0), "b": ("rain", 1.0), "c": ("rain", 3.0)}],
                                    [{"a": ("snow", 1.0), "b": ("rain", 1.0), "c": ("rain", 1.0)}], [None], [None])
     assert one["weathers"]["snow"]["se"] is None and one["se"] is None and one["mean"] == pytest.approx(1.0)
+
+
+def test_removal_and_damage_are_averaged_over_seeds_and_tabled(tmp_path):
+    runs = [fake_eval(tmp_path, f"kd-s{s}", IDENTITY + 1, seed=s, removed=0.2 + 0.2 * s) for s in range(3)]
+    runs.append(fake_eval(tmp_path, "teacher", IDENTITY + 2, removed=-0.1))
+    table = report.gather(runs, latency_size=16)
+    kd = next(r for r in table["rows"] if r["name"] == "kd")
+    assert kd["removal"]["snow"]["removed"] == pytest.approx(0.4)  # 0.2, 0.4, 0.6
+    assert kd["removal"]["snow"]["untouched_psnr"] == pytest.approx(10 * np.log10(255**2 / 0.1))
+    assert kd["removal"]["snow"]["weather_pixels"] == pytest.approx(30 / 130)
+    text = report.markdown(table)
+    assert "| kd | 40% / 58.1 dB | 40% / 58.1 dB |" in text and "| teacher | -10% / 58.1 dB |" in text
+    assert "identity |" not in text.split("Removal and damage")[1].split("Paired")[0]

@@ -160,6 +160,14 @@ def paired_difference(a: list[dict], b: list[dict], seeds_a: list, seeds_b: list
     return out
 
 
+def _mean_removal(per_seed: list[dict]) -> dict:
+    """validate.removal's figures per weather, averaged over seeds (None where no seed has one)."""
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return float(np.mean(values)) if values else None
+    return {w: {k: mean([r[w][k] for r in per_seed]) for k in per_seed[0][w]} for w in per_seed[0]}
+
+
 def gather(run_dirs: list, latency_size: int = 256, device: str | None = None,
            diffs: list[tuple[str, str]] = ()) -> dict:
     runs = [_load_run(Path(d)) for d in run_dirs]
@@ -183,6 +191,8 @@ def gather(run_dirs: list, latency_size: int = 256, device: str | None = None,
                                                             "mean": r["metrics"]["mean"]}
         if len(members) == 1 and "clean_in" in r["metrics"]:
             row["clean_in"] = r["metrics"]["clean_in"]
+        if all("removal" in m["metrics"] for m in members):
+            row["removal"] = _mean_removal([m["metrics"]["removal"] for m in members])
         row.update(cost=cost.summary(models.load(r["model"]), latency_size=latency_size, device=device),
                    random_init=bool(r["metrics"].get("random_init")), model=r["model"], dir=r["dir"])
         if row["name"] in images:
@@ -248,7 +258,30 @@ def markdown(report: dict) -> str:
     if any(r.get("random_init") for r in report["rows"]):
         notes.append("† built with random pretrained towers (allow_random_init): a pipeline check, not a result.")
     notes += report.get("notes", [])
-    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n" + _differences_markdown(report)
+    return ("\n".join(lines) + "\n\n" + "\n".join(notes) + "\n" + _removal_markdown(report)
+            + _differences_markdown(report))
+
+
+def _removal_markdown(report: dict) -> str:
+    rows = [r for r in report["rows"] if "removal" in r]
+    if not rows:
+        return ""
+    weathers = report["weathers"]
+
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "—"
+        removed = "—" if r["removed"] is None else f"{100 * r['removed']:.0f}%".replace("-0%", "0%")
+        return removed + " / " + ("exact" if r["untouched_psnr"] is None else f"{r['untouched_psnr']:.1f} dB")
+
+    share = rows[0]["removal"]
+    lines = ["", "Removal and damage, per weather: the share of the input's squared error on the pixels the "
+             "weather changed that the model took away / PSNR over the pixels it left exact (damage; identity: "
+             "exact). Weather pixels: " + ", ".join(f"{w} {100 * share[w]['weather_pixels']:.0f}%"
+                                                     for w in weathers if w in share) + ".", "",
+             "| model | " + " | ".join(weathers) + " |", "|---|" + "---|" * len(weathers)]
+    lines += [f"| {r['name']} | " + " | ".join(cell(r["removal"].get(w)) for w in weathers) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _differences_markdown(report: dict) -> str:
