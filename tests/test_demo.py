@@ -80,12 +80,21 @@ def test_quick_demo_runs_every_stage_and_resumes_a_half_done_one(tmp_path):
     assert "resumed from" in (out / "logs" / "distill-dckd.log").read_text().split("\n# ")[-1]
     assert json.loads((dckd / "metrics.json").read_text())["step"] == 4
     main, heldout = (out / "report.md").read_text().split("### Held-out check")
-    table, differences = main.split("Paired differences")
-    assert heldout.count("| distill-") == 5 + 5 and "Paired differences" in heldout  # rows, then against identity
-    assert table.count("| distill-") == 5
+    table, removal, differences = _sections(main)
+    assert table.count("| distill-") == 5 and removal.count("| distill-") == 5
+    held_table, held_removal, held_differences = _sections(heldout)
+    assert (held_table.count("| distill-"), held_removal.count("| distill-"), held_differences.count("| distill-")) == (
+        5, 5, 5)  # rows, where their changes come from, then against identity
     assert "| distill-dckd − distill-kd |" in differences and "| distill-kd − distill-scratch |" in differences
     assert "No D4IR row" in (out / "report.md").read_text()
 
+
+
+def _sections(report_md: str) -> tuple[str, str, str]:
+    """A report's table, its removal-and-damage table and its paired differences."""
+    table, rest = report_md.split("Removal and damage", 1)
+    removal, differences = rest.split("Paired differences", 1)
+    return table, removal, differences
 
 
 @pytest.mark.slow

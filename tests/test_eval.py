@@ -143,10 +143,15 @@ def test_report_tabulates_identity_then_each_run(eval_set, tmp_path):
     out = tmp_path / "report.md"
     table = run_cli("report", *runs, "--out", out, "--latency-size", 64).stdout
     assert out.read_text() == table
-    main, differences = table.split("Paired differences")
+    main, rest = table.split("Removal and damage")
+    removal, differences = rest.split("Paired differences")
+
+    def first_cells(text):
+        return [ln.split("|")[1].strip() for ln in text.splitlines() if ln.startswith("| ")]
     lines = [ln for ln in main.splitlines() if ln.startswith("| ")]
-    assert [ln.split("|")[1].strip() for ln in lines[1:]] == ["identity", "small †", "wide †"]
+    assert first_cells(main)[1:] == ["identity", "small †", "wide †"]
     assert "clean-in PSNR" in lines[0]
+    assert first_cells(removal)[1:] == ["small", "wide"]  # where each row's change comes from
     assert [ln.split("|")[1].strip() for ln in differences.splitlines() if ln.startswith("| ")][1:] == \
         ["small − identity", "wide − identity"]
     report_json = json.loads(out.with_suffix(".json").read_text())
