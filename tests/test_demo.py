@@ -89,7 +89,6 @@ def test_quick_demo_runs_every_stage_and_resumes_a_half_done_one(tmp_path):
     assert "No D4IR row" in (out / "report.md").read_text()
 
 
-
 def _sections(report_md: str) -> tuple[str, str, str]:
     """A report's table, its removal-and-damage table and its paired differences."""
     table, rest = report_md.split("Removal and damage", 1)

@@ -45,11 +45,11 @@ def psnr_batch(pred: torch.Tensor, target: torch.Tensor, protocol: str = "rgb", 
 
 def weather_split(pred: torch.Tensor, inp: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per image, the squared errors (0..255 grid, summed over pixels and channels) where the
-    weather changed the image (input differs from target by more than one level in some channel)
-    and where it did not. A change in PSNR is then either removal (the model's error on weather
-    pixels against the input's) or damage (any error on untouched pixels, where the input is exact)."""
+    weather changed the image (input and target differ in some channel) and where it left it
+    exact. A change in PSNR is then either removal (the model's error on weather pixels against
+    the input's) or damage (any error on untouched pixels, where the input is the target)."""
     p, x, t = quantize(pred), quantize(inp), quantize(target)
-    weather = ((x - t).abs().amax(1) > 1).double()  # (B, H, W); keep_loss's tolerance, one level
+    weather = ((x - t).abs().amax(1) > 0).double()  # (B, H, W)
     se, se_input = ((p - t) ** 2).sum(1), ((x - t) ** 2).sum(1)
     channels = pred.shape[1]
     return {"se_weather": (se * weather).flatten(1).sum(1), "se_weather_input": (se_input * weather).flatten(1).sum(1),

@@ -71,12 +71,13 @@ def _t(img: np.ndarray) -> torch.Tensor:
 def test_removal_and_damage_split_a_psnr_change_by_where_the_weather_was():
     """Weather on the left half, a model that removes a known share of it there and damages the
     right half: ``removed`` is that share, ``untouched_psnr`` is scikit-image's PSNR of the right half."""
-    from weatherkd.engine.validate import removal
+    from weatherkd.engine.validate import EXACT_DB, removal, removal_cells
 
     rng = np.random.default_rng(1)
     clean = skimage.data.astronaut()[:64, :96]
     weathered = clean.astype(int)
     weathered[:, :48] = np.clip(weathered[:, :48] + 60, 0, 255)  # a bright veil where the weather fell
+    weathered[0, 60] = np.where(clean[0, 60] < 255, clean[0, 60] + 1, clean[0, 60] - 1)  # one level is weather too
     inp = weathered.astype(np.uint8)
     out = clean.astype(int)
     out[:, :48] += (inp.astype(int) - clean)[:, :48] // 2  # half the veil left: a quarter of its squared error
@@ -87,17 +88,22 @@ def test_removal_and_damage_split_a_psnr_change_by_where_the_weather_was():
         from weatherkd.metrics import weather_split
         return [{k: float(v[0]) for k, v in weather_split(_t(pred), _t(inp), _t(clean)).items()}]
 
-    moved = (inp.astype(int) - clean)[:, :48]
-    veiled = np.abs(moved).max(-1) > 1
+    moved = inp.astype(int) - clean
+    veiled = np.abs(moved).max(-1) > 0
+    assert veiled[0, 60] and veiled[:, :48].all() and veiled.sum() == 64 * 48 + 1
     se_in = (moved ** 2)[veiled].sum()
-    se_out = ((out.astype(int) - clean)[:, :48] ** 2)[veiled].sum()
+    se_out = ((out.astype(int) - clean) ** 2)[veiled].sum()
     got = removal(split(out))
     assert got["removed"] == pytest.approx(1 - se_out / se_in, abs=1e-9)
     assert 0.6 < got["removed"] < 0.9
-    untouched = ~np.pad(veiled, ((0, 0), (0, 48)))
-    expected = peak_signal_noise_ratio(clean[untouched], out[untouched], data_range=255)
+    expected = peak_signal_noise_ratio(clean[~veiled], out[~veiled], data_range=255)
     assert got["untouched_psnr"] == pytest.approx(expected, abs=1e-6)
-    assert got["weather_pixels"] == pytest.approx(veiled.sum() / veiled.size / 2)
-    # identity removes nothing and damages nothing; the clean image removes everything
-    assert removal(split(inp)) == {"removed": 0.0, "untouched_psnr": None, "weather_pixels": got["weather_pixels"]}
+    assert got["weather_pixels"] == pytest.approx(veiled.mean())
+    # identity removes nothing and is exact where the weather did not fall; the clean image removes everything
+    identity = removal(split(inp))
+    assert identity["removed"] == 0.0 and identity["untouched_psnr"] > EXACT_DB
+    assert removal_cells(identity) == ("0%", "exact") and removal_cells(got)[1] == f"{expected:.1f} dB"
     assert removal(split(clean))["removed"] == 1.0
+    # a weather that changed every pixel leaves none to damage: no figure, not "exact"
+    everywhere = removal([{**split(out)[0], "se_untouched": 0.0, "untouched_values": 0.0}])
+    assert everywhere["untouched_psnr"] is None and removal_cells(everywhere)[1] == "—"

@@ -62,16 +62,11 @@ def removal_markdown(removal: dict) -> str:
     untouched, damaged (validate.removal)."""
     if not removal:
         return ""
-    def pct(v):
-        return "—" if v is None else f"{100 * v:.0f}%"
-
-    def db(v):
-        return "exact" if v is None else f"{v:.1f} dB"
-    lines = [f"| {w} | {pct(r['weather_pixels'])} | {pct(r['removed'])} | {db(r['untouched_psnr'])} |"
+    lines = [f"| {w} | {100 * r['weather_pixels']:.0f}% | " + " | ".join(validate.removal_cells(r)) + " |"
              for w, r in removal.items()]
     return ("\nRemoval and damage (RGB): the share of pixels the weather changed, the share of the input's "
             "squared error there that the model took away, and the PSNR over the pixels the weather left "
-            "exact (identity: exact).\n\n| weather | weather pixels | removed | untouched pixels |\n"
+            "exact (identity: exact).\n\n| weather | weather pixels | removed | untouched PSNR |\n"
             "|---|---|---|---|\n" + "\n".join(lines) + "\n")
 
 

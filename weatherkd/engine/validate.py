@@ -22,10 +22,10 @@ def _rows(batch: dict, pred: torch.Tensor, weathers: list[str], protocol: str,
     target, inp = batch["target"].float(), batch["input"].float()
     p_psnr, p_ssim = psnr_batch(pred, target, protocol), ssim_batch(pred, target, protocol)
     i_psnr, i_ssim = psnr_batch(inp, target, protocol), ssim_batch(inp, target, protocol)
-    split = weather_split(pred, inp, target)
+    split = {name: v.tolist() for name, v in weather_split(pred, inp, target).items()}
     rows = [
         {"key": k, "weather": weathers[int(w)], "psnr": float(a), "ssim": float(b),
-         "id_psnr": float(c), "id_ssim": float(d), **{name: float(v[i]) for name, v in split.items()}}
+         "id_psnr": float(c), "id_ssim": float(d), **{name: v[i] for name, v in split.items()}}
         for i, (k, w, a, b, c, d) in enumerate(zip(batch["key"], batch["weather"], p_psnr, p_ssim, i_psnr, i_ssim))
     ]
     if clean_pred is not None:  # the clean image in: how far the model moves what needs no restoring
@@ -62,17 +62,31 @@ def summarise(rows: list[dict], protocol: str) -> dict:
 def removal(rows: list[dict]) -> dict:
     """Where a weather's PSNR change comes from, over these rows (RGB, whatever the protocol):
     ``removed``, the share of the input's squared error on weather pixels that the model took away
-    (1: all of it, 0: none, below 0: it made them worse); ``untouched_psnr``, PSNR over the pixels
-    the weather left exact, i.e. the damage (None: returned exactly, as identity does, or no such
-    pixels); ``weather_pixels``, the share of pixels the weather changed."""
+    (1: all of it, 0: none, below 0: it made them worse; None: no weather pixels);
+    ``untouched_psnr``, PSNR over the pixels the weather left exact, i.e. the damage (an exact
+    copy is clamped as PSNR is, to ~148 dB; None: no such pixels); ``weather_pixels``, the share
+    of pixels the weather changed."""
     def total(name: str) -> float:
         return float(sum(r[name] for r in rows))
 
     weather_se_input, untouched = total("se_weather_input"), total("untouched_values")
-    mse_untouched = total("se_untouched") / untouched if untouched else 0.0
+    mse_untouched = max(total("se_untouched") / untouched, 1e-10) if untouched else None
     return {"removed": 1 - total("se_weather") / weather_se_input if weather_se_input else None,
-            "untouched_psnr": float(10 * np.log10(255**2 / mse_untouched)) if mse_untouched > 0 else None,
+            "untouched_psnr": float(10 * np.log10(255**2 / mse_untouched)) if mse_untouched else None,
             "weather_pixels": total("weather_values") / (total("weather_values") + untouched)}
+
+
+EXACT_DB = 100.0  # above this, an untouched PSNR reads as "exact": 8-bit outputs differ by whole levels
+
+
+def removal_cells(figures: dict | None) -> tuple[str, str]:
+    """``removal``'s figures for one weather as table cells: removed, untouched PSNR."""
+    if figures is None:
+        return "—", "—"
+    removed, untouched = figures["removed"], figures["untouched_psnr"]
+    removed_cell = "—" if removed is None else f"{100 * removed:.0f}%".replace("-0%", "0%")
+    untouched_cell = "—" if untouched is None else "exact" if untouched > EXACT_DB else f"{untouched:.1f} dB"
+    return removed_cell, untouched_cell
 
 
 def triplet(batch: dict, pred: torch.Tensor, i: int = 0) -> np.ndarray:

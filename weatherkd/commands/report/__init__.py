@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from weatherkd import cost, models
+from weatherkd.engine.validate import removal_cells
 from weatherkd.errors import UserError
 from weatherkd.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from weatherkd.placement import place
@@ -268,19 +269,17 @@ def _removal_markdown(report: dict) -> str:
         return ""
     weathers = report["weathers"]
 
-    def cell(r: dict | None) -> str:
-        if r is None:
-            return "—"
-        removed = "—" if r["removed"] is None else f"{100 * r['removed']:.0f}%".replace("-0%", "0%")
-        return removed + " / " + ("exact" if r["untouched_psnr"] is None else f"{r['untouched_psnr']:.1f} dB")
+    def cell(figures: dict | None) -> str:
+        return " / ".join(removal_cells(figures))
 
     share = rows[0]["removal"]
-    lines = ["", "Removal and damage, per weather: the share of the input's squared error on the pixels the "
+    lines = ["", "Removal and damage, per weather (RGB): the share of the input's squared error on the pixels the "
              "weather changed that the model took away / PSNR over the pixels it left exact (damage; identity: "
              "exact). Weather pixels: " + ", ".join(f"{w} {100 * share[w]['weather_pixels']:.0f}%"
                                                      for w in weathers if w in share) + ".", "",
              "| model | " + " | ".join(weathers) + " |", "|---|" + "---|" * len(weathers)]
-    lines += [f"| {r['name']} | " + " | ".join(cell(r["removal"].get(w)) for w in weathers) + " |" for r in rows]
+    lines += [f"| {r['name']}{' †' if r.get('random_init') else ''} | "
+              + " | ".join(cell(r["removal"].get(w)) for w in weathers) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
