@@ -81,11 +81,12 @@ def test_draw_structures_draws_thin_opaque_lines():
 
 
 def test_a_crop_is_the_window_of_the_whole_photo_resized():
-    """Only the crop's window is resampled; the pixels are those of resizing the whole photo, then cropping."""
+    """Only the crop's window is resampled; the pixels are those of resizing the whole photo, then
+    cropping. The default scale is drawn as every set before `--zoom` drew it: uniform on 0.25-0.75."""
     (_, photo), = read_builtin(["path"])
     img = Image.fromarray((photo * 255 + 0.5).astype(np.uint8))
     for seed in range(5):
-        crop, (y, x, scale) = _random_crop(np.random.default_rng(seed), img, 64)
+        crop, (y, x, scale) = _random_crop(np.random.default_rng(seed), img, 64, SynthSpec().zoom)
         rng = np.random.default_rng(seed)
         lo = 64 / min(img.size)
         exact = float(rng.uniform(max(lo, 0.25), max(lo, 0.75)))
