@@ -1,8 +1,9 @@
 """`weatherkd distill`: train a compact student from an exported teacher (DCKD, docs/references.md).
 
 ``objective``:
-- ``scratch``: L1 to ground truth only (the baseline every KD result is compared with);
-- ``kd``: L1 to the teacher's output, plus L1 to ground truth when the shards have it;
+- ``scratch``: ground truth only (the baseline every KD result is compared with);
+- ``kd``: the teacher's output, plus ground truth when the shards have it (both by ``pixel``: L1,
+  or L2);
 - ``dckd``: kd plus dynamic contrastive regularisation against negatives passed through the
   history model, plus distribution matching on the VQ codebook.
 
@@ -35,6 +36,7 @@ from weatherkd.engine import Engine, Recipe
 from weatherkd.errors import UserError
 from weatherkd.logs import get_logger
 from weatherkd.losses import distill as D
+from weatherkd.losses.restoration import PIXEL
 from weatherkd.models.fusion import frozen_copy
 from weatherkd.precision import DTYPES, Helper, ema_of
 from weatherkd.jobs.runner import check_taught_by
@@ -106,7 +108,13 @@ class Config(StageConfig):
     vq: str = ""  # exported VQ autoencoder directory (dckd)
     objective: Literal["scratch", "kd", "dckd"] = "kd"
     w_kd: float = 1.0
-    w_gt: float = 1.0  # L1 to ground truth when the shards have targets
+    w_gt: float = 1.0  # to ground truth when the shards have targets
+    # The distance of the kd and gt terms to their targets. L1's best answer on a pixel the model
+    # cannot place is the median of what it has seen there, and where a weather leaves most pixels
+    # exact that is the input itself: a scratch student on raindrop alone stays exactly the identity
+    # with l1 and removes some drops with l2, whose answer is the mean
+    # (docs/results/2026-12-07-student-pixel-loss.md). The consistency term stays L1, as officially.
+    pixel: Literal["l1", "l2", "smooth_l1"] = "l1"
     dckd: DCKDConfig = field(default_factory=DCKDConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
@@ -184,6 +192,7 @@ class DistillRecipe(Recipe):
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.pixel = PIXEL[cfg.pixel]
         student = init_student(cfg.init) if cfg.init else \
             models.build(cfg.model.arch, **cfg.model.arch_kwargs())
         helpers = {}
@@ -232,13 +241,13 @@ class DistillRecipe(Recipe):
         if c.objective == "scratch":
             if target is None:
                 raise UserError("objective: scratch needs shards with targets")
-            losses["gt"] = F.l1_loss(out, target)
+            losses["gt"] = self.pixel(out, target)
         else:
             with record_function("distill/teacher"):
                 teacher = self.teacher_output(batch)
-            losses["kd"] = c.w_kd * F.l1_loss(out, teacher)
+            losses["kd"] = c.w_kd * self.pixel(out, teacher)
             if target is not None and c.w_gt:
-                losses["gt"] = c.w_gt * F.l1_loss(out, target)
+                losses["gt"] = c.w_gt * self.pixel(out, target)
             if c.uses_consistency:
                 losses["consistency"] = self.consistency_term(x, out)
             if c.objective == "dckd":
