@@ -38,8 +38,12 @@ def fake_eval(root, model_dir, shards, gain):
     """An eval output as `weatherkd eval` writes it, with made-up per-image PSNRs on ``shards``' test keys."""
     name = model_dir.parent.name
     rng = np.random.default_rng(zlib.crc32(f"{name}{shards}".encode()))
+    # With the removal split (metrics.weather_split's sums): a model taking away ``gain``/10 of
+    # the weather's squared error, a quarter of the pixels weather, the rest left near exact.
     rows = [{"key": f"test_{w}_{i:04d}", "weather": w, "psnr": 20.0 + gain + rng.normal(0, 0.2), "ssim": 0.5,
-             "id_psnr": 20.0 + i * 0.1, "id_ssim": 0.4, "clean_psnr": 45.0} for w in WEATHERS for i in range(3)]
+             "id_psnr": 20.0 + i * 0.1, "id_ssim": 0.4, "clean_psnr": 45.0,
+             "se_weather": 1000.0 * (1 - gain / 10), "se_weather_input": 1000.0, "se_untouched": 3.0,
+             "weather_values": 300.0, "untouched_values": 900.0} for w in WEATHERS for i in range(3)]
     ev = root / "evals" / Path(shards).name / name
     ev.mkdir(parents=True)
     (ev / "samples.json").write_text(json.dumps(rows))
@@ -97,8 +101,11 @@ def test_the_page_parses_its_images_open_and_the_figures_hold_what_they_should(m
     for src in page.images:
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).load()
     assert page.figures == ["frontier", "gains", "grid", "grid-heldout", "clean-in"]
-    assert page.tables == 4  # the table and its paired differences, for each set
+    assert page.tables == 6  # the table, removal and damage, and the paired differences, for each set
     text = " ".join(page.text)
+    assert text.count("Removal and damage, per weather") == 2
+    # The teacher took away a tenth of the weather's squared error and left the rest at MSE 1/300.
+    assert "10% / 72.9 dB" in text
     assert "±" in text  # the seeded row's spread
     assert "kd − identity" in text
 
