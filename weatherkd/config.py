@@ -44,7 +44,12 @@ class DataConfig:
     batch_size: int = 8
     eval_max_samples: int = 0  # 0: the whole eval split (evaluated one full-size image at a time)
     num_workers: int = 2
-    shuffle_buffer: int = 256
+    # Samples shuffled across before batching. A shard holds one weather (`shards synth` writes
+    # 128-sample shards per weather), so a buffer of two shards' worth made batches of mostly one
+    # weather: scratch students over three seeds at 1000 steps gained about 1 dB, and stopped
+    # stalling, with 1024 against 256 (docs/results/2026-12-07-shuffle-buffer.md). Samples are
+    # held decoded: 1024 of the demo's 96-px pairs take 57 MB per loader worker.
+    shuffle_buffer: int = 1024
     flip: bool = True
     cutmix_prob: float = 0.0  # Tan et al. 2024 §III-D (docs/references.md): mix patches across weathers
     cutmix_max_frac: float = 0.5
