@@ -46,9 +46,10 @@ class DataConfig:
     num_workers: int = 2
     # Samples shuffled across before batching. A shard holds one weather (`shards synth` writes
     # 128-sample shards per weather), so a buffer of two shards' worth made batches of mostly one
-    # weather: scratch students over three seeds at 1000 steps gained about 1 dB, and stopped
-    # stalling, with 1024 against 256 (docs/results/2026-12-07-shuffle-buffer.md). Samples are
-    # held decoded: 1024 of the demo's 96-px pairs take 57 MB per loader worker.
+    # weather: scratch students over three seeds at 1000 steps gained about 1 dB on the test split,
+    # and no seed stalled, with 1024 against 256; held out they lost 1 dB, the same trade as
+    # every other lever (docs/results/2026-12-07-shuffle-buffer.md). Samples are held decoded:
+    # 1024 of the demo's 96-px pairs take 57 MB per loader worker.
     shuffle_buffer: int = 1024
     flip: bool = True
     cutmix_prob: float = 0.0  # Tan et al. 2024 §III-D (docs/references.md): mix patches across weathers
