@@ -151,7 +151,7 @@ def _collate(samples: list[dict], n_weathers: int) -> dict:
 class TrainSpec:
     crop: int = 64
     batch_size: int = 8
-    shuffle_buffer: int = 256
+    shuffle_buffer: int = 1024  # config.DataConfig's default; stages set it from their config
     flip: bool = True
     cutmix_prob: float = 0.0
     cutmix_max_frac: float = 0.5

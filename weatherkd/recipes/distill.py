@@ -2,8 +2,8 @@
 
 ``objective``:
 - ``scratch``: ground truth only (the baseline every KD result is compared with);
-- ``kd``: the teacher's output, plus ground truth when the shards have it (both by the
-  distance ``pixel``, L1 by default);
+- ``kd``: the teacher's output, plus ground truth when the shards have it.
+Both measure their terms by the distance ``pixel`` (L1 by default).
 - ``dckd``: kd plus dynamic contrastive regularisation against negatives passed through the
   history model, plus distribution matching on the VQ codebook.
 
@@ -112,8 +112,9 @@ class Config(StageConfig):
     # The distance of the kd and gt terms to their targets. L1's best answer on a pixel the model
     # cannot place is the median of what it has seen there, and where a weather leaves most pixels
     # exact that is the input itself: a scratch student on raindrop alone stays exactly the identity
-    # with l1 and removes some drops with l2, whose answer is the mean; on every weather l2 trades
-    # clean-in and held-out safety for test PSNR (docs/results/2026-12-07-student-pixel-loss.md).
+    # with l1 and removes some drops with l2, whose answer is the mean; trained on all weathers, l2
+    # trades clean-in and held-out safety for test PSNR (docs/results/2026-12-07-student-pixel-loss.md).
+    # smooth_l1 (Huber, β 1) is half of l2 on errors below 1, i.e. almost everywhere here.
     # The consistency term stays L1, as officially.
     pixel: Literal["l1", "l2", "smooth_l1"] = "l1"
     dckd: DCKDConfig = field(default_factory=DCKDConfig)
