@@ -1,4 +1,5 @@
-"""``pixel``: the distance the distill step's kd and gt terms use, and nothing else."""
+"""``pixel``: the distance the distill step's kd and gt terms use (the consistency term is left to
+test_distill_consistency.py, which checks it is L1)."""
 
 import pytest
 import torch
