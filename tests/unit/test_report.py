@@ -112,3 +112,13 @@ def test_removal_and_damage_are_averaged_over_seeds_and_tabled(tmp_path):
     text = report.markdown(table)
     assert "| kd | 40% / 58.1 dB | 40% / 58.1 dB |" in text and "| teacher | -10% / 58.1 dB |" in text
     assert "identity |" not in text.split("Removal and damage")[1].split("Paired")[0]
+
+
+def test_a_key_added_since_a_run_was_saved_takes_its_default_when_grouping(tmp_path):
+    """A seed saved before `pixel` existed is the same method as one saved with its default."""
+    runs = [fake_eval(tmp_path, f"kd-s{s}", IDENTITY + 1, seed=s) for s in range(3)]
+    for s, pixel in ((1, "l1"), (2, "l2")):
+        config = tmp_path / f"kd-s{s}" / "config.yaml"
+        config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "pixel": pixel}))
+    rows = report.gather(runs, latency_size=16)["rows"]
+    assert [(r["name"], r.get("seeds")) for r in rows[1:]] == [("kd", [0, 1]), ("kd-s2", None)]

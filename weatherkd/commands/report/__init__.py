@@ -31,10 +31,12 @@ import torch
 import yaml
 
 from weatherkd import cost, models
+from weatherkd.engine.run_config import with_defaults
 from weatherkd.engine.validate import removal_cells
 from weatherkd.errors import UserError
 from weatherkd.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from weatherkd.placement import place
+from weatherkd.stages import STAGES
 
 
 def _load_run(run_dir: Path) -> dict:
@@ -60,9 +62,20 @@ def _config_and_seed(run_dir: Path) -> tuple[str | None, int | None]:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return None, None
-    config = yaml.safe_load(path.read_text()) or {}
+    config = _as_this_code_reads_it(yaml.safe_load(path.read_text()) or {})
     seed = config.get("seed")
     return json.dumps({k: v for k, v in config.items() if k not in _NOT_THE_METHOD}, sort_keys=True), seed
+
+
+def _as_this_code_reads_it(saved: dict) -> dict:
+    """A key added since the run was saved takes its default, so that seeds of one method saved
+    before and after the key existed are one row; the first training stage whose config reads it wins."""
+    for stage in STAGES.values():
+        if stage.kind == "train":
+            filled = with_defaults(stage.config_class, saved)
+            if filled is not saved:
+                return filled
+    return saved
 
 
 def _group_name(names: list[str]) -> str:
