@@ -149,7 +149,8 @@ def make_set(path: Path, counts: dict[tuple[str, str], int], size: int = 12, sha
         for i in range(n):
             img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
             clean = rng.integers(0, 256, (size, size, 3), dtype=np.uint8) if target else None
-            sample = encode_sample(f"{split}_{w}_{i:04d}", img, list(weathers).index(w), {"i": i}, target=clean,
+            meta = {"i": i, "origin": f"photo{i % 2}"}
+            sample = encode_sample(f"{split}_{w}_{i:04d}", img, list(weathers).index(w), meta, target=clean,
                                    encoding=encoding)
             writer.add(split, w, sample)
     return writer.close()

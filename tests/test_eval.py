@@ -68,6 +68,7 @@ def test_sharded_eval_is_exactly_once_and_matches_the_uint8_metrics(eval_set, tm
             assert row["clean_psnr"] == pytest.approx(metrics.psnr(clean, sample["target"], "y"), abs=1e-6)
             assert row["ssim"] == pytest.approx(metrics.ssim(pred, sample["target"], "y"), abs=1e-6)
             assert row["id_psnr"] == pytest.approx(metrics.psnr(sample["input"], sample["target"], "y"), abs=1e-6)
+            assert row["origin"] == sample["meta"]["origin"]  # the photo, for the report's per-photo table
 
     example = np.asarray(Image.open(two / "examples" / "rain_haze.png"))
     assert example.shape == (40, 120, 3)  # input | output | target

@@ -122,3 +122,21 @@ def test_a_key_added_since_a_run_was_saved_takes_its_default_when_grouping(tmp_p
         config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "pixel": pixel}))
     rows = report.gather(runs, latency_size=16)["rows"]
     assert [(r["name"], r.get("seeds")) for r in rows[1:]] == [("kd", [0, 1]), ("kd-s2", None)]
+
+
+def test_each_photo_shows_a_models_worst_weather_and_clean_in_averaged_over_seeds(tmp_path):
+    origins = {"a": "p1", "c": "p1", "b": "p2", "d": "p2", "e": "p2"}
+    gain = np.array([1.0, -2.0, 3.0, 0.5, 1.5])  # p1: snow +1, rain +3; p2: snow -2, rain +1
+    runs = [fake_eval(tmp_path, f"kd-s{s}", IDENTITY + gain + s, seed=s) for s in range(2)]
+    for ev in runs:
+        rows = json.loads((ev / "samples.json").read_text())
+        (ev / "samples.json").write_text(json.dumps([dict(r, origin=origins[r["key"]]) for r in rows]))
+    table = report.gather(runs, latency_size=16)
+    photos = table["rows"][1]["photos"]
+    assert photos["p1"]["worst_gain"] == pytest.approx(1.5) and photos["p2"]["worst_gain"] == pytest.approx(-1.5)
+    assert photos["p1"]["clean_in"] == pytest.approx(40.5)  # clean-in is 40 + seed in fake_eval
+    assert "| p2 | -1.50 / 40.5 |" in report.markdown(table)
+    # Without the photo of every image (an older eval, or one image unnamed) there is no such table.
+    rows = json.loads((runs[1] / "samples.json").read_text())
+    (runs[1] / "samples.json").write_text(json.dumps([rows[0] | {"origin": ""}, *rows[1:]]))
+    assert "photos" not in report.gather(runs, latency_size=16)["rows"][1]

@@ -397,6 +397,8 @@ class EvalStream(IterableDataset):
         batch = {f: _to_tensor(s[f])[None] for f in IMAGE_FIELDS if f in s}
         batch["weather"] = torch.tensor([s["weather"]], dtype=torch.long)
         batch["key"] = [s["__key__"]]
+        meta = s.get("meta")
+        batch["origin"] = [str(meta.get("origin") or "") if isinstance(meta, dict) else ""]  # the photo it came from
         batch["valid"] = torch.tensor([valid])
         batch["__worker__"], batch["__corrupt__"] = worker, corrupt
         return batch

@@ -28,6 +28,9 @@ def _rows(batch: dict, pred: torch.Tensor, weathers: list[str], protocol: str,
          "id_psnr": float(c), "id_ssim": float(d), **{name: v[i] for name, v in split.items()}}
         for i, (k, w, a, b, c, d) in enumerate(zip(batch["key"], batch["weather"], p_psnr, p_ssim, i_psnr, i_ssim))
     ]
+    for r, origin in zip(rows, batch.get("origin", ())):
+        if origin:
+            r["origin"] = origin
     if clean_pred is not None:  # the clean image in: how far the model moves what needs no restoring
         for r, c in zip(rows, psnr_batch(clean_pred, target, protocol)):
             r["clean_psnr"] = float(c)
