@@ -80,20 +80,23 @@ def test_quick_demo_runs_every_stage_and_resumes_a_half_done_one(tmp_path):
     assert "resumed from" in (out / "logs" / "distill-dckd.log").read_text().split("\n# ")[-1]
     assert json.loads((dckd / "metrics.json").read_text())["step"] == 4
     main, heldout = (out / "report.md").read_text().split("### Held-out check")
-    table, removal, differences = _sections(main)
+    table, removal, photos, differences = _sections(main)
     assert table.count("| distill-") == 5 and removal.count("| distill-") == 5
-    held_table, held_removal, held_differences = _sections(heldout)
+    held_table, held_removal, held_photos, held_differences = _sections(heldout)
     assert (held_table.count("| distill-"), held_removal.count("| distill-"), held_differences.count("| distill-")) == (
         5, 5, 5)  # rows, where their changes come from, then against identity
+    assert "| camera |" in held_photos and "| brick |" in held_photos  # per photo: the held-out set's own photos
+    assert photos.count("\n| ") >= 2  # the header and at least one test photo
     assert "| distill-dckd − distill-kd |" in differences and "| distill-kd − distill-scratch |" in differences
     assert "No D4IR row" in (out / "report.md").read_text()
 
 
-def _sections(report_md: str) -> tuple[str, str, str]:
-    """A report's table, its removal-and-damage table and its paired differences."""
+def _sections(report_md: str) -> tuple[str, str, str, str]:
+    """A report's table, its removal-and-damage table, its per-photo table and its paired differences."""
     table, rest = report_md.split("Removal and damage", 1)
-    removal, differences = rest.split("Paired differences", 1)
-    return table, removal, differences
+    removal, rest = rest.split("Per photo:", 1)
+    photos, differences = rest.split("Paired differences", 1)
+    return table, removal, photos, differences
 
 
 @pytest.mark.slow

@@ -147,13 +147,15 @@ def test_report_tabulates_identity_then_each_run(eval_set, tmp_path):
     table = run_cli("report", *runs, "--out", out, "--latency-size", 64).stdout
     assert out.read_text() == table
     main, rest = table.split("Removal and damage", 1)
-    removal, differences = rest.split("Paired differences", 1)
+    removal, rest = rest.split("Per photo:", 1)
+    photos, differences = rest.split("Paired differences", 1)
 
     def first_cells(text):
         return [ln.split("|")[1].strip() for ln in text.splitlines() if ln.startswith("| ")]
     assert first_cells(main)[1:] == ["identity", "small †", "wide †"]
     assert "clean-in PSNR" in main.splitlines()[0]
     assert first_cells(removal)[1:] == ["small †", "wide †"]  # where each row's change comes from
+    assert first_cells(photos) == ["photo", "photo0", "photo1"]  # make_set's samples name two photos
     assert first_cells(differences)[1:] == ["small − identity", "wide − identity"]
     report_json = json.loads(out.with_suffix(".json").read_text())
     small, wide = report_json["rows"][1:]

@@ -126,17 +126,30 @@ def test_a_key_added_since_a_run_was_saved_takes_its_default_when_grouping(tmp_p
 
 def test_each_photo_shows_a_models_worst_weather_and_clean_in_averaged_over_seeds(tmp_path):
     origins = {"a": "p1", "c": "p1", "b": "p2", "d": "p2", "e": "p2"}
-    gain = np.array([1.0, -2.0, 3.0, 0.5, 1.5])  # p1: snow +1, rain +3; p2: snow -2, rain +1
-    runs = [fake_eval(tmp_path, f"kd-s{s}", IDENTITY + gain + s, seed=s) for s in range(2)]
+    # Per seed, per photo (snow, rain): seed 0 p1 (+1, +3), p2 (-2, +1); seed 1 p1 (+4, +1), p2 (-1, +2).
+    gains = [np.array([1.0, -2.0, 3.0, 0.5, 1.5]), np.array([4.0, -1.0, 1.0, 1.5, 2.5])]
+    runs = [fake_eval(tmp_path, f"kd-s{s}", IDENTITY + gains[s], seed=s) for s in range(2)]
     for ev in runs:
         rows = json.loads((ev / "samples.json").read_text())
         (ev / "samples.json").write_text(json.dumps([dict(r, origin=origins[r["key"]]) for r in rows]))
     table = report.gather(runs, latency_size=16)
     photos = table["rows"][1]["photos"]
-    assert photos["p1"]["worst_gain"] == pytest.approx(1.5) and photos["p2"]["worst_gain"] == pytest.approx(-1.5)
-    assert photos["p1"]["clean_in"] == pytest.approx(40.5)  # clean-in is 40 + seed in fake_eval
-    assert "| p2 | -1.50 / 40.5 |" in report.markdown(table)
-    # Without the photo of every image (an older eval, or one image unnamed) there is no such table.
+    # The weathers are averaged over seeds first: p1's worst is rain (+2.0), though each seed's worst was +1.
+    assert photos["p1"] == {"worst_weather": "rain_haze", "worst_gain": pytest.approx(2.0), "clean_in": pytest.approx(40.5)}
+    assert photos["p2"]["worst_weather"] == "snow" and photos["p2"]["worst_gain"] == pytest.approx(-1.5)
+    assert "| p2 | -1.50 snow / 40.5 |" in report.markdown(table)
+    # Seeds scored on other photos, or an image not named by its photo: no per-photo figures.
     rows = json.loads((runs[1] / "samples.json").read_text())
+    (runs[1] / "samples.json").write_text(json.dumps([rows[0] | {"origin": "p3"}, *rows[1:]]))
+    assert "photos" not in report.gather(runs, latency_size=16)["rows"][1]
     (runs[1] / "samples.json").write_text(json.dumps([rows[0] | {"origin": ""}, *rows[1:]]))
     assert "photos" not in report.gather(runs, latency_size=16)["rows"][1]
+
+
+def test_a_config_several_stages_could_read_is_read_as_the_closest_one():
+    """The teacher's config reads a saved VQ config too; it must not fill it with a teacher's keys."""
+    from weatherkd import config as cfgmod
+    from weatherkd.recipes import vq
+
+    saved = cfgmod.to_dict(vq.Config())
+    assert report._as_this_code_reads_it(saved) == saved

@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from weatherkd import cost, models
-from weatherkd.engine.run_config import with_defaults
+from weatherkd.engine.run_config import flatten, with_defaults
 from weatherkd.engine.validate import removal_cells
 from weatherkd.errors import UserError
 from weatherkd.io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -62,20 +62,22 @@ def _config_and_seed(run_dir: Path) -> tuple[str | None, int | None]:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return None, None
-    config = _as_this_code_reads_it(yaml.safe_load(path.read_text()) or {})
-    seed = config.get("seed")
+    saved = yaml.safe_load(path.read_text()) or {}
+    seed, config = saved.get("seed"), _as_this_code_reads_it(saved)
     return json.dumps({k: v for k, v in config.items() if k not in _NOT_THE_METHOD}, sort_keys=True), seed
 
 
 def _as_this_code_reads_it(saved: dict) -> dict:
     """A key added since the run was saved takes its default, so that seeds of one method saved
-    before and after the key existed are one row; the first training stage whose config reads it wins."""
+    before and after the key existed are one row. Several stages' configs may read one saved
+    config (the teacher's reads a VQ's): the one that adds the fewest keys is the run's."""
+    readings = []
     for stage in STAGES.values():
         if stage.kind == "train":
             filled = with_defaults(stage.config_class, saved)
             if filled is not saved:
-                return filled
-    return saved
+                readings.append((len(flatten(filled)), filled))
+    return min(readings, key=lambda r: r[0])[1] if readings else saved
 
 
 def _group_name(names: list[str]) -> str:
@@ -137,24 +139,27 @@ MAX_PHOTOS = 24
 
 
 def _per_photo(members: list[dict]) -> dict | None:
-    """Photo -> its worst weather's mean PSNR gain over identity and its clean-in PSNR, each
-    averaged over the members (seeds); None unless every image names the photo it came from."""
+    """Photo -> its worst weather (by the mean PSNR gain over identity on that photo's images,
+    averaged over the members, i.e. seeds), that gain, and its clean-in PSNR; None unless every
+    image of every member names its photo and the members share their photos."""
     samples = [r["samples"] for r in members]
     if any(s is None or not s or not all(x.get("origin") for x in s) for s in samples):
         return None
     photos = sorted({x["origin"] for x in samples[0]})
-    if len(photos) > MAX_PHOTOS:
+    if len(photos) > MAX_PHOTOS or any({x["origin"] for x in s} != set(photos) for s in samples[1:]):
         return None
     out = {}
     for photo in photos:
-        worst, clean = [], []
+        gains: dict[str, list[float]] = {}
+        clean = []
         for rows in samples:
             mine = [x for x in rows if x["origin"] == photo]
-            gains = _by_weather({x["key"]: (x["weather"], x["psnr"] - x["id_psnr"]) for x in mine})
-            worst.append(min(np.mean(v) for v in gains.values()))
+            for weather, values in _by_weather({x["key"]: (x["weather"], x["psnr"] - x["id_psnr"]) for x in mine}).items():
+                gains.setdefault(weather, []).append(float(np.mean(values)))
             if all("clean_psnr" in x for x in mine):
                 clean.append(np.mean([x["clean_psnr"] for x in mine]))
-        out[photo] = {"worst_gain": float(np.mean(worst)),
+        worst = min(gains, key=lambda w: np.mean(gains[w]))
+        out[photo] = {"worst_weather": worst, "worst_gain": float(np.mean(gains[worst])),
                       "clean_in": float(np.mean(clean)) if len(clean) == len(samples) else None}
     return out
 
@@ -316,13 +321,20 @@ def _photos_markdown(report: dict) -> str:
         if figures is None:
             return "—"
         clean = figures["clean_in"]
-        return f"{figures['worst_gain']:+.2f}" + (f" / {clean:.1f}" if clean is not None else "")
+        return (f"{figures['worst_gain']:+.2f} {figures['worst_weather']}"
+                + (f" / {clean:.1f}" if clean is not None else ""))
 
-    lines = ["", "Per photo: each model's worst weather against identity (mean PSNR gain over that photo's "
-             "images, dB) / its clean-in PSNR; where a model damages, and on what content.", "",
+    lines = ["", "Per photo: each model's worst weather against identity (the mean PSNR gain over that photo's "
+             "images, dB) / its clean-in PSNR: where a model damages, and on what content.", "",
              "| photo | " + " | ".join(f"{r['name']}{' †' if r.get('random_init') else ''}" for r in rows) + " |",
              "|---|" + "---|" * len(rows)]
-    lines += [f"| {p} | " + " | ".join(cell(r["photos"].get(p)) for r in rows) + " |" for p in photos]
+    lines += [f"| {p.replace('|', chr(92) + '|')} | " + " | ".join(cell(r["photos"].get(p)) for r in rows) + " |"
+              for p in photos]
+    missing = [r["name"] for r in report["rows"][1:] if "photos" not in r]
+    if missing:
+        lines += ["", f"Not in it: {', '.join(missing)} (an image not named by its photo, as in evaluations "
+                      f"before `samples.json` named them, seeds scored on other photos, or more than {MAX_PHOTOS} "
+                      "photos)."]
     return "\n".join(lines) + "\n"
 
 
