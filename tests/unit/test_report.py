@@ -124,7 +124,7 @@ def test_a_key_added_since_a_run_was_saved_takes_its_default_when_grouping(tmp_p
     assert [(r["name"], r.get("seeds")) for r in rows[1:]] == [("kd", [0, 1]), ("kd-s2", None)]
 
 
-def test_each_photo_shows_a_models_worst_weather_and_clean_in_averaged_over_seeds(tmp_path):
+def test_each_photo_shows_a_models_worst_weather_and_clean_in_averaged_over_seeds(tmp_path, monkeypatch):
     origins = {"a": "p1", "c": "p1", "b": "p2", "d": "p2", "e": "p2"}
     # Per seed, per photo (snow, rain): seed 0 p1 (+1, +3), p2 (-2, +1); seed 1 p1 (+4, +1), p2 (-1, +2).
     gains = [np.array([1.0, -2.0, 3.0, 0.5, 1.5]), np.array([4.0, -1.0, 1.0, 1.5, 2.5])]
@@ -138,6 +138,9 @@ def test_each_photo_shows_a_models_worst_weather_and_clean_in_averaged_over_seed
     assert photos["p1"] == {"worst_weather": "rain_haze", "worst_gain": pytest.approx(2.0), "clean_in": pytest.approx(40.5)}
     assert photos["p2"]["worst_weather"] == "snow" and photos["p2"]["worst_gain"] == pytest.approx(-1.5)
     assert "| p2 | -1.50 snow / 40.5 |" in report.markdown(table)
+    monkeypatch.setattr(report, "MAX_PHOTOS", 1)  # an ingested set names every image: one row each is no summary
+    assert "photos" not in report.gather(runs, latency_size=16)["rows"][1]
+    monkeypatch.undo()
     # Seeds scored on other photos, or an image not named by its photo: no per-photo figures.
     rows = json.loads((runs[1] / "samples.json").read_text())
     (runs[1] / "samples.json").write_text(json.dumps([rows[0] | {"origin": "p3"}, *rows[1:]]))
