@@ -138,7 +138,7 @@ def test_each_photo_shows_a_models_worst_weather_and_clean_in_averaged_over_seed
     assert photos["p1"] == {"worst_weather": "rain_haze", "worst_gain": pytest.approx(2.0), "clean_in": pytest.approx(40.5)}
     assert photos["p2"]["worst_weather"] == "snow" and photos["p2"]["worst_gain"] == pytest.approx(-1.5)
     assert "| p2 | -1.50 snow / 40.5 |" in report.markdown(table)
-    monkeypatch.setattr(report, "MAX_PHOTOS", 1)  # an ingested set names every image: one row each is no summary
+    monkeypatch.setattr(report.photos, "MAX_PHOTOS", 1)  # an ingested set names every image: one row each is no summary
     assert "photos" not in report.gather(runs, latency_size=16)["rows"][1]
     monkeypatch.undo()
     # Seeds scored on other photos, or an image not named by its photo: no per-photo figures.

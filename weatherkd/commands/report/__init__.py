@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from weatherkd import cost, models
+from weatherkd.commands.report import photos
 from weatherkd.engine.run_config import flatten, with_defaults
 from weatherkd.engine.validate import removal_cells
 from weatherkd.errors import UserError
@@ -133,37 +134,6 @@ def _per_image(members: list[dict], metric: str = "psnr") -> list[dict[str, tupl
     return [{s["key"]: (s["weather"], s[metric]) for s in r["samples"]} for r in members]
 
 
-# A set with more photos than this (an ingested dataset names each image its own origin) gets no
-# per-photo table: it would be one row per image.
-MAX_PHOTOS = 24
-
-
-def _per_photo(members: list[dict]) -> dict | None:
-    """Photo -> its worst weather (by the mean PSNR gain over identity on that photo's images,
-    averaged over the members, i.e. seeds), that gain, and its clean-in PSNR; None unless every
-    image of every member names its photo and the members share their photos."""
-    samples = [r["samples"] for r in members]
-    if any(s is None or not s or not all(x.get("origin") for x in s) for s in samples):
-        return None
-    photos = sorted({x["origin"] for x in samples[0]})
-    if len(photos) > MAX_PHOTOS or any({x["origin"] for x in s} != set(photos) for s in samples[1:]):
-        return None
-    out = {}
-    for photo in photos:
-        gains: dict[str, list[float]] = {}
-        clean = []
-        for rows in samples:
-            mine = [x for x in rows if x["origin"] == photo]
-            for weather, values in _by_weather({x["key"]: (x["weather"], x["psnr"] - x["id_psnr"]) for x in mine}).items():
-                gains.setdefault(weather, []).append(float(np.mean(values)))
-            if all("clean_psnr" in x for x in mine):
-                clean.append(np.mean([x["clean_psnr"] for x in mine]))
-        worst = min(gains, key=lambda w: np.mean(gains[w]))
-        out[photo] = {"worst_weather": worst, "worst_gain": float(np.mean(gains[worst])),
-                      "clean_in": float(np.mean(clean)) if len(clean) == len(samples) else None}
-    return out
-
-
 def _identity_images(runs: list[dict]) -> list[dict[str, tuple[str, float]]] | None:
     run = next((r for r in runs if r["samples"] is not None), None)
     return None if run is None else [{s["key"]: (s["weather"], s["id_psnr"]) for s in run["samples"]}]
@@ -240,8 +210,8 @@ def gather(run_dirs: list, latency_size: int = 256, device: str | None = None,
             row["clean_in"] = r["metrics"]["clean_in"]
         if all("removal" in m["metrics"] for m in members):
             row["removal"] = _mean_removal([m["metrics"]["removal"] for m in members])
-        if (photos := _per_photo(members)) is not None:
-            row["photos"] = photos
+        if (per_photo := photos.per_photo(members)) is not None:
+            row["photos"] = per_photo
         row.update(cost=cost.summary(models.load(r["model"]), latency_size=latency_size, device=device),
                    random_init=bool(r["metrics"].get("random_init")), model=r["model"], dir=r["dir"])
         if row["name"] in images:
@@ -308,34 +278,7 @@ def markdown(report: dict) -> str:
         notes.append("† built with random pretrained towers (allow_random_init): a pipeline check, not a result.")
     notes += report.get("notes", [])
     return ("\n".join(lines) + "\n\n" + "\n".join(notes) + "\n" + _removal_markdown(report)
-            + _photos_markdown(report) + _differences_markdown(report))
-
-
-def _photos_markdown(report: dict) -> str:
-    rows = [r for r in report["rows"] if "photos" in r]
-    if not rows:
-        return ""
-    photos = sorted({p for r in rows for p in r["photos"]})
-
-    def cell(figures: dict | None) -> str:
-        if figures is None:
-            return "—"
-        clean = figures["clean_in"]
-        return (f"{figures['worst_gain']:+.2f} {figures['worst_weather']}"
-                + (f" / {clean:.1f}" if clean is not None else ""))
-
-    lines = ["", "Per photo: each model's worst weather against identity (the mean PSNR gain over that photo's "
-             "images, dB) / its clean-in PSNR: where a model damages, and on what content.", "",
-             "| photo | " + " | ".join(f"{r['name']}{' †' if r.get('random_init') else ''}" for r in rows) + " |",
-             "|---|" + "---|" * len(rows)]
-    lines += [f"| {p.replace('|', chr(92) + '|')} | " + " | ".join(cell(r["photos"].get(p)) for r in rows) + " |"
-              for p in photos]
-    missing = [r["name"] for r in report["rows"][1:] if "photos" not in r]
-    if missing:
-        lines += ["", f"Not in it: {', '.join(missing)} (an image not named by its photo, as in evaluations "
-                      f"before `samples.json` named them, seeds scored on other photos, or more than {MAX_PHOTOS} "
-                      "photos)."]
-    return "\n".join(lines) + "\n"
+            + photos.markdown(report) + _differences_markdown(report))
 
 
 def _removal_markdown(report: dict) -> str:
