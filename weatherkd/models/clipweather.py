@@ -146,11 +146,16 @@ class CWPBlock(nn.Module):
         return x + self.ffn(self.norm2(x))
 
 
+def conv_norm(cin: int, cout: int, norm: str) -> list[nn.Module]:
+    """A 3×3 conv, then BatchNorm when ``norm`` is "batch"."""
+    return [nn.Conv2d(cin, cout, 3, padding=1)] + ([nn.BatchNorm2d(cout)] if norm == "batch" else [])
+
+
 class DecoderStep(nn.Module):
-    def __init__(self, in_dim: int, skip_dim: int, out_dim: int):
+    def __init__(self, in_dim: int, skip_dim: int, out_dim: int, norm: str = "none"):
         super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(in_dim + skip_dim, out_dim, 3, padding=1), nn.GELU(),
-                                  nn.Conv2d(out_dim, out_dim, 3, padding=1), nn.GELU())
+        self.conv = nn.Sequential(*conv_norm(in_dim + skip_dim, out_dim, norm), nn.GELU(),
+                                  *conv_norm(out_dim, out_dim, norm), nn.GELU())
 
     def forward(self, x, skip):
         x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
@@ -158,9 +163,9 @@ class DecoderStep(nn.Module):
 
 
 class ResidualConv(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, norm: str = "none"):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.GELU(), nn.Conv2d(dim, dim, 3, padding=1))
+        self.body = nn.Sequential(*conv_norm(dim, dim, norm), nn.GELU(), *conv_norm(dim, dim, norm))
 
     def forward(self, x):
         return x + self.body(x)
@@ -175,10 +180,12 @@ class ClipWeatherNet(nn.Module):
     prune_keep = ("*.embed", "*.attn.*", "*.sar.*", "prior_*", "text_proj")
 
     def __init__(self, size: str = "tiny", prior_dim: int = 768, text_dim: int = 512, use_clip_prior: bool = True,
-                 sar: bool = True, sar_kernels: int = 3):
+                 sar: bool = True, sar_kernels: int = 3, decoder_norm: str = "none"):
         super().__init__()
         if size not in SIZES:
             raise ValueError(f"unknown clipweather size '{size}'; sizes: {', '.join(SIZES)}")
+        if decoder_norm not in ("none", "batch"):
+            raise ValueError(f"decoder_norm must be 'none' or 'batch', not '{decoder_norm}'")
         s = SIZES[size]
         dims = s["dims"]
         self.use_clip_prior = use_clip_prior
@@ -200,13 +207,14 @@ class ClipWeatherNet(nn.Module):
             self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self.cwp = nn.ModuleList(CWPBlock(d4, s["heads"][3], s["mlp_ratio"]) for _ in range(s["cwp_blocks"]))
         dec = s["decoder"]
-        self.up3 = DecoderStep(dims[3], dims[2], dims[2])
-        self.up2 = DecoderStep(dims[2], dims[1], dims[1])
-        self.up1 = DecoderStep(dims[1], dims[0], max(dims[0], dec))
+        n = decoder_norm
+        self.up3 = DecoderStep(dims[3], dims[2], dims[2], n)
+        self.up2 = DecoderStep(dims[2], dims[1], dims[1], n)
+        self.up1 = DecoderStep(dims[1], dims[0], max(dims[0], dec), n)
         # A full-resolution path: the encoder starts at stride 4, and streaks and drop edges are finer.
-        self.stem = nn.Sequential(nn.Conv2d(3, dec, 3, padding=1), nn.GELU())
-        self.head = nn.Sequential(nn.Conv2d(max(dims[0], dec) + dec, dec, 3, padding=1), nn.GELU(),
-                                  ResidualConv(dec), ResidualConv(dec), nn.Conv2d(dec, 3, 3, padding=1))
+        self.stem = nn.Sequential(*conv_norm(3, dec, n), nn.GELU())
+        self.head = nn.Sequential(*conv_norm(max(dims[0], dec) + dec, dec, n), nn.GELU(),
+                                  ResidualConv(dec, n), ResidualConv(dec, n), nn.Conv2d(dec, 3, 3, padding=1))
         nn.init.zeros_(self.head[-1].weight)  # start as the identity: output = input
         nn.init.zeros_(self.head[-1].bias)
 
@@ -252,9 +260,9 @@ register("clipweather_net")(ClipWeatherNet)
 
 
 @register("transweather")
-def transweather(size: str = "tiny") -> ClipWeatherNet:
+def transweather(size: str = "tiny", decoder_norm: str = "none") -> ClipWeatherNet:
     """The baseline without any CLIP part (no prior, no SAR residual): measures what CLIP adds."""
-    return ClipWeatherNet(size=size, use_clip_prior=False, sar=False)
+    return ClipWeatherNet(size=size, use_clip_prior=False, sar=False, decoder_norm=decoder_norm)
 
 
 @register("clipweather")
