@@ -146,3 +146,20 @@ def test_clipweather_any_size_tiled_and_baseline():
     assert not any("prior_embed" in n or ".sar." in n for n, _ in base.named_parameters())
     params = sum(p.numel() for p in models.build("clipweather_net", size="base", prior_dim=768).parameters())
     assert 30e6 < params < 45e6  # the paper: 126M with CLIP ViT-B/32 (~88M)
+
+
+def test_clipweather_decoder_norm_adds_batchnorm_to_the_conv_path_only():
+    plain = models.build("clipweather_net", size="tiny", prior_dim=64, text_dim=32)
+    net = models.build("clipweather_net", size="tiny", prior_dim=64, text_dim=32, decoder_norm="batch")
+    norms = [n for n, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(n.split(".")[0] in ("up3", "up2", "up1", "stem", "head") for n in norms)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+    # Only normalisation layers were added: the convs and attention are the same shapes.
+    conv_shapes = lambda m: [p.shape for n, p in m.named_parameters() if p.dim() > 1]  # noqa: E731
+    assert conv_shapes(net) == conv_shapes(plain)
+    x, prior = torch.rand(2, 3, 40, 36), torch.rand(2, 64)
+    assert torch.allclose(net(x, prior), x, atol=1e-6), "it starts as the identity, in training mode too"
+    assert torch.allclose(net.eval()(x, prior), x, atol=1e-6)
+    with pytest.raises(UserError, match="decoder_norm must be 'none' or 'batch'"):
+        models.build("clipweather_net", size="tiny", decoder_norm="layer")
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in models.build("transweather", decoder_norm="batch").modules())
