@@ -60,6 +60,10 @@ def test_clear_errors_for_a_teacher_without_statistics_and_bad_layers(tiny_teach
     models.save(models.build("residual_cnn", width=8, depth=2), tmp_path / "plain", extra={"weathers": ["snow"]})
     with pytest.raises(UserError, match="no BatchNorm layers and no recorded"):
         dreamer(tmp_path / "plain", tmp_path)
+    half = models.build("clipweather_net", size="tiny", prior_dim=16, text_dim=8, decoder_norm="batch")
+    models.save(half, tmp_path / "half", extra={"weathers": ["snow"]})
+    with pytest.raises(UserError, match=r"BatchNorm in \d+ of its \d+ normalisation layers"):
+        dreamer(tmp_path / "half", tmp_path)
     with pytest.raises(UserError, match="match none"):
         dreamer(tiny_teacher, tmp_path, "layers=[nothing.*]")
     with pytest.raises(UserError, match="teacher is not set"):

@@ -2,9 +2,9 @@
 
 Each batch starts from noise or a smooth random field and is optimised (Adam, pixels in [0, 1])
 so that the teacher's internal feature statistics match those recorded from it:
-- the statistics: the running mean/variance of BatchNorm layers, or, for a teacher without
-  BatchNorm (the transformer teacher), the per-layer statistics recorded at its export
-  (``feature_stats.safetensors``), per weather where recorded;
+- the statistics: the per-layer statistics recorded at the teacher's export
+  (``feature_stats.safetensors``, per weather where recorded; the transformer teacher has them), or
+  else the running mean/variance of its BatchNorm layers;
 - diversity: an orthogonality penalty on deep features across the batch;
 - weather: sample ``k`` dreams weather ``k % W``; it matches that weather's statistics and, when
   the teacher carries its weather classifier, is pushed to be classified as it;
@@ -85,6 +85,13 @@ def load_targets(cfg: Config, teacher: torch.nn.Module) -> tuple[dict[str, torch
         raise UserError(f"{cfg.teacher} has no BatchNorm layers and no recorded {feature_stats.STATS_FILE}: there "
                         "are no statistics to invert towards. Re-export the teacher with `weatherkd teacher` "
                         "(it records them), or dream from a BatchNorm network.")
+    norms, batchnorms = feature_stats.select_layers(teacher), feature_stats.layers_in(stats)
+    if cfg.stats == "auto" and len(batchnorms) < len(norms):
+        # A transformer teacher with BatchNorm in its decoder only: its BN statistics say nothing
+        # about the encoder, and dreams matched to them alone would not be what it was trained on.
+        raise UserError(f"{cfg.teacher} has BatchNorm in {len(batchnorms)} of its {len(norms)} normalisation layers "
+                        f"and no recorded {feature_stats.STATS_FILE}; re-export it with `weatherkd teacher` "
+                        "(stats.batches > 0), or set stats: batchnorm to invert towards those layers alone")
     return stats, "batchnorm"
 
 

@@ -31,7 +31,8 @@ log = get_logger(__name__)
 @dataclass
 class FeatureStatsConfig:
     """Per-layer feature statistics to record on the training data once the teacher is exported:
-    what `weatherkd dream` inverts towards, for a teacher without BatchNorm (models/feature_stats.py)."""
+    what `weatherkd dream` inverts towards: the transformer teacher has BatchNorm at most in its
+    decoder (models/feature_stats.py)."""
 
     batches: int = 16  # per rank; 0: record nothing
     layers: list[str] = field(default_factory=lambda: ["*"])  # globs over normalisation layers, or exact names

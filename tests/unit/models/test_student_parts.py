@@ -19,7 +19,7 @@ def test_students_use_ten_times_fewer_flops_than_the_demo_teacher():
     import yaml
 
     demo = yaml.safe_load(open("configs/teacher/demo.yaml"))["model"]
-    teacher = models.build("clipweather_net", size=demo["size"], prior_dim=64, text_dim=32)
+    teacher = models.build("clipweather_net", size=demo["size"], prior_dim=64, text_dim=32, **demo.get("kwargs", {}))
     teacher_flops = gflops(teacher, x, torch.rand(1, 64))
     for arch in ("unet_bn", "nafnet"):
         student = models.build(arch, size="tiny")
