@@ -208,10 +208,9 @@ QUICK = Preset(
 # On the demo's photos (its shard set is shared). Resumable like the demo: rerun to continue.
 # The teacher also gets larger crops and a lighter keep loss: at 500 steps, crop 96 against 64
 # gained 0.8 dB and w_keep 0 against 0.3 gained 0.9 dB, while an L1 pixel loss lost 1.0 dB
-# (docs/results/2026-12-07-teacher-probes.md). Its net and learning rate stay those its recorded
-# results were measured with (docs/results/2026-12-07-evidence-run.md), not the demo's newer ones.
+# (docs/results/2026-12-07-teacher-probes.md).
 _EVIDENCE_TEACHER = ["train.max_steps=3000", "train.eval_every=1000", "ckpt.every=500", "data.crop=96",
-                     "loss.w_keep=0.1", "model.kwargs.decoder_norm=none", "train.lr=2.0e-3"]
+                     "loss.w_keep=0.1"]
 _EVIDENCE_STUDENT = ["train.max_steps=1500", "train.eval_every=500", "ckpt.every=500"]
 _EVIDENCE_STUDENTS = {**STUDENTS,
                       "kd-cons": ("objective=kd", "consistency.objectives=[kd]"),
