@@ -94,6 +94,10 @@ def test_the_checklist_states_each_target_met_or_failed_with_its_figure():
         ("held-out:", False), ("held-out:", False),  # +0.4 mean; snow -0.6
         ("clean-in", False)]  # kd 34 dB
     assert got[2]["figure"] == "+0.20 dB, SE 0.05, seed SD 0.15"
+    one_seed = {**table, "differences": [*table["differences"][:1],
+                                         diff("distill-kd", "distill-scratch", 0.9, {"snow": 0.9}, se=0.05)]}
+    kd = checklist(one_seed, heldout)[2]
+    assert not kd["met"] and kd["figure"] == "+0.90 dB, SE 0.05, one seed (run --seeds 3 for the SD)"
     assert got[-1]["figure"] == "lowest distill-kd 34.0 dB" and got[-2]["figure"] == "worst teacher -0.60 dB"
 
 
