@@ -19,7 +19,7 @@ def _synth(args) -> int:
 
     spec = SynthSpec(seed=args.seed, encoding=args.encoding)
     for name in ("weathers", "train", "test", "size", "test_size", "shard_size", "severity", "zoom", "clean_fraction",
-                 "grey_fraction", "structure_fraction"):
+                 "grey_fraction", "structure_fraction", "texture_fraction"):
         value = getattr(args, name)
         if value is not None:
             setattr(spec, name, value)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 from weatherkd.config import CANONICAL_WEATHERS
 from weatherkd.data import weather as weather_models
@@ -93,6 +94,12 @@ class SynthSpec:
     # (docs/results/2026-12-03-thin-structures.md); so it is offered, not the default. Its own random stream: 0
     # gives the samples a set without it had.
     structure_fraction: float = 0.0
+    # Training crops given fine surface texture before they are degraded (clean ones too): gravel,
+    # grass, bark, multiplied into the scene. The embedded photos at the crops' scale hold little
+    # such texture, so dense fine detail meant weather, and the models darkened clean held-out
+    # textures by up to 28 levels of 255 (docs/results/2026-12-07-teacher-recipe-and-texture-damage.md).
+    # Its own random stream: 0 gives the samples a set without it had.
+    texture_fraction: float = 0.0
     # Test samples per weather: views of the held-out test photos (each photo, mirrored every other
     # round), each with its own degradation at full severity. 48 per weather (eight views of each
     # of the six builtin test photos; 144 test images at most 192 px): between two classical
@@ -208,6 +215,15 @@ def draw_structures(img: np.ndarray, rng: np.random.Generator, supersample: int 
     return out
 
 
+def add_texture(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Fine surface texture multiplied into a crop: Gaussian noise blurred to a grain of 0.6-1.5 px,
+    scaling each pixel by 1 ± 5-25% (one standard deviation). Unlike snow or rain it darkens as
+    often as it brightens, and it is the same in every channel, so a grey crop stays grey."""
+    grain = ndimage.gaussian_filter(rng.standard_normal(img.shape[:2]), rng.uniform(0.6, 1.5))
+    grain *= rng.uniform(0.05, 0.25) / (grain.std() + 1e-6)
+    return np.clip(img * (1 + grain[..., None]), 0, 1).astype(np.float32)
+
+
 def _test_image(img: np.ndarray, longest: int) -> np.ndarray:
     h, w = img.shape[:2]
     scale = min(1.0, longest / max(h, w))
@@ -221,11 +237,11 @@ def build(out: str, source: str, spec: SynthSpec, overwrite: bool = False, creat
     lo, hi = spec.severity
     if not 0 < spec.zoom[0] <= spec.zoom[1]:
         raise ShardSetError(f"--zoom needs 0 < low <= high (got {spec.zoom[0]} {spec.zoom[1]})")
-    shares = (spec.grey_fraction, spec.structure_fraction)
+    shares = (spec.grey_fraction, spec.structure_fraction, spec.texture_fraction)
     if not (0 < lo <= hi) or not 0 <= spec.clean_fraction < 1 or not all(0 <= f <= 1 for f in shares):
         raise ShardSetError(f"severity needs 0 < low <= high (got {lo} {hi}), clean fraction 0 <= f < 1 "
-                            f"(got {spec.clean_fraction}), grey and structure fractions 0 <= f <= 1 (got "
-                            f"{spec.grey_fraction} and {spec.structure_fraction})")
+                            f"(got {spec.clean_fraction}), grey, structure and texture fractions 0 <= f <= 1 "
+                            f"(got {spec.grey_fraction}, {spec.structure_fraction} and {spec.texture_fraction})")
     for w in spec.weathers:
         if w not in weather_models.MODELS:
             raise ShardSetError(f"unknown weather '{w}'; known: {', '.join(weather_models.MODELS)}")
@@ -262,6 +278,9 @@ def build(out: str, source: str, spec: SynthSpec, overwrite: bool = False, creat
         clean, crop = _random_crop(rng, photo, spec.size, spec.zoom)
         if np.random.default_rng([spec.seed, 3, i]).random() < spec.structure_fraction:
             clean, crop = draw_structures(clean, np.random.default_rng([spec.seed, 4, i])), [*crop, "structures"]
+        grain = np.random.default_rng([spec.seed, 6, i])
+        if grain.random() < spec.texture_fraction:
+            clean, crop = add_texture(clean, grain), [*crop, "texture"]
         look = np.random.default_rng([spec.seed, 2, i])
         if look.random() < spec.grey_fraction:
             clean, crop = greyscale(clean), [*crop, "grey"]

@@ -1,11 +1,12 @@
-"""The embedded training set's looks: greyscale, turned and structured crops, each from its own random stream."""
+"""The embedded training set's looks: greyscale, turned, structured and textured crops, each from its own random stream."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from weatherkd.data.check import iter_tar
-from weatherkd.data.photo_set import SynthSpec, _random_crop, build, draw_structures, greyscale, read_builtin
+from weatherkd.data.photo_set import (SynthSpec, _random_crop, add_texture, build, draw_structures, greyscale,
+                                      read_builtin)
 from weatherkd.data.samples import decode_sample
 from weatherkd.data.shards import ShardSetError
 
@@ -78,6 +79,32 @@ def test_draw_structures_draws_thin_opaque_lines():
         moved = np.abs(out - flat).max(-1)
         assert 0.005 < (moved > 0.05).mean() < 0.75, seed  # lines, not a wash over the crop
         assert moved.max() > 0.1  # opaque: far from the background where a line lies
+
+
+def test_texture_is_multiplied_into_input_and_target_alike_from_its_own_stream(tmp_path):
+    plain = _train_samples(tmp_path / "plain", grey_fraction=0.5, clean_fraction=0.5)
+    grained = _train_samples(tmp_path / "grained", grey_fraction=0.5, clean_fraction=0.5, texture_fraction=1.0)
+    assert all("texture" in s["meta"]["crop"] for s in grained)
+    for a, b in zip(plain, grained):
+        # The same crop, look and weather draws; the scene gains a fine grain over most of its pixels.
+        assert [c for c in b["meta"]["crop"] if c != "texture"] == a["meta"]["crop"]
+        assert a["meta"]["params"] == b["meta"]["params"]
+        assert (np.abs(a["target"].astype(int) - b["target"]).max(-1) > 2).mean() > 0.3
+        if b["meta"]["params"]["severity"] == 0.0:
+            assert np.array_equal(b["input"], b["target"])
+        if "grey" in b["meta"]["crop"]:
+            assert np.array_equal(b["target"][..., 0], b["target"][..., 2])
+
+
+def test_add_texture_is_a_fine_grain_that_keeps_the_brightness():
+    flat = np.full((96, 96, 3), 0.5, np.float32)
+    for seed in range(10):
+        out = add_texture(flat, np.random.default_rng(seed))
+        relative = out[..., 0] / 0.5 - 1
+        assert 0.04 < relative.std() < 0.26 and abs(relative.mean()) < 0.02, seed  # 1 ± 5-25%, no shift
+        assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])
+        # fine: neighbours four pixels apart are nearly independent
+        assert abs(np.corrcoef(relative[:, :-4].ravel(), relative[:, 4:].ravel())[0, 1]) < 0.2, seed
 
 
 def test_a_crop_is_the_window_of_the_whole_photo_resized():
