@@ -45,7 +45,7 @@ def _add_shards(sub) -> None:
                         "before they are degraded (default 0; docs/results/2026-12-03-thin-structures.md)")
     s.add_argument("--texture-fraction", type=float, default=None,
                    help="share of training crops given fine surface texture (gravel, grass) before they are "
-                        "degraded (default 0; docs/results/2026-12-07-teacher-recipe-and-texture-damage.md)")
+                        "degraded (default 0.3; docs/results/2026-12-07-teacher-recipe-and-texture-damage.md)")
     s.add_argument("--size", type=int, default=None, help="training crop size in pixels")
     s.add_argument("--test-size", type=int, default=None, help="longest side of test images")
     s.add_argument("--seed", type=int, default=0)

@@ -31,10 +31,12 @@ def test_grey_crops_are_grey_in_input_and_target_and_the_rest_keep_their_colour(
 
 
 def test_without_grey_or_turns_the_crops_are_the_ones_of_a_set_built_before_them(tmp_path):
-    plain = _train_samples(tmp_path / "plain", grey_fraction=0.0, rotate=False, structure_fraction=0.0)
+    plain = _train_samples(tmp_path / "plain", grey_fraction=0.0, rotate=False, structure_fraction=0.0,
+                           texture_fraction=0.0)
     assert not any(isinstance(c, str) for s in plain for c in s["meta"]["crop"])
     # Grey and turns come from their own random stream: the crops and their weather stay where they were.
-    grey = _train_samples(tmp_path / "grey", grey_fraction=1.0, rotate=False, structure_fraction=0.0)
+    grey = _train_samples(tmp_path / "grey", grey_fraction=1.0, rotate=False, structure_fraction=0.0,
+                          texture_fraction=0.0)
     for a, b in zip(plain, grey):
         assert a["meta"]["crop"][:3] == b["meta"]["crop"][:3] and a["meta"]["params"] == b["meta"]["params"]
         # the grey of the crop, up to the rounding of the colour crop to 8 bits
@@ -51,9 +53,9 @@ def test_greyscale_is_bt601_luma_in_every_channel():
 
 def test_structures_are_drawn_into_input_and_target_alike_from_their_own_stream(tmp_path):
     plain = _train_samples(tmp_path / "plain", grey_fraction=0.0, rotate=False, structure_fraction=0.0,
-                           clean_fraction=0.5)
+                           clean_fraction=0.5, texture_fraction=0.0)
     drawn = _train_samples(tmp_path / "drawn", grey_fraction=0.0, rotate=False, structure_fraction=1.0,
-                           clean_fraction=0.5)
+                           clean_fraction=0.5, texture_fraction=0.0)
     assert all("structures" in s["meta"]["crop"] for s in drawn)
     assert not any("structures" in s["meta"]["crop"] for s in plain)
     for a, b in zip(plain, drawn):
@@ -82,7 +84,7 @@ def test_draw_structures_draws_thin_opaque_lines():
 
 
 def test_texture_is_multiplied_into_input_and_target_alike_from_its_own_stream(tmp_path):
-    plain = _train_samples(tmp_path / "plain", grey_fraction=0.5, clean_fraction=0.5)
+    plain = _train_samples(tmp_path / "plain", grey_fraction=0.5, clean_fraction=0.5, texture_fraction=0.0)
     grained = _train_samples(tmp_path / "grained", grey_fraction=0.5, clean_fraction=0.5, texture_fraction=1.0)
     assert all("texture" in s["meta"]["crop"] for s in grained)
     for a, b in zip(plain, grained):
