@@ -97,7 +97,7 @@ def test_the_checklist_states_each_target_met_or_failed_with_its_figure():
     one_seed = {**table, "differences": [*table["differences"][:1],
                                          diff("distill-kd", "distill-scratch", 0.9, {"snow": 0.9}, se=0.05)]}
     kd = checklist(one_seed, heldout)[2]
-    assert not kd["met"] and kd["figure"] == "+0.90 dB, SE 0.05, one seed (run --seeds 3 for the SD)"
+    assert not kd["met"] and kd["figure"] == "+0.90 dB, SE 0.05, no paired seeds (run --seeds 3 for the SD)"
     assert got[-1]["figure"] == "lowest distill-kd 34.0 dB" and got[-2]["figure"] == "worst teacher -0.60 dB"
 
 

@@ -1,5 +1,6 @@
 """Where a model's change to a clean held-out photo lies: a shift of its mean, low frequencies or fine detail.
-Each of scikit-image's greyscale photos the held-out set uses, resized to 192 px as `shards heldout` does."""
+Each of scikit-image's greyscale photos the held-out set uses, resized to 192 x 192 (a square: `shards heldout`
+keeps the aspect ratio, so page, coins and text are stretched here)."""
 import sys
 import numpy as np, torch, skimage.data as sd
 from skimage.transform import resize

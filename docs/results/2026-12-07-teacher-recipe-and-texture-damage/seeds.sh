@@ -24,4 +24,6 @@ for seed in 0 1 2; do
     data.train_shards="$OUT/taught" data.eval_shards="$S" tracker.kind=none
   evaluate "$OUT/kd-s$seed"
 done
+# Rows are named after the run folders (here: demo, tex, kd). In the committed reports the grain's seed 0
+# came from a folder named `scratch`, so its row is `scratch` and the diff was --diff scratch:demo.
 weatherkd report "$OUT"/eval-$(basename "$S")/* --diff tex:demo --diff kd:demo --out "$OUT/report.md" --tracker none

@@ -64,8 +64,9 @@ def checklist(table: dict, heldout: dict) -> list[dict]:
     if ("distill-kd", "distill-scratch") in diff:
         d = diff[("distill-kd", "distill-scratch")]
         se, sd = d.get("se") or 0.0, (d.get("per_seed") or {}).get("std")
-        # One seed says nothing about the spread over seeds, so it cannot meet this target.
-        spread = f"seed SD {sd:.2f}" if sd is not None else "one seed (run --seeds 3 for the SD)"
+        # Without paired seeds (one seed, or different ones) the spread over seeds is unknown, so
+        # this target cannot be met.
+        spread = f"seed SD {sd:.2f}" if sd is not None else "no paired seeds (run --seeds 3 for the SD)"
         add("kd - scratch > 2 SE over images and > 2 SD over seeds", f"{d['mean']:+.2f} dB, SE {se:.2f}, {spread}",
             sd is not None and d["mean"] > 2 * se and d["mean"] > 2 * sd)
     share = table.get("targets", {}).get("dream_share_of_kd_gain")
