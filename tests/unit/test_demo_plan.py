@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from weatherkd.commands import demo
 
 
@@ -119,3 +121,22 @@ def test_the_evidence_preset_adds_the_consistency_rows_three_seeds_and_longer_ru
     assert ("distill-dckd-cons", "distill-kd") in demo.EVIDENCE.diffs
     # `--seeds` still overrides the preset's
     assert "distill-kd-s1" not in {s.name for s in demo.pipeline(out, shards, demo.EVIDENCE, seeds=1)}
+
+
+def test_a_shard_set_an_older_synth_made_otherwise_is_refused_by_name(tmp_path):
+    from weatherkd.data.photo_set import SynthSpec, build
+    from weatherkd.errors import UserError
+
+    shards = tmp_path / "shards"
+    demo.check_shard_set(shards)  # nothing built yet: the demo builds it
+    build(str(shards), "builtin", SynthSpec(train=2, test=1, size=32, test_size=64, weathers=["snow"]))
+    demo.check_shard_set(shards)  # another size, the same looks: reused
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for edit, named in ((lambda spec: spec.update(texture_fraction=0.0), "texture_fraction 0.0 (now 0.3)"),
+                        (lambda spec: spec.pop("texture_fraction"), "texture_fraction unset (now 0.3)")):
+        old = json.loads(json.dumps(manifest))
+        edit(old["created_by"]["spec"])
+        (shards / "manifest.json").write_text(json.dumps(old))
+        with pytest.raises(UserError, match="older `shards synth`") as err:
+            demo.check_shard_set(shards)
+        assert named in str(err.value) and "delete it" in str(err.value)

@@ -72,6 +72,29 @@ def seeded(name: str, seed: int) -> str:
     return name if seed == 0 else f"{name}-s{seed}"
 
 
+# How `shards synth` makes the training crops look: a finished set the demo reuses must match it.
+# (Counts and sizes are the preset's own; `--shards` may point at a set of another size.)
+_LOOKS = ("severity", "zoom", "clean_fraction", "grey_fraction", "structure_fraction", "texture_fraction", "rotate",
+          "params")
+
+
+def check_shard_set(shards: Path) -> None:
+    """Refuse a finished synth set whose crops an older `shards synth` made otherwise (a default
+    changed since): the demo reuses a finished set, and would train on it without a word."""
+    from weatherkd.data.photo_set import SynthSpec
+
+    manifest = shards / "manifest.json"
+    spec = json.loads(manifest.read_text()).get("created_by", {}).get("spec") if manifest.is_file() else None
+    if spec is None:  # nothing built yet, or not a synth set (an ingested one is the user's choice)
+        return
+    now = json.loads(json.dumps(dataclasses.asdict(SynthSpec())))
+    stale = [k for k in _LOOKS if spec.get(k) != now[k]]
+    if stale:
+        shown = ", ".join(k if k == "params" else f"{k} {spec.get(k, 'unset')} (now {now[k]})" for k in stale)
+        raise UserError(f"{shards} was built by an older `shards synth`: {shown}; delete it (or pass --shards "
+                        f"NEW_FOLDER) and the demo builds the current set")
+
+
 def pipeline(out: Path, shards: Path, preset: Preset | None = None, sd_path: Path | None = None,
          seeds: int | None = None) -> list[Step]:
     """The demo's stages in order, as ``preset`` sizes them (default: `DEFAULT`). With ``sd_path``

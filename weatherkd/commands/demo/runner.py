@@ -15,7 +15,8 @@ from pathlib import Path
 
 from weatherkd import tracking
 from weatherkd.commands import report
-from weatherkd.commands.demo.pipeline import DEFAULT, PRESETS, ROOT, Preset, Step, heldout_set, pipeline
+from weatherkd.commands.demo.pipeline import (DEFAULT, PRESETS, ROOT, Preset, Step, check_shard_set, heldout_set,
+                                              pipeline)
 from weatherkd.commands.report import targets
 from weatherkd.errors import UserError
 from weatherkd.io import atomic_write_json, atomic_write_text
@@ -114,6 +115,7 @@ def run(preset: Preset | None = None, out=None, shards=None, sd_path=None, seeds
         raise UserError(f"weatherkd demo runs from a source checkout (launch/ and configs/ next to the package); "
                         f"{ROOT} has none. Install with `pip install -e .` from the repository.")
     out, shards = Path(out or preset.out).resolve(), Path(shards or preset.shards).resolve()
+    check_shard_set(shards)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env[tracking.PIPELINE_ENV] = env.get(tracking.PIPELINE_ENV) or _pipeline_id(out)  # one W&B group
     sd_path = Path(sd_path).resolve() if sd_path else None
